@@ -1,0 +1,44 @@
+# Two commands for a fresh machine:
+#   make demo   creates .venv, installs envs/cpu.txt, runs the whole pipeline on config/config.yaml
+#   make test   creates or reuses .venv and runs the test suite (end-to-end tests included)
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= all
+BIN := $(VENV)/bin
+# The stamp names the lock's hash: editing envs/cpu.txt or pyproject.toml reinstalls.
+STAMP := $(VENV)/.installed-$(shell cat envs/cpu.txt pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: demo test venv lint report clean-venv lock
+
+venv: $(STAMP)
+
+$(STAMP): envs/cpu.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r envs/cpu.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH snakemake --cores $(CORES)
+	@echo "results: results/$$(grep '^experiment:' config/config.yaml | awk '{print $$2}')/report.md"
+
+test: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH pytest
+
+lint: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH snakemake --lint
+	PATH=$(abspath $(BIN)):$$PATH snakefmt --check Snakefile workflow/rules
+
+report: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH snakemake --report results/report.html
+
+# Re-pin envs/cpu.txt from the unpinned requirements (needs the network to PyPI).
+lock:
+	rm -rf /tmp/apo-lock && $(PYTHON) -m venv /tmp/apo-lock
+	/tmp/apo-lock/bin/pip install --quiet torch==2.13.0 -e .[test] snakefmt tabulate
+	( sed -n '1,3p' envs/cpu.txt; /tmp/apo-lock/bin/pip freeze | grep -vE '^(-e|apo)' ) > envs/cpu.txt.new
+	mv envs/cpu.txt.new envs/cpu.txt
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,207 @@
+"""`apo <stage>`: the command-line entry of every stage; the Snakemake rules call these.
+
+Each stage command receives its manifest (the settings it reads, its input hashes; see
+`apo.settings.Stage.manifest`) as JSON, and the runtime knobs that do not change results
+(batch sizes, worker counts, tracking URI) separately. It logs to MLflow and, when its
+outputs are complete, writes `manifest.json` into its stage directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("apo")
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+
+
+@contextlib.contextmanager
+def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
+    """Tracking and bookkeeping around one stage job; yields the MLflow tracker."""
+    from apo.io import write_json
+    from apo.tracking import Tracker, default_tracking_uri
+
+    m = args.manifest
+    stage_dir = Path(args.stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    uri = args.runtime.get("tracking_uri") or default_tracking_uri(stage_dir.parent.parent)
+    tracker = Tracker(
+        uri,
+        run_name=f"{m['kind']}-{m['hash']}{run_suffix}",
+        params=m["settings"],
+        tags={"stage": m["kind"], "hash": m["hash"], "stage_dir": str(stage_dir), **{
+            f"input.{k}": v for k, v in m["inputs"].items()}},
+        run_id_file=run_id_file,
+    )
+    try:
+        yield tracker
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    write_json(stage_dir / "manifest.json", m)
+
+
+def cmd_demo(args):
+    import tempfile
+
+    from apo import demo
+    from apo.io import move_into_place
+
+    out = Path(args.stage_dir)
+    with stage_job(args) as tracker, tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
+        info = demo.build(args.manifest["settings"], tmp, args.instruction)
+        tracker.log_metrics(info)
+        for name in ("train.jsonl", "test.jsonl", "model"):  # the model last: rules wait for it
+            move_into_place(Path(tmp) / name, out / name)
+
+
+def cmd_data(args):
+    from transformers import AutoTokenizer
+
+    from apo import data
+    from apo.io import write_json, write_parquet
+
+    s = args.manifest["settings"]
+    with stage_job(args) as tracker:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        df, counts = data.prepare(s, s["prompt"], tokenizer, args.demo_dir)
+        tracker.log_metrics(counts)
+        write_parquet(args.out, df)
+        write_json(Path(args.stage_dir) / "counts.json", counts)
+        log.info("%s: %s", args.out, counts)
+
+
+def cmd_sample(args):
+    from apo import sample
+    from apo.io import write_parquet
+
+    s = args.manifest["settings"]
+    with stage_job(args, run_suffix=f"-shard{args.shard}") as tracker:
+        df = sample.run(s, args.model, args.prompts, args.shard, args.runtime["generation"], args.runtime["grading"])
+        tracker.log_metrics(
+            {"mean_reward": df["reward"].mean(), "responses": len(df),
+             "ungraded": int((df["status"] != "ok").sum()), "mean_tokens": df["num_tokens"].mean()}
+        )
+        write_parquet(args.out, df)
+
+
+def cmd_vstar(args):
+    import pandas as pd
+
+    from apo import vstar
+    from apo.io import write_parquet
+
+    s = args.manifest["settings"]
+    with stage_job(args) as tracker:
+        samples = pd.concat([pd.read_parquet(p) for p in args.samples], ignore_index=True)
+        table = vstar.vstar_table(samples, s["beta1"])
+        tracker.log_metrics(
+            {"prompts": len(table), "vstar_mean": table["vstar"].mean(),
+             "mean_reward": table["mean_reward"].mean(),
+             "unsolved": int((table["n_correct"] == 0).sum()),
+             "always_solved": int((table["n_correct"] == table["n_samples"]).sum())}
+        )
+        write_parquet(args.out, table)
+
+
+def cmd_train(args):
+    from apo import train
+    from apo.io import write_json, write_parquet
+
+    s = args.manifest["settings"]
+    out = Path(args.stage_dir)
+    with stage_job(args, run_id_file=str(out / "checkpoints" / "mlflow_run_id")) as tracker:
+        result = train.train(
+            s, args.model, args.prompts, args.vstar, out,
+            args.runtime["generation"], args.runtime["grading"], tracker,
+        )
+        tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items() if k != "collapse"})
+        write_json(out / "summary.json", result["summary"])
+        write_parquet(out / "metrics.parquet", result["history"])
+
+
+def cmd_evaluate(args):
+    from apo import evaluate
+    from apo.io import write_json, write_parquet
+
+    s = args.manifest["settings"]
+    out = Path(args.stage_dir)
+    with stage_job(args) as tracker:
+        samples, scores = evaluate.run(s, args.model, args.prompts, args.runtime["generation"], args.runtime["grading"])
+        tracker.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
+        write_parquet(out / "samples.parquet", samples)
+        write_json(out / "scores.json", scores)
+
+
+def cmd_report(args):
+    from apo import report
+
+    report.write(args.spec, args.out_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apo", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def stage(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--manifest", type=_json, required=True, help="stage manifest (JSON)")
+        sp.add_argument("--stage-dir", required=True, help="results/<stage>/<hash>")
+        sp.add_argument("--runtime", type=_json, default={}, help="runtime knobs (JSON)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = stage("demo", cmd_demo, "build the demo task and reference model")
+    sp.add_argument("--instruction", required=True)
+    sp = stage("data", cmd_data, "prepare a prompt set into parquet")
+    sp.add_argument("--tokenizer", required=True)
+    sp.add_argument("--demo-dir")
+    sp.add_argument("--out", required=True)
+    sp = stage("sample", cmd_sample, "sample and grade reference responses (one shard)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--prompts", required=True)
+    sp.add_argument("--shard", type=int, required=True)
+    sp.add_argument("--out", required=True)
+    sp = stage("vstar", cmd_vstar, "V* table from graded reference samples")
+    sp.add_argument("--samples", nargs="+", required=True)
+    sp.add_argument("--out", required=True)
+    sp = stage("train", cmd_train, "A*-PO stage 2 training")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--prompts", required=True)
+    sp.add_argument("--vstar", required=True)
+    sp = stage("evaluate", cmd_evaluate, "evaluate a model on a benchmark (avg@k)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--prompts", required=True)
+
+    sp = sub.add_parser("report", help="tables and plots of one experiment")
+    sp.add_argument("--spec", type=_json, required=True)
+    sp.add_argument("--out-dir", required=True)
+    sp.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args.fn(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Config validation against workflow/schemas/config.schema.yaml, with defaults filled in.
+
+Runs when the workflow starts, before any job: a bad value or an unknown key stops the run
+with an error that names the key (e.g. ``config key 'train.lr': 'fast' is not of type
+'number'``). Defaults are written into the config first, so every stage's settings (and so
+its content address) are the same whether a default was spelled out or not.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    """Follow a local `$ref` and merge `allOf` parts, enough to find defaults."""
+    while "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        schema = {**node, **{k: v for k, v in schema.items() if k != "$ref"}}
+    for part in schema.get("allOf", []):
+        part = _resolve(part, root)
+        schema = {**schema, "properties": {**part.get("properties", {}), **schema.get("properties", {})}}
+    return schema
+
+
+def fill_defaults(instance, schema: dict, root: dict):
+    """Insert `default` values of missing properties, recursively (objects and arrays)."""
+    schema = _resolve(schema, root)
+    if isinstance(instance, dict):
+        for key, sub in schema.get("properties", {}).items():
+            sub = _resolve(sub, root)
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            if key in instance:
+                fill_defaults(instance[key], sub, root)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            fill_defaults(item, schema["items"], root)
+    return instance
+
+
+def _key(path) -> str:
+    parts = []
+    for p in path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (("." if parts else "") + str(p)))
+    return "".join(parts) or "<top level>"
+
+
+def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source: str = "config") -> dict:
+    """A validated copy of `config` with defaults filled in; raises ConfigError naming the key."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    config = fill_defaults(copy.deepcopy(dict(config)), schema, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        lines = []
+        for e in errors[:10]:
+            if e.validator == "additionalProperties":
+                extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
+                where = _key(e.absolute_path)
+                keys = ", ".join(f"'{where + '.' if e.absolute_path else ''}{k}'" for k in extra)
+                lines.append(f"unknown config key {keys}")
+            else:
+                lines.append(f"config key '{_key(e.absolute_path)}': {e.message}")
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines))
+    _check_consistency(config, source)
+    return config
+
+
+def _check_consistency(config: dict, source: str) -> None:
+    """Rules that span keys, which JSON schema cannot say."""
+    t = config["train"]
+    if t["batch_size"] % t["micro_batch_size"]:
+        raise ConfigError(
+            f"invalid {source}: config key 'train.batch_size' ({t['batch_size']}) must be a "
+            f"multiple of 'train.micro_batch_size' ({t['micro_batch_size']})"
+        )
+    names = [b["name"] for b in config["data"]["benchmarks"]]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"invalid {source}: config key 'data.benchmarks': duplicate name(s) {sorted(dup)}")
+
+
+def load_config(path: str | Path) -> dict:
+    with open(path) as fh:
+        return validate_config(yaml.safe_load(fh) or {}, source=str(path))

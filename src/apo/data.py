@@ -1,0 +1,108 @@
+"""Prepare a prompt set (training prompts or a benchmark) into one parquet schema.
+
+Output columns: id (str, unique), prompt (chat-formatted, ready for generation), question
+(the raw problem text), answer (gold answer as a string), source (where it came from).
+
+Loading always goes through `datasets.load_dataset`: a hub id, a local dataset directory, or
+local json/jsonl/parquet/csv files. The embedded demo is just local JSON lines.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SCHEMA = ["id", "prompt", "question", "answer", "source"]
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file or dataset and the row."""
+
+
+def load_rows(spec: dict, demo_dir: str | None = None):
+    """A `datasets.Dataset` for the spec's path and split."""
+    import datasets
+
+    path, split = spec["path"], spec["split"]
+    if path == "demo":
+        if demo_dir is None:
+            raise DataError("dataset path 'demo' needs the demo stage directory")
+        return datasets.load_dataset("json", data_files=str(Path(demo_dir) / f"{split}.jsonl"), split="train")
+    local = Path(path)
+    if local.is_file():
+        builder = BUILDERS.get(local.suffix)
+        if builder is None:
+            raise DataError(f"{path}: unknown file type {local.suffix!r} (use {sorted(BUILDERS)})")
+        return datasets.load_dataset(builder, data_files=str(local), split="train")
+    # A local dataset directory or a hub id; `subset` is the hub config name.
+    return datasets.load_dataset(path, spec.get("subset"), split=split)
+
+
+def normalize_answer(raw, answer_format: str) -> str:
+    """The gold answer as a string that math-verify parses."""
+    text = str(raw).strip()
+    if answer_format == "gsm8k":  # "...reasoning... #### 42"
+        text = text.split("####")[-1].strip().replace(",", "")
+    elif answer_format == "boxed":  # a worked solution whose last \boxed{...} holds the answer
+        m = _last_boxed(text)
+        text = m if m is not None else ""
+    return text
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def prepare(spec: dict, prompt_cfg: dict, tokenizer, demo_dir: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """Rows of the dataset in the fixed schema, plus counts for the manifest/report."""
+    where = f"dataset {spec['path']!r} split {spec['split']!r}"
+    ds = load_rows(spec, demo_dir)
+    for key in ("prompt_field", "answer_field"):
+        if spec[key] not in ds.column_names:
+            raise DataError(f"{where}: no column {spec[key]!r} (data.*.{key}); columns: {ds.column_names}")
+    if spec.get("id_field") and spec["id_field"] not in ds.column_names:
+        raise DataError(f"{where}: no column {spec['id_field']!r} (id_field); columns: {ds.column_names}")
+    if spec.get("limit"):
+        ds = ds.select(range(min(spec["limit"], len(ds))))
+
+    rows, seen = [], {}
+    too_long = 0
+    for i, ex in enumerate(ds):
+        q, a = ex[spec["prompt_field"]], ex[spec["answer_field"]]
+        rid = str(ex[spec["id_field"]]) if spec.get("id_field") else f"{spec['split']}-{i:06d}"
+        if not isinstance(q, str) or not q.strip():
+            raise DataError(f"{where}, row {i} (id {rid}): prompt field {spec['prompt_field']!r} is empty or not a string")
+        if a is None or (isinstance(a, str) and not a.strip()):
+            raise DataError(f"{where}, row {i} (id {rid}): answer field {spec['answer_field']!r} is empty")
+        if rid in seen:
+            raise DataError(f"{where}, row {i}: duplicate id {rid!r} (first at row {seen[rid]})")
+        seen[rid] = i
+        answer = normalize_answer(a, spec["answer_format"])
+        if not answer:
+            raise DataError(f"{where}, row {i} (id {rid}): no gold answer in {a!r} (answer_format {spec['answer_format']})")
+        content = f"{q.strip()} {prompt_cfg['instruction']}".strip()
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > prompt_cfg["max_prompt_tokens"]:
+            too_long += 1  # dropped, as the paper's max prompt length does; counted
+            continue
+        rows.append({"id": rid, "prompt": prompt, "question": q, "answer": answer, "source": spec["path"]})
+    if not rows:
+        raise DataError(f"{where}: no usable rows ({too_long} longer than prompt.max_prompt_tokens)")
+    counts = {"rows_in": len(ds), "rows_out": len(rows), "dropped_too_long": too_long}
+    return pd.DataFrame(rows, columns=SCHEMA), counts
+

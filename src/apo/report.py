@@ -1,0 +1,113 @@
+"""The experiment's readable entry: results/<experiment>/.
+
+Writes `summary.csv` (one row per benchmark x model), `report.md` (the same as a table, plus
+training summaries and the stage directories used), `training_curves.png`, and `stages/`,
+relative symlinks to every hashed stage directory the experiment used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from apo.io import atomic_path, read_json, write_text
+
+CURVES = [
+    ("reward", "mean reward (on-policy samples)"),
+    ("loss", "loss"),
+    ("kl", "KL to reference (nats, summed)"),
+    ("response_length", "response length (tokens)"),
+]
+
+
+def summary_table(evals: list[dict]) -> pd.DataFrame:
+    rows = []
+    for e in evals:
+        s = read_json(Path(e["dir"]) / "scores.json")
+        rows.append(
+            {
+                "benchmark": e["benchmark"],
+                "model": e["model"],
+                "accuracy": round(100 * s["accuracy"], 2),
+                "n": s["n"],
+                "k": s["k"],
+                "temperature": s["temperature"],
+                "top_p": s["top_p"],
+                "max_new_tokens": s["max_new_tokens"],
+                "unparsed": s["unparsed"],
+                "eval_dir": e["dir"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
+    for t in trainings:
+        m = pd.read_parquet(Path(t["dir"]) / "metrics.parquet")
+        for ax, (col, title) in zip(axes, CURVES):
+            (line,) = ax.plot(m["step"], m[col], alpha=0.25)
+            ax.plot(m["step"], m[col].rolling(smooth, min_periods=1).mean(), color=line.get_color(), label=t["label"])
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages: dict) -> str:
+    lines = [f"# Experiment `{experiment}`", "", "## Accuracy (pass@1 = avg@k, %)", ""]
+    pivot = table.pivot(index="model", columns="benchmark", values="accuracy")
+    lines += [pivot.to_markdown(), ""]
+    settings = table.drop_duplicates(["benchmark", "model"])[
+        ["benchmark", "model", "n", "k", "temperature", "top_p", "max_new_tokens", "unparsed"]
+    ]
+    lines += ["Sampling settings and counts (unparsed = responses graded 0 because no answer "
+              "could be extracted, the grader timed out or failed):", "", settings.to_markdown(index=False), ""]
+    lines += ["## Training", ""]
+    for t in trainings:
+        s = read_json(Path(t["dir"]) / "summary.json")
+        lines.append(
+            f"- **{t['label']}**: {s['steps']} steps in {s['train_time_s'] / 60:.1f} min; "
+            f"mean reward {s['reward_first']:.3f} (first steps) -> {s['reward_last']:.3f} (last); "
+            f"KL to reference {s['kl_last']:.2f}; response length {s['response_length_last']:.1f} tokens."
+        )
+        if s.get("collapse"):
+            lines.append(f"  - **collapse detected**: {s['collapse']}")
+    lines += ["", "![training curves](training_curves.png)", "", "## Stage directories", ""]
+    lines += [f"- {name}: `{d}` (link: `stages/{name}`)" for name, d in stages.items()]
+    return "\n".join(lines) + "\n"
+
+
+def link_stages(out_dir: Path, stages: dict) -> None:
+    links = out_dir / "stages"
+    links.mkdir(parents=True, exist_ok=True)
+    for name, d in stages.items():
+        link = links / name
+        target = os.path.relpath(Path(d).resolve(), links.resolve())
+        tmp = links / f".{name}.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(target, target_is_directory=True)
+        os.replace(tmp, link)
+
+
+def write(spec: dict, out_dir: str | os.PathLike) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = summary_table(spec["evals"])
+    link_stages(out_dir, spec["stages"])
+    plot_curves(spec["trainings"], out_dir / "training_curves.png")
+    with atomic_path(out_dir / "summary.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_text(out_dir / "report.md", markdown(spec["experiment"], table, spec["trainings"], spec["stages"]))

@@ -1,0 +1,40 @@
+"""Sample `n` responses for each prompt of a table and grade them: the shared core of
+reference sampling (stage 1) and evaluation."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from apo.generation import Generator, SamplingSettings
+from apo.reward import Grader
+
+
+def load_model(model_path: str, device: str | None = None):
+    """Tokenizer and model exactly as for a hub model: `AutoTokenizer` / `AutoModelForCausalLM`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def sample_and_grade(
+    generator: Generator, grader: Grader, prompts: pd.DataFrame, sampling: SamplingSettings
+) -> pd.DataFrame:
+    """One row per (prompt, sample): id, sample, response, num_tokens, finished, reward,
+    status, extracted."""
+    completions = generator.generate(list(prompts["prompt"]), sampling)
+    rows = []
+    for (_, p), outs in zip(prompts.iterrows(), completions):
+        for j, c in enumerate(outs):
+            rows.append(
+                {"id": p["id"], "sample": j, "answer": p["answer"], "response": c.text,
+                 "num_tokens": len(c.token_ids), "finished": c.finished}
+            )
+    out = pd.DataFrame(rows)
+    grades = grader.grade(list(out["answer"]), list(out["response"]))
+    out["reward"], out["status"], out["extracted"] = grades.rewards, grades.status, grades.extracted
+    return out

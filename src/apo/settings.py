@@ -1,0 +1,178 @@
+"""Which settings each stage reads, and the content address of every stage output.
+
+The address of a stage is the hash of the canonical JSON of
+``(stage kind, format version, the settings that stage reads, the addresses of the stages it
+reads from)``.  Sharing and invalidation therefore follow from the data, not from timestamps:
+two experiments that agree on a stage's settings and inputs share its directory, and changing
+a setting moves exactly the stages downstream of it to new directories.
+
+This module is pure (no I/O beyond reading nothing at all); the Snakefile builds a `Plan`
+from the validated config and the rules ask it for paths and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from apo import __version__
+
+# Bump a stage's format version when its code changes what it writes for the same settings;
+# every downstream address changes with it.
+FORMAT_VERSION = {
+    "demo_model": 1,
+    "data": 1,
+    "sample": 1,
+    "vstar": 1,
+    "train": 1,
+    "eval": 1,
+}
+
+DEMO = "demo"  # the value of `model` / a dataset `path` that means "the embedded demo"
+HASH_LEN = 12
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal settings give equal bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:HASH_LEN]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One content-addressed stage output: ``<results>/<kind>/<hash>/``."""
+
+    kind: str
+    settings: dict
+    # role -> upstream Stage, or an external reference (hub id / local path) as a string
+    inputs: dict = field(default_factory=dict)
+    results: str = "results"
+
+    def _input_ids(self) -> dict:
+        return {
+            role: (f"{up.kind}/{up.hash}" if isinstance(up, Stage) else f"external:{up}")
+            for role, up in self.inputs.items()
+        }
+
+    @property
+    def hash(self) -> str:
+        return digest(
+            {
+                "kind": self.kind,
+                "format": FORMAT_VERSION[self.kind],
+                "settings": self.settings,
+                "inputs": self._input_ids(),
+            }
+        )
+
+    @property
+    def dir(self) -> str:
+        return f"{self.results}/{self.kind}/{self.hash}"
+
+    def manifest(self) -> dict:
+        """What `manifest.json` in the stage directory records."""
+        return {
+            "kind": self.kind,
+            "hash": self.hash,
+            "format": FORMAT_VERSION[self.kind],
+            "settings": self.settings,
+            "inputs": self._input_ids(),
+            "apo_version": __version__,
+        }
+
+
+def _pick(section: dict, keys: list[str]) -> dict:
+    return {k: section[k] for k in keys}
+
+
+class Plan:
+    """Every stage one experiment needs, keyed by (kind, hash).
+
+    Attributes name the stages by role: `demo` (or None), `model` (the reference model: the
+    demo Stage or a hub id / path string), `train_data`, `benchmarks` (name -> Stage),
+    `sample`, `vstar`, `train`, and `evals`: (model label, benchmark name) -> Stage.
+    """
+
+    def __init__(self, config: dict, results: str = "results"):
+        self.config = config
+        self.results = results
+        self.experiment = config["experiment"]
+        self.stages: dict[tuple[str, str], Stage] = {}
+
+        uses_demo = config["model"] == DEMO or any(
+            d["path"] == DEMO for d in [config["data"]["train"], *config["data"]["benchmarks"]]
+        )
+        self.demo = self._add("demo_model", config["demo"], {}) if uses_demo else None
+        self.model = self.demo if config["model"] == DEMO else config["model"]
+
+        grading = config["grading"]
+        self.train_data = self._dataset(config["data"]["train"])
+        self.benchmarks = {b["name"]: self._dataset(b) for b in config["data"]["benchmarks"]}
+
+        s = config["sample"]
+        self.sample = self._add(
+            "sample",
+            {
+                **_pick(s, ["n", "temperature", "top_p", "max_new_tokens", "seed", "shards"]),
+                "backend": config["generation"]["backend"],
+                "grading_timeout_s": grading["timeout_s"],
+            },
+            {"model": self.model, "prompts": self.train_data},
+        )
+        self.vstar = self._add("vstar", dict(config["vstar"]), {"samples": self.sample})
+        self.train = self._add(
+            "train",
+            {
+                **config["train"],
+                "backend": config["generation"]["backend"],
+                "grading_timeout_s": grading["timeout_s"],
+            },
+            {"model": self.model, "prompts": self.train_data, "vstar": self.vstar},
+        )
+        self.models = {"reference": self.model, config["train"]["method"]: self.train}
+        self.evals: dict[tuple[str, str], Stage] = {}
+        for label, model in self.models.items():
+            for name, bench in self.benchmarks.items():
+                self.evals[label, name] = self._add(
+                    "eval",
+                    {
+                        **config["evaluate"],
+                        "backend": config["generation"]["backend"],
+                        "grading_timeout_s": grading["timeout_s"],
+                    },
+                    {"model": model, "prompts": bench},
+                )
+
+    def _add(self, kind: str, settings: dict, inputs: dict) -> Stage:
+        stage = Stage(kind, settings, inputs, self.results)
+        self.stages[kind, stage.hash] = stage
+        return stage
+
+    def _dataset(self, spec: dict) -> Stage:
+        # The tokenizer (chat template) shapes the prompts, so the model is an input. The
+        # benchmark's display name is not a setting: it does not change the file.
+        settings = {k: v for k, v in spec.items() if k != "name"}
+        settings["prompt"] = self.config["prompt"]
+        inputs = {"tokenizer": self.model}
+        if spec["path"] == DEMO:
+            inputs["source"] = self.demo
+        return self._add("data", settings, inputs)
+
+    def get(self, kind: str, hash_: str) -> Stage:
+        try:
+            return self.stages[kind, hash_]
+        except KeyError:
+            raise KeyError(f"no {kind} stage with hash {hash_} in this config's plan") from None
+
+    def hashes(self, kind: str) -> list[str]:
+        return sorted(h for k, h in self.stages if k == kind)
+
+
+def model_path(model: Stage | str) -> str:
+    """Where `from_pretrained` finds a model: a stage's saved model or a hub id / path."""
+    return f"{model.dir}/model" if isinstance(model, Stage) else model

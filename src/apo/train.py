@@ -1,0 +1,288 @@
+"""Stage 2 of A*-PO: on-policy training with one generation per prompt.
+
+The loop, per optimizer step:
+  1. take the next `batch_size` prompts (a fixed permutation per epoch, so the position in
+     the data is just the step number),
+  2. sample ONE response per prompt from the current policy and grade it,
+  3. per micro-batch: sequence log-probs under the policy and the frozen reference, the
+     A*-PO loss against r - V*, backward (gradients accumulate over micro-batches),
+  4. clip, AdamW step, LR schedule, push the new weights to the generation engine,
+  5. log; every `checkpoint_every` steps an atomic checkpoint (model, optimizer, scheduler,
+     RNG states, step, metric history) from which a rerun continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from apo.generation import SamplingSettings, make_generator
+from apo.io import atomic_path, read_json, write_json
+from apo.losses import apo_loss
+from apo.reward import Grader
+
+log = logging.getLogger(__name__)
+
+LOSSES = {"apo": apo_loss}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Per-token log pi(y_t | x, y_<t) of each response, right-padded to [B, T].
+
+    Returns (logp [B, T], mask [B, T]) where mask is 1 on response tokens.
+    """
+    device = next(model.parameters()).device
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        attn[b, : len(s)] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    # log_softmax at the target only: gather minus logsumexp, no [B, L, V] log-prob tensor
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    # Keep only response positions, aligned left so that [B, T] is as small as possible.
+    t_max = max(map(len, responses))
+    out = torch.zeros((len(seqs), t_max), device=device, dtype=logp.dtype)
+    mask = torch.zeros((len(seqs), t_max), device=device)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        out[b, : len(r)] = logp[b, len(p) - 1 : len(p) - 1 + len(r)]
+        mask[b, : len(r)] = 1
+    return out, mask
+
+
+def batch_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
+    """Prompts of optimizer step `step`: a fresh permutation per epoch, batches never straddle
+    an epoch boundary (the tail of an epoch that does not fill a batch is skipped)."""
+    per_epoch = n_prompts // batch_size
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[pos * batch_size : (pos + 1) * batch_size].tolist()
+
+
+@dataclass
+class CollapseMonitor:
+    """Flags a training collapse: reward or response length falling far below where it began.
+
+    Compares the mean over the last `window` steps with the mean over the first `window`.
+    """
+
+    window: int = 20
+    reward_ratio: float = 0.5
+    length_ratio: float = 0.3
+    history: list = field(default_factory=list)
+    message: str | None = None
+
+    def update(self, reward: float, length: float) -> str | None:
+        self.history.append((reward, length))
+        w = self.window
+        if self.message is not None or len(self.history) < 2 * w:
+            return None
+        r0 = sum(h[0] for h in self.history[:w]) / w
+        l0 = sum(h[1] for h in self.history[:w]) / w
+        r1 = sum(h[0] for h in self.history[-w:]) / w
+        l1 = sum(h[1] for h in self.history[-w:]) / w
+        step = len(self.history)
+        if r0 > 0 and r1 < self.reward_ratio * r0:
+            self.message = f"reward collapsed at step {step}: {r1:.3f} (first {w} steps: {r0:.3f})"
+        elif l1 < self.length_ratio * l0:
+            self.message = f"response length collapsed at step {step}: {l1:.1f} tokens (was {l0:.1f})"
+        return self.message
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint; a complete one has been renamed to `step-N`."""
+    done = sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, state: dict, keep: int) -> None:
+    final = ckpt_root / f"step-{step:06d}"
+    with atomic_path(final, is_dir=True) as tmp:
+        accelerator.save_state(str(tmp))
+        write_json(tmp / "trainer_state.json", state)
+    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    settings: dict,
+    model_path: str,
+    prompts_path: str,
+    vstar_path: str,
+    out_dir: str | os.PathLike,
+    generation: dict,
+    grading: dict,
+    tracker=None,
+) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    s = settings
+    if s["batch_size"] % s["micro_batch_size"]:
+        raise ValueError("train.batch_size must be a multiple of train.micro_batch_size")
+    accum = s["batch_size"] // s["micro_batch_size"]
+    accelerator = Accelerator(gradient_accumulation_steps=accum)
+    set_seed(s["seed"])
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    reference.requires_grad_(False).eval().to(accelerator.device)
+
+    prompts = pd.read_parquet(prompts_path)
+    vstar = pd.read_parquet(vstar_path)
+    data = prompts.merge(vstar[["id", "vstar"]], on="id", how="inner")
+    if len(data) < s["batch_size"]:
+        raise ValueError(
+            f"{len(data)} training prompts have a V* entry, fewer than train.batch_size={s['batch_size']}"
+        )
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in data["prompt"]]
+
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], betas=(0.9, 0.999)
+    )
+    scheduler = get_scheduler(
+        s["lr_schedule"], optimizer, num_warmup_steps=s["warmup_steps"], num_training_steps=s["steps"]
+    )
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    generator = make_generator(
+        s["backend"], accelerator.unwrap_model(policy), tokenizer, generation["batch_size"]
+    )
+    sampling = SamplingSettings(
+        n=1, temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=s["max_new_tokens"]
+    )
+    loss_fn = LOSSES[s["method"]]
+    monitor = CollapseMonitor(**s["collapse"])
+
+    start, history = 0, []
+    resume_from = latest_checkpoint(ckpt_root)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))  # model, optimizer, scheduler, RNG states
+        state = read_json(resume_from / "trainer_state.json")
+        start, history = state["step"], state["history"]
+        for h in history:
+            monitor.update(h["reward"], h["response_length"])
+        log.info("resumed from %s at step %d", resume_from, start)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, s["steps"]), desc="train", initial=start, total=s["steps"], mininterval=2)
+    with Grader(grading["timeout_s"], grading["workers"]) as grader:
+        for step in bar:
+            t0 = time.perf_counter()
+            idx = batch_indices(step, s["batch_size"], len(data), s["seed"])
+            batch = data.iloc[idx]
+            completions = [c[0] for c in generator.generate(list(batch["prompt"]), sampling, progress=False)]
+            t_gen = time.perf_counter()
+            grades = grader.grade(list(batch["answer"]), [c.text for c in completions])
+            rewards = torch.tensor(grades.rewards, device=accelerator.device)
+            vstars = torch.tensor(batch["vstar"].to_numpy(), dtype=torch.float32, device=accelerator.device)
+            t_grade = time.perf_counter()
+
+            losses, stats, kls = [], [], []
+            for m in range(accum):
+                sl = slice(m * s["micro_batch_size"], (m + 1) * s["micro_batch_size"])
+                p_ids = [prompt_ids[i] for i in idx[sl]]
+                r_ids = [c.token_ids or [tokenizer.eos_token_id] for c in completions[sl]]
+                with accelerator.accumulate(policy):
+                    logp, mask = token_logprobs(policy, p_ids, r_ids, tokenizer.pad_token_id)
+                    with torch.no_grad():
+                        ref_logp, _ = token_logprobs(reference, p_ids, r_ids, tokenizer.pad_token_id)
+                    loss, st = loss_fn(logp, ref_logp, mask, rewards[sl], vstars[sl], s["beta2"])
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"non-finite loss {loss.item()} at step {step}; the last good checkpoint "
+                            f"is {latest_checkpoint(ckpt_root)}"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), s["max_grad_norm"])
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                stats.append(st)
+                # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
+                kls.append(((logp.detach() - ref_logp) * mask).sum(-1).mean().item())
+            generator.sync_weights(accelerator.unwrap_model(policy))
+            t_end = time.perf_counter()
+
+            lengths = [len(c.token_ids) for c in completions]
+            row = {
+                "step": step + 1,
+                "reward": float(rewards.mean()),
+                "loss": sum(losses) / accum,
+                "kl": sum(kls) / accum,
+                "response_length": sum(lengths) / len(lengths),
+                "truncated": sum(not c.finished for c in completions) / len(completions),
+                "vstar": float(vstars.mean()),
+                "grad_norm": float(grad_norm),
+                "lr": scheduler.get_last_lr()[0],
+                "residual_abs": sum(x["residual_abs"] for x in stats) / accum,
+                "time_generate_s": t_gen - t0,
+                "time_grade_s": t_grade - t_gen,
+                "time_update_s": t_end - t_grade,
+                "time_step_s": t_end - t0,
+            }
+            history.append(row)
+            if tracker is not None:
+                tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step + 1)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}", len=f"{row['response_length']:.1f}")
+
+            collapse = monitor.update(row["reward"], row["response_length"])
+            if collapse:
+                log.warning("COLLAPSE: %s", collapse)
+                if tracker is not None:
+                    tracker.set_tags({"collapse": collapse})
+                if s["stop_on_collapse"]:
+                    raise RuntimeError(f"training stopped: {collapse} (train.stop_on_collapse is true)")
+
+            last = step + 1 == s["steps"]
+            if (step + 1) % s["checkpoint_every"] == 0 or last:
+                state = {"step": step + 1, "history": history, "collapse": monitor.message}
+                save_checkpoint(accelerator, ckpt_root, step + 1, state, s["keep_checkpoints"])
+
+    final = accelerator.unwrap_model(policy)
+    with atomic_path(out_dir / "model", is_dir=True) as tmp:
+        final.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    metrics = pd.DataFrame(history)
+    first = metrics.head(min(len(metrics), monitor.window))
+    lastw = metrics.tail(min(len(metrics), monitor.window))
+    return {
+        "history": metrics,
+        "summary": {
+            "steps": int(s["steps"]),
+            "reward_first": float(first["reward"].mean()),
+            "reward_last": float(lastw["reward"].mean()),
+            "kl_last": float(lastw["kl"].mean()),
+            "response_length_last": float(lastw["response_length"].mean()),
+            "collapse": monitor.message or "",
+            "train_time_s": float(metrics["time_step_s"].sum()),
+        },
+    }

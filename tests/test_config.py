@@ -1,0 +1,63 @@
+"""Config validation: defaults filled, bad values and unknown keys named."""
+
+import pytest
+import yaml
+
+from apo.config import ConfigError, validate_config
+from conftest import ROOT, SCHEMA
+
+
+def test_demo_config_is_valid_and_gets_defaults(demo_config):
+    cfg = validate_config(demo_config, SCHEMA)
+    assert cfg["train"]["weight_decay"] == 0.0  # a default
+    assert cfg["data"]["train"]["answer_format"] == "plain"  # default inside a $ref'd dataset
+    assert cfg["data"]["benchmarks"][0]["limit"] is None
+    assert cfg["train"]["collapse"]["window"] == 20  # nested default
+
+
+@pytest.mark.parametrize("config_file", sorted((ROOT / "config").glob("*.yaml")))
+def test_shipped_configs_are_valid(config_file):
+    validate_config(yaml.safe_load(config_file.read_text()), SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("train", "lr"), "fast", "config key 'train.lr': 'fast' is not of type 'number'"),
+        (("train", "beta2"), -1, "config key 'train.beta2'"),
+        (("sample", "n"), 0, "config key 'sample.n'"),
+        (("vstar", "beta1"), -0.5, "config key 'vstar.beta1'"),
+        (("generation", "backend"), "tgi", "config key 'generation.backend'"),
+        (("train", "lernrate"), 1.0, "unknown config key 'train.lernrate'"),
+        (("data", "benchmarks"), [], "config key 'data.benchmarks'"),
+        (("experiment",), "train", "config key 'experiment'"),
+    ],
+)
+def test_bad_values_name_the_key(demo_config, path, value, message):
+    node = demo_config
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as err:
+        validate_config(demo_config, SCHEMA, source="my.yaml")
+    assert message in str(err.value)
+    assert "my.yaml" in str(err.value)
+
+
+def test_unknown_top_level_key(demo_config):
+    demo_config["trian"] = {}
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_benchmark_without_name_is_rejected(demo_config):
+    del demo_config["data"]["benchmarks"][0]["name"]
+    with pytest.raises(ConfigError, match=r"data.benchmarks\[0\]"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_micro_batch_must_divide_batch(demo_config):
+    demo_config["train"]["batch_size"] = 10
+    demo_config["train"]["micro_batch_size"] = 4
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        validate_config(demo_config, SCHEMA)

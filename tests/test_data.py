@@ -1,0 +1,84 @@
+"""Prompt preparation: local files through `datasets`, one schema, clear errors."""
+
+import json
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from apo.data import SCHEMA, DataError, normalize_answer, prepare
+
+PROMPT = {"instruction": "Answer in \\boxed{}.", "max_prompt_tokens": 256}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_demo):
+    return AutoTokenizer.from_pretrained(tiny_demo / "model")
+
+
+def spec(path, **kw):
+    return {"path": str(path), "split": "train", "prompt_field": "q", "answer_field": "a",
+            "id_field": None, "answer_format": "plain", "limit": None, "subset": None, **kw}
+
+
+ROWS = [{"q": "Mia has 3 pens. She finds 2 more.", "a": "5"}, {"q": "Leo has 4 cards.", "a": 4}]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_local_files_load_into_the_schema(tmp_path, tokenizer, suffix):
+    path = tmp_path / f"rows.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif suffix == "csv":
+        pd.DataFrame(ROWS).astype(str).to_csv(path, index=False)
+    else:
+        pd.DataFrame(ROWS).astype(str).to_parquet(path)
+    df, counts = prepare(spec(path), PROMPT, tokenizer)
+    assert list(df.columns) == SCHEMA
+    assert df["answer"].tolist() == ["5", "4"]
+    assert df["id"].tolist() == ["train-000000", "train-000001"]
+    assert df["prompt"][0].startswith("<|im_start|>user\nMia has 3 pens.")
+    assert "Answer in \\boxed{}." in df["prompt"][0] and df["prompt"][0].endswith("assistant\n")
+    assert counts == {"rows_in": 2, "rows_out": 2, "dropped_too_long": 0}
+
+
+def test_demo_path_reads_the_demo_stage(tiny_demo, tokenizer):
+    df, _ = prepare(spec("demo", split="test", prompt_field="question", answer_field="answer",
+                         id_field="id", limit=5), PROMPT, tokenizer, demo_dir=str(tiny_demo))
+    assert len(df) == 5 and df["id"][0] == "test-00000"
+
+
+def test_answer_formats():
+    assert normalize_answer("so 40 + 2 = 42\n#### 1,042", "gsm8k") == "1042"
+    assert normalize_answer("thus \\boxed{\\frac{1}{2}} and \\boxed{x^{2}}", "boxed") == "x^{2}"
+    assert normalize_answer(" 7 ", "plain") == "7"
+
+
+def write(tmp_path, rows):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "rows, kw, message",
+    [
+        ([{"q": "x", "b": "1"}], {}, "no column 'a'"),
+        ([{"q": "", "a": "1"}], {}, "row 0 (id train-000000): prompt field 'q' is empty"),
+        ([{"q": "x", "a": "1"}, {"q": "y", "a": " "}], {}, "row 1 (id train-000001): answer field 'a' is empty"),
+        ([{"q": "x", "a": "1", "i": "7"}, {"q": "y", "a": "2", "i": "7"}], {"id_field": "i"},
+         "row 1: duplicate id '7' (first at row 0)"),
+        ([{"q": "x", "a": "no hashes"}], {"answer_format": "boxed"}, "no gold answer"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path, tokenizer, rows, kw, message):
+    path = write(tmp_path, rows)
+    with pytest.raises(DataError) as err:
+        prepare(spec(path, **kw), PROMPT, tokenizer)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_too_long_prompts_are_dropped_and_counted(tmp_path, tokenizer):
+    path = write(tmp_path, [{"q": "short", "a": "1"}, {"q": "long " * 300, "a": "2"}])
+    df, counts = prepare(spec(path), PROMPT, tokenizer)
+    assert len(df) == 1 and counts["dropped_too_long"] == 1

@@ -1,0 +1,59 @@
+"""The A*-PO loss against hand-computed values, including its sign conventions."""
+
+import pytest
+import torch
+
+from apo.losses import apo_loss, masked_sum
+
+
+def test_masked_sum_ignores_padding():
+    v = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert masked_sum(v, m).tolist() == [3.0, 3.0]
+
+
+def test_apo_loss_hand_computed():
+    # Two responses. Response 0: tokens log-ratios 0.5 and 1.0 (sum 1.5), r=1, V*=0.25.
+    # Response 1: one real token with log-ratio -2.0 (second is padding), r=0, V*=0.5.
+    logp = torch.tensor([[-1.0, -0.5], [-3.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.5], [-1.0, -0.1]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    r = torch.tensor([1.0, 0.0])
+    v = torch.tensor([0.25, 0.5])
+    beta2 = 0.1
+    # residual_0 = 0.1 * 1.5 - (1 - 0.25) = 0.15 - 0.75 = -0.6
+    # residual_1 = 0.1 * -2.0 - (0 - 0.5) = -0.2 + 0.5 = 0.3
+    # L = (0.36 + 0.09) / 2 = 0.225
+    loss, stats = apo_loss(logp, ref, mask, r, v, beta2)
+    assert loss.item() == pytest.approx(0.225)
+    assert stats["log_ratio"] == pytest.approx((1.5 - 2.0) / 2)
+    assert stats["advantage"] == pytest.approx((0.75 - 0.5) / 2)
+
+
+def test_log_ratio_is_summed_not_averaged():
+    # Same per-token log-ratio, twice as many tokens: the regression sees twice the ratio.
+    zero = torch.zeros(1)
+    short, _ = apo_loss(torch.full((1, 2), 0.5), torch.zeros(1, 2), torch.ones(1, 2), zero, zero, 1.0)
+    long, _ = apo_loss(torch.full((1, 4), 0.5), torch.zeros(1, 4), torch.ones(1, 4), zero, zero, 1.0)
+    assert short.item() == pytest.approx(1.0**2)
+    assert long.item() == pytest.approx(2.0**2)
+
+
+def test_gradient_raises_likelihood_of_positive_advantage():
+    # At pi == pi_ref, a response better than V* must get its log-prob pushed up (gradient
+    # descent direction = -grad > 0), a worse one pushed down.
+    for reward, direction in [(1.0, +1), (0.0, -1)]:
+        logp = torch.zeros(1, 3, requires_grad=True)
+        loss, _ = apo_loss(logp, torch.zeros(1, 3), torch.ones(1, 3), torch.tensor([reward]),
+                           torch.tensor([0.5]), beta2=0.1)
+        loss.backward()
+        assert torch.all(torch.sign(-logp.grad) == direction)
+
+
+def test_loss_is_zero_at_the_optimal_log_ratio():
+    # beta2 * log(pi/pi_ref) == r - V*  <=>  the residual vanishes.
+    beta2, r, v = 0.05, 1.0, 0.3
+    target = (r - v) / beta2  # 14 nats in total, spread over 2 tokens
+    logp = torch.tensor([[target / 2, target / 2]])
+    loss, _ = apo_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([r]), torch.tensor([v]), beta2)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)

@@ -1,0 +1,112 @@
+"""The Snakemake DAG: dry-run plans (what reruns when a setting changes) and the smoke run."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+
+SMOKE = ROOT / "tests" / "smoke_config.yaml"
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake on the repository's Snakefile with results under `workdir`."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(workdir), *args]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict:
+    """{rule: count} of a dry run."""
+    out = snakemake(workdir, "-n", "--quiet", "rules", *args).stdout
+    jobs, in_table = {}, False
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+        elif in_table and len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke config run end to end once; later tests read its results."""
+    workdir = tmp_path_factory.mktemp("smoke")
+    shutil.copytree(ROOT / "config", workdir / "config")
+    proc = snakemake(workdir, "--cores", "2", "--configfile", str(SMOKE))
+    return workdir, proc
+
+
+@pytest.mark.slow
+def test_smoke_config_runs_every_stage(smoke_run):
+    workdir, _ = smoke_run
+    results = workdir / "results"
+    summary = pd.read_csv(results / "smoke" / "summary.csv")
+    assert set(summary["model"]) == {"reference", "apo"}
+    assert summary["n"].tolist() == [24, 24] and summary["k"].tolist() == [2, 2]
+    assert (results / "smoke" / "training_curves.png").stat().st_size > 1000
+    assert "| model" in (results / "smoke" / "report.md").read_text()
+    for kind in ["demo_model", "data", "sample", "vstar", "train", "eval"]:
+        dirs = list((results / kind).iterdir())
+        assert dirs and all((d / "manifest.json").exists() for d in dirs), kind
+    shards = sorted((results / "sample").glob("*/shard-*.parquet"))
+    assert len(shards) == 2
+    samples = pd.concat(pd.read_parquet(s) for s in shards)
+    assert len(samples) == 16 * 2 and samples["id"].nunique() == 16  # every prompt in one shard
+    train_dir = next((results / "train").iterdir())
+    assert (train_dir / "model" / "config.json").exists()
+    assert len(pd.read_parquet(train_dir / "metrics.parquet")) == 3
+    assert (results / "mlflow.db").exists()
+    links = results / "smoke" / "stages"
+    assert (links / "train").resolve() == train_dir.resolve()
+
+
+@pytest.mark.slow
+def test_second_run_is_a_noop(smoke_run):
+    workdir, _ = smoke_run
+    out = snakemake(workdir, "-n", "--cores", "2", "--configfile", str(SMOKE)).stdout
+    assert "Nothing to be done" in out
+
+
+@pytest.mark.slow
+def test_changing_beta2_plans_no_sampling(smoke_run):
+    workdir, _ = smoke_run
+    jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "train={'beta2': 0.3}")
+    assert "sample_reference" not in jobs and "vstar" not in jobs and "demo_model" not in jobs
+    assert jobs.get("train") == 1 and jobs.get("evaluate") == 1 and jobs.get("report") == 1
+
+
+@pytest.mark.slow
+def test_changing_sample_count_replans_sampling_and_downstream(smoke_run):
+    workdir, _ = smoke_run
+    jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "sample={'n': 3}")
+    assert jobs.get("sample_reference") == 2 and jobs.get("vstar") == 1
+    assert jobs.get("train") == 1 and jobs.get("evaluate") == 1 and jobs.get("report") == 1
+    assert "demo_model" not in jobs and "prepare_data" not in jobs
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    bad = yaml.safe_load(SMOKE.read_text())
+    bad["train"]["lr"] = "fast"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    proc = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "bad.yaml"), check=False)
+    assert proc.returncode != 0
+    assert "config key 'train.lr': 'fast' is not of type 'number'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean():
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(ROOT / "Snakefile")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,83 @@
+"""Trainer pieces: log-prob alignment, data order, collapse detection, run and resume."""
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from apo import train as T
+from apo.data import prepare
+
+SETTINGS = {
+    "method": "apo", "beta2": 0.1, "lr": 1e-3, "lr_schedule": "constant_with_warmup",
+    "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "steps": 4, "batch_size": 8,
+    "micro_batch_size": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0,
+    "checkpoint_every": 2, "keep_checkpoints": 2, "stop_on_collapse": False,
+    "collapse": {"window": 20, "reward_ratio": 0.5, "length_ratio": 0.3}, "backend": "hf",
+}
+RUNTIME = ({"batch_size": 64}, {"timeout_s": 5, "workers": 1})
+
+
+def test_token_logprobs_match_full_sequence_log_softmax(tiny_demo):
+    model = AutoModelForCausalLM.from_pretrained(tiny_demo / "model").eval()
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14, 15]]
+    logp, mask = T.token_logprobs(model, prompts, responses, pad_id=0)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids = torch.tensor([p + r])
+        full = model(input_ids=ids).logits[0].log_softmax(-1)
+        expected = [full[len(p) - 1 + t, tok].item() for t, tok in enumerate(r)]
+        assert logp[b, : len(r)].tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_batch_indices_cover_each_epoch_once_and_are_deterministic():
+    seen = [i for step in range(5) for i in T.batch_indices(step, 4, 21, seed=3)]
+    assert sorted(seen) == list(range(20)) or len(set(seen)) == 20  # 5 full batches of 21
+    assert T.batch_indices(5, 4, 21, 3) != T.batch_indices(0, 4, 21, 3)  # a new epoch, new order
+    assert T.batch_indices(7, 4, 21, 3) == T.batch_indices(7, 4, 21, 3)
+
+
+def test_collapse_monitor():
+    steady = T.CollapseMonitor(window=5)
+    assert all(steady.update(0.3, 30) is None for _ in range(20))
+    falling = T.CollapseMonitor(window=5)
+    msgs = [falling.update(0.3 if i < 10 else 0.05, 30) for i in range(20)]
+    assert msgs[-1] is not None and "reward collapsed" in msgs[-1]
+    short = T.CollapseMonitor(window=5)
+    msgs = [short.update(0.3, 30 if i < 10 else 2) for i in range(20)]
+    assert "length collapsed" in msgs[-1]
+
+
+@pytest.fixture
+def train_inputs(tiny_demo, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_demo / "model")
+    spec = {"path": "demo", "split": "train", "prompt_field": "question", "answer_field": "answer",
+            "id_field": "id", "answer_format": "plain", "limit": 16, "subset": None}
+    prompts, _ = prepare(spec, {"instruction": "", "max_prompt_tokens": 256}, tok, str(tiny_demo))
+    prompts.to_parquet(tmp_path / "prompts.parquet")
+    pd.DataFrame({"id": prompts["id"], "vstar": 0.5}).to_parquet(tmp_path / "vstar.parquet")
+    return str(tiny_demo / "model"), str(tmp_path / "prompts.parquet"), str(tmp_path / "vstar.parquet")
+
+
+def test_train_writes_model_checkpoints_and_resumes(train_inputs, tmp_path):
+    out = tmp_path / "run"
+    res = T.train({**SETTINGS, "steps": 2}, *train_inputs, out, *RUNTIME)
+    assert (out / "model" / "config.json").exists()
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000002"]
+    assert res["history"]["step"].tolist() == [1, 2]
+    # A rerun with more steps continues at step 3 and keeps the earlier history.
+    res = T.train({**SETTINGS, "steps": 4}, *train_inputs, out, *RUNTIME)
+    assert res["history"]["step"].tolist() == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
+    for col in ["reward", "loss", "kl", "response_length"]:
+        assert res["history"][col].notna().all()
+
+
+def test_non_finite_loss_stops_with_a_clear_error(train_inputs, tmp_path, monkeypatch):
+    def nan_loss(*args, **kwargs):
+        return torch.tensor(float("nan"), requires_grad=True), {"residual_abs": 0.0}
+
+    monkeypatch.setitem(T.LOSSES, "apo", nan_loss)
+    with pytest.raises(T.NonFiniteLossError, match="non-finite loss"):
+        T.train(SETTINGS, *train_inputs, tmp_path / "run", *RUNTIME)
+    assert not (tmp_path / "run" / "model").exists()

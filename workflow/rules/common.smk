@@ -1,0 +1,78 @@
+import json
+from pathlib import Path
+
+from apo.config import validate_config
+from apo.settings import Plan, Stage, model_path
+
+
+# Validate before any job is planned: a bad key stops the run here, naming the key.
+config.update(
+    validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+)
+
+RESULTS = "results"
+PLAN = Plan(config, RESULTS)
+EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
+
+# Knobs that change how fast, not what: they are not part of any stage's address.
+RUNTIME = json.dumps(
+    {
+        "generation": {"batch_size": config["generation"]["batch_size"]},
+        "grading": config["grading"],
+        "tracking_uri": config["tracking_uri"],
+    }
+)
+
+HASH = r"[0-9a-f]{12}"
+
+
+wildcard_constraints:
+    h=HASH,
+    shard=r"\d+",
+
+
+def stage(kind, wildcards):
+    return PLAN.get(kind, wildcards.h)
+
+
+def manifest(kind):
+    """params: the stage's manifest as JSON, for the `apo` command line."""
+    return lambda w: json.dumps(stage(kind, w).manifest())
+
+
+def stage_dir(kind):
+    """params: the stage's directory, results/<kind>/<hash>."""
+    return lambda w: stage(kind, w).dir
+
+
+def model_input(model):
+    """The files a rule needs for a model: a stage's saved model, or nothing for a hub id."""
+    return [model_path(model)] if isinstance(model, Stage) else []
+
+
+def sample_shards(s):
+    return [f"{s.dir}/shard-{i}.parquet" for i in range(s.settings["shards"])]
+
+
+def upstream(kind, role, filename=None):
+    """Input function: a file of the stage that `kind`'s stage reads as `role`."""
+
+    def files(w):
+        up = stage(kind, w).inputs.get(role)
+        if up is None:
+            return []
+        if isinstance(up, Stage):
+            return f"{up.dir}/{filename}" if filename else up.dir
+        return []  # hub id: nothing for Snakemake to wait for
+
+    return files
+
+
+def upstream_model(kind, role="model"):
+    """Input function: the saved model of the upstream stage (nothing for a hub id)."""
+    return lambda w: model_input(stage(kind, w).inputs[role])
+
+
+def upstream_model_path(kind, role="model"):
+    """params: what `from_pretrained` loads: a stage's model directory or a hub id / path."""
+    return lambda w: model_path(stage(kind, w).inputs[role])

@@ -1,0 +1,23 @@
+rule prepare_data:
+    """Training prompts or one benchmark -> prompts.parquet (id, prompt, question, answer, source)."""
+    input:
+        tokenizer=upstream_model("data", role="tokenizer"),
+        source=upstream("data", "source", "train.jsonl"),
+    output:
+        f"{RESULTS}/data/{{h}}/prompts.parquet",
+    params:
+        manifest=manifest("data"),
+        dir=stage_dir("data"),
+        runtime=RUNTIME,
+        tokenizer=upstream_model_path("data", role="tokenizer"),
+        demo=lambda w, input: (
+            f"--demo-dir {Path(input.source).parent}" if input.source else ""
+        ),
+    log:
+        f"{RESULTS}/data/{{h}}/log/data.log",
+    benchmark:
+        f"{RESULTS}/data/{{h}}/log/data.benchmark.tsv"
+    shell:
+        "apo data --manifest {params.manifest:q} --stage-dir {params.dir} "
+        "--runtime {params.runtime:q} --tokenizer {params.tokenizer:q} {params.demo} "
+        "--out {output} 2> {log}"

@@ -1,0 +1,19 @@
+rule demo_model:
+    """The embedded demo: synthetic word problems and a tiny warm-started Qwen2 model."""
+    output:
+        model=directory(f"{RESULTS}/demo_model/{{h}}/model"),
+        train=f"{RESULTS}/demo_model/{{h}}/train.jsonl",
+        test=f"{RESULTS}/demo_model/{{h}}/test.jsonl",
+    params:
+        manifest=manifest("demo_model"),
+        dir=stage_dir("demo_model"),
+        runtime=RUNTIME,
+        instruction=config["prompt"]["instruction"],
+    log:
+        f"{RESULTS}/demo_model/{{h}}/log/demo_model.log",
+    benchmark:
+        f"{RESULTS}/demo_model/{{h}}/log/demo_model.benchmark.tsv"
+    threads: 2
+    shell:
+        "apo demo --manifest {params.manifest:q} --stage-dir {params.dir} "
+        "--runtime {params.runtime:q} --instruction {params.instruction:q} 2> {log}"

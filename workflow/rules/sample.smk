@@ -1,0 +1,21 @@
+rule sample_reference:
+    """Stage 1: N graded reference samples per training prompt, one shard per job."""
+    input:
+        model=upstream_model("sample"),
+        prompts=upstream("sample", "prompts", "prompts.parquet"),
+    output:
+        f"{RESULTS}/sample/{{h}}/shard-{{shard}}.parquet",
+    params:
+        manifest=manifest("sample"),
+        dir=stage_dir("sample"),
+        runtime=RUNTIME,
+        model=upstream_model_path("sample"),
+    log:
+        f"{RESULTS}/sample/{{h}}/log/shard-{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/sample/{{h}}/log/shard-{{shard}}.benchmark.tsv"
+    threads: 1
+    shell:
+        "apo sample --manifest {params.manifest:q} --stage-dir {params.dir} "
+        "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
+        "--shard {wildcards.shard} --out {output} 2> {log}"

@@ -1,0 +1,24 @@
+rule train:
+    """Stage 2: A*-PO on-policy training; reruns resume from the last checkpoint."""
+    input:
+        model=upstream_model("train"),
+        prompts=upstream("train", "prompts", "prompts.parquet"),
+        vstar=upstream("train", "vstar", "vstar.parquet"),
+    output:
+        model=directory(f"{RESULTS}/train/{{h}}/model"),
+        metrics=f"{RESULTS}/train/{{h}}/metrics.parquet",
+        summary=f"{RESULTS}/train/{{h}}/summary.json",
+    params:
+        manifest=manifest("train"),
+        dir=stage_dir("train"),
+        runtime=RUNTIME,
+        model=upstream_model_path("train"),
+    log:
+        f"{RESULTS}/train/{{h}}/log/train.log",
+    benchmark:
+        f"{RESULTS}/train/{{h}}/log/train.benchmark.tsv"
+    threads: 2
+    shell:
+        "apo train --manifest {params.manifest:q} --stage-dir {params.dir} "
+        "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
+        "--vstar {input.vstar} 2>> {log}"
