@@ -16,6 +16,11 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 
 
+wildcard_constraints:
+    h=HASH,
+    shard=r"\d+",
+
+
 rule all:
     input:
         f"{EXPERIMENT_DIR}/report.md",

@@ -61,3 +61,11 @@ def test_micro_batch_must_divide_batch(demo_config):
     demo_config["train"]["micro_batch_size"] = 4
     with pytest.raises(ConfigError, match="train.batch_size"):
         validate_config(demo_config, SCHEMA)
+
+
+def test_command_line_strings_are_coerced_to_the_schema_types(demo_config):
+    # `snakemake --config train="{beta2: 0.3}"` delivers nested values as strings
+    demo_config["train"].update({"beta2": "0.3", "steps": "7", "stop_on_collapse": "true", "lr": "1e-4"})
+    cfg = validate_config(demo_config, SCHEMA)
+    assert cfg["train"]["beta2"] == 0.3 and cfg["train"]["steps"] == 7
+    assert cfg["train"]["stop_on_collapse"] is True and cfg["train"]["lr"] == 1e-4

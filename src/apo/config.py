@@ -34,8 +34,41 @@ def _resolve(schema: dict, root: dict) -> dict:
     return schema
 
 
+def _coerce(value, schema: dict):
+    """A string where the schema wants a number or boolean, converted if it reads as one.
+
+    Nested values given with `snakemake --config key="{a: 1e-4}"` arrive as strings, and
+    YAML reads `1e-4` (no dot) as a string too.
+    """
+    if not isinstance(value, str):
+        return value
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    for t, parse in [("integer", int), ("number", float), ("boolean", _parse_bool), ("null", _parse_null)]:
+        if t in types:
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    raise ValueError(text)
+
+
+def _parse_null(text: str) -> None:
+    if text.strip().lower() in {"null", "none", "~"}:
+        return None
+    raise ValueError(text)
+
+
 def fill_defaults(instance, schema: dict, root: dict):
-    """Insert `default` values of missing properties, recursively (objects and arrays)."""
+    """Insert `default` values of missing properties and coerce strings to the schema's
+    scalar types, recursively (objects and arrays)."""
     schema = _resolve(schema, root)
     if isinstance(instance, dict):
         for key, sub in schema.get("properties", {}).items():
@@ -43,6 +76,7 @@ def fill_defaults(instance, schema: dict, root: dict):
             if key not in instance and "default" in sub:
                 instance[key] = copy.deepcopy(sub["default"])
             if key in instance:
+                instance[key] = _coerce(instance[key], sub)
                 fill_defaults(instance[key], sub, root)
     elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
         for item in instance:

@@ -8,14 +8,14 @@ The task: short word problems over a running count (``Mia has 7 marbles. She fin
 Then she loses 3. ...``), solved step by step (``7 + 5 = 12. 12 - 3 = 9. The answer is
 \\boxed{9}.``).
 
-Why the reference policy leaves room for RL: the warm start imitates a *sloppy* solver. In
-each demonstration every arithmetic step slips (is off by a small amount, and later steps
-carry the slip on) with probability `slip_prob`. The warm-started model learns the arithmetic
-and also learns to slip, so sampling at temperature 1 solves only a minority of problems
-while the right computation is already its most likely one. An on-policy method with a
-verifiable reward can then learn to stop slipping, which is what RL does for real LLMs too
-(pass@k headroom turned into pass@1). The bigger the warm-start budget the cleaner the
-arithmetic; the slips are what stays for RL.
+Why the reference policy leaves room for RL: the warm start imitates a solver that usually
+does not bother to reason. With probability `reason_prob` a demonstration works the problem
+out step by step (each step slipping by 1 or 2 with probability `slip_prob`); otherwise it
+guesses a number near the answer (``The answer is \\boxed{13}.``), right one time in five. The
+warm-started model learns both behaviours, so it solves only a minority of problems, greedy
+or sampled, although it can compute the answer. An on-policy method with a verifiable reward
+can learn to reason every time, which is what RL does for real LLMs too: it up-weights a good
+strategy the base model already has. Watch the response length grow in the training curves.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ ITEMS = ["marbles", "apples", "stickers", "coins", "books", "shells", "cards", "
 GAIN = ["finds {n} more", "buys {n} more", "gets {n} more", "is given {n} more"]
 LOSS = ["loses {n}", "gives away {n}", "sells {n}", "uses {n}"]
 SLIPS = [-2, -1, 1, 2]
+GUESS_OFFSETS = [-2, -1, 0, 1, 2]
 
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -74,8 +75,12 @@ def make_problem(
     return Problem(" ".join(sentences), value, start, tuple(ops))
 
 
-def solution(problem: Problem, rng: random.Random, slip_prob: float) -> str:
-    """A step-by-step solution; each step slips with probability `slip_prob`."""
+def solution(problem: Problem, rng: random.Random, slip_prob: float, reason_prob: float = 1.0) -> str:
+    """A demonstration: step by step with probability `reason_prob` (each step slipping with
+    probability `slip_prob`), else a guess near the answer without working."""
+    if rng.random() >= reason_prob:
+        guess = max(0, problem.answer + rng.choice(GUESS_OFFSETS))
+        return f"The answer is \\boxed{{{guess}}}."
     value, steps = problem.start, []
     for sign, n in problem.ops:
         result = value + sign * n
@@ -202,7 +207,7 @@ def build(settings: dict, out_dir: str | Path, instruction: str) -> dict:
     train = make_problems(task["num_train"], seed, task)
     test = make_problems(task["num_test"], seed + 1, task, {p.question for p in train})
     rng = random.Random(seed + 2)
-    responses = [solution(p, rng, task["slip_prob"]) for p in train]
+    responses = [solution(p, rng, task["slip_prob"], task["reason_prob"]) for p in train]
 
     # Train BPE on what the model will see (questions, solutions and the instruction, which
     # repeats in every prompt), so that frequent words are single tokens and sequences short.

@@ -89,6 +89,7 @@ class CollapseMonitor:
     message: str | None = None
 
     def update(self, reward: float, length: float) -> str | None:
+        """Record one step; returns the message on the step a collapse is first detected."""
         self.history.append((reward, length))
         w = self.window
         if self.message is not None or len(self.history) < 2 * w:

@@ -4,10 +4,11 @@ from pathlib import Path
 from apo.config import validate_config
 from apo.settings import Plan, Stage, model_path
 
-
 # Validate before any job is planned: a bad key stops the run here, naming the key.
 config.update(
-    validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+    validate_config(
+        config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
+    )
 )
 
 RESULTS = "results"
@@ -26,11 +27,6 @@ RUNTIME = json.dumps(
 HASH = r"[0-9a-f]{12}"
 
 
-wildcard_constraints:
-    h=HASH,
-    shard=r"\d+",
-
-
 def stage(kind, wildcards):
     return PLAN.get(kind, wildcards.h)
 
@@ -46,7 +42,7 @@ def stage_dir(kind):
 
 
 def model_input(model):
-    """The files a rule needs for a model: a stage's saved model, or nothing for a hub id."""
+    """Input files for a model: a stage's saved model, or nothing for a hub id."""
     return [model_path(model)] if isinstance(model, Stage) else []
 
 
@@ -76,3 +72,29 @@ def upstream_model(kind, role="model"):
 def upstream_model_path(kind, role="model"):
     """params: what `from_pretrained` loads: a stage's model directory or a hub id / path."""
     return lambda w: model_path(stage(kind, w).inputs[role])
+
+
+def report_spec():
+    """What the report reads: every evaluation and training run of this experiment."""
+    return json.dumps(
+        {
+            "experiment": PLAN.experiment,
+            "evals": [
+                {"model": label, "benchmark": bench, "dir": s.dir}
+                for (label, bench), s in PLAN.evals.items()
+            ],
+            "trainings": [{"label": config["train"]["method"], "dir": PLAN.train.dir}],
+            "stages": {
+                name: s.dir
+                for name, s in [
+                    ("demo_model", PLAN.demo),
+                    ("data_train", PLAN.train_data),
+                    *[(f"data_{b}", s) for b, s in PLAN.benchmarks.items()],
+                    ("sample", PLAN.sample),
+                    ("vstar", PLAN.vstar),
+                    ("train", PLAN.train),
+                ]
+                if s is not None
+            },
+        }
+    )

@@ -5,6 +5,12 @@ rule prepare_data:
         source=upstream("data", "source", "train.jsonl"),
     output:
         f"{RESULTS}/data/{{h}}/prompts.parquet",
+    log:
+        f"{RESULTS}/data/{{h}}/log/data.log",
+    benchmark:
+        f"{RESULTS}/data/{{h}}/log/data.benchmark.tsv"
+    conda:
+        "../../envs/apo.yaml"
     params:
         manifest=manifest("data"),
         dir=stage_dir("data"),
@@ -13,10 +19,6 @@ rule prepare_data:
         demo=lambda w, input: (
             f"--demo-dir {Path(input.source).parent}" if input.source else ""
         ),
-    log:
-        f"{RESULTS}/data/{{h}}/log/data.log",
-    benchmark:
-        f"{RESULTS}/data/{{h}}/log/data.benchmark.tsv"
     shell:
         "apo data --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --tokenizer {params.tokenizer:q} {params.demo} "

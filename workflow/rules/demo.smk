@@ -4,16 +4,18 @@ rule demo_model:
         model=directory(f"{RESULTS}/demo_model/{{h}}/model"),
         train=f"{RESULTS}/demo_model/{{h}}/train.jsonl",
         test=f"{RESULTS}/demo_model/{{h}}/test.jsonl",
+    log:
+        f"{RESULTS}/demo_model/{{h}}/log/demo_model.log",
+    benchmark:
+        f"{RESULTS}/demo_model/{{h}}/log/demo_model.benchmark.tsv"
+    conda:
+        "../../envs/apo.yaml"
+    threads: 2
     params:
         manifest=manifest("demo_model"),
         dir=stage_dir("demo_model"),
         runtime=RUNTIME,
         instruction=config["prompt"]["instruction"],
-    log:
-        f"{RESULTS}/demo_model/{{h}}/log/demo_model.log",
-    benchmark:
-        f"{RESULTS}/demo_model/{{h}}/log/demo_model.benchmark.tsv"
-    threads: 2
     shell:
         "apo demo --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --instruction {params.instruction:q} 2> {log}"

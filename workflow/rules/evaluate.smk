@@ -6,16 +6,18 @@ rule evaluate:
     output:
         scores=f"{RESULTS}/eval/{{h}}/scores.json",
         samples=f"{RESULTS}/eval/{{h}}/samples.parquet",
+    log:
+        f"{RESULTS}/eval/{{h}}/log/evaluate.log",
+    benchmark:
+        f"{RESULTS}/eval/{{h}}/log/evaluate.benchmark.tsv"
+    conda:
+        "../../envs/apo.yaml"
+    threads: 1
     params:
         manifest=manifest("eval"),
         dir=stage_dir("eval"),
         runtime=RUNTIME,
         model=upstream_model_path("eval"),
-    log:
-        f"{RESULTS}/eval/{{h}}/log/evaluate.log",
-    benchmark:
-        f"{RESULTS}/eval/{{h}}/log/evaluate.benchmark.tsv"
-    threads: 1
     shell:
         "apo evaluate --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "

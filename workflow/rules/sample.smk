@@ -5,16 +5,18 @@ rule sample_reference:
         prompts=upstream("sample", "prompts", "prompts.parquet"),
     output:
         f"{RESULTS}/sample/{{h}}/shard-{{shard}}.parquet",
+    log:
+        f"{RESULTS}/sample/{{h}}/log/shard-{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/sample/{{h}}/log/shard-{{shard}}.benchmark.tsv"
+    conda:
+        "../../envs/apo.yaml"
+    threads: 1
     params:
         manifest=manifest("sample"),
         dir=stage_dir("sample"),
         runtime=RUNTIME,
         model=upstream_model_path("sample"),
-    log:
-        f"{RESULTS}/sample/{{h}}/log/shard-{{shard}}.log",
-    benchmark:
-        f"{RESULTS}/sample/{{h}}/log/shard-{{shard}}.benchmark.tsv"
-    threads: 1
     shell:
         "apo sample --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "

@@ -8,16 +8,18 @@ rule train:
         model=directory(f"{RESULTS}/train/{{h}}/model"),
         metrics=f"{RESULTS}/train/{{h}}/metrics.parquet",
         summary=f"{RESULTS}/train/{{h}}/summary.json",
+    log:
+        f"{RESULTS}/train/{{h}}/log/train.log",
+    benchmark:
+        f"{RESULTS}/train/{{h}}/log/train.benchmark.tsv"
+    conda:
+        "../../envs/apo.yaml"
+    threads: 2
     params:
         manifest=manifest("train"),
         dir=stage_dir("train"),
         runtime=RUNTIME,
         model=upstream_model_path("train"),
-    log:
-        f"{RESULTS}/train/{{h}}/log/train.log",
-    benchmark:
-        f"{RESULTS}/train/{{h}}/log/train.benchmark.tsv"
-    threads: 2
     shell:
         "apo train --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "

@@ -4,14 +4,16 @@ rule vstar:
         lambda w: sample_shards(stage("vstar", w).inputs["samples"]),
     output:
         f"{RESULTS}/vstar/{{h}}/vstar.parquet",
-    params:
-        manifest=manifest("vstar"),
-        dir=stage_dir("vstar"),
-        runtime=RUNTIME,
     log:
         f"{RESULTS}/vstar/{{h}}/log/vstar.log",
     benchmark:
         f"{RESULTS}/vstar/{{h}}/log/vstar.benchmark.tsv"
+    conda:
+        "../../envs/apo.yaml"
+    params:
+        manifest=manifest("vstar"),
+        dir=stage_dir("vstar"),
+        runtime=RUNTIME,
     shell:
         "apo vstar --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --samples {input} --out {output} 2> {log}"
