@@ -147,8 +147,17 @@ def cmd_evaluate(args):
 
 def cmd_report(args):
     from apo import report
+    from apo.tracking import Tracker, default_tracking_uri
 
-    report.write(args.spec, args.out_dir)
+    spec, out = args.spec, Path(args.out_dir)
+    table = report.write(spec, out)
+    uri = args.runtime.get("tracking_uri") or default_tracking_uri(out.parent)
+    tracker = Tracker(uri, run_name=f"report-{spec['experiment']}", params={"stages": spec["stages"]},
+                      tags={"stage": "report", "experiment": spec["experiment"]})
+    tracker.log_metrics({f"accuracy.{r.model}.{r.benchmark}": r.accuracy for r in table.itertuples()})
+    for name in ("report.md", "summary.csv", "training_curves.png"):
+        tracker.log_artifact(out / name)
+    tracker.finish()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="tables and plots of one experiment")
     sp.add_argument("--spec", type=_json, required=True)
     sp.add_argument("--out-dir", required=True)
+    sp.add_argument("--runtime", type=_json, default={}, help="runtime knobs (JSON)")
     sp.set_defaults(fn=cmd_report)
     return p
 

@@ -102,7 +102,7 @@ def link_stages(out_dir: Path, stages: dict) -> None:
         os.replace(tmp, link)
 
 
-def write(spec: dict, out_dir: str | os.PathLike) -> None:
+def write(spec: dict, out_dir: str | os.PathLike) -> pd.DataFrame:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = summary_table(spec["evals"])
@@ -111,3 +111,4 @@ def write(spec: dict, out_dir: str | os.PathLike) -> None:
     with atomic_path(out_dir / "summary.csv") as tmp:
         table.to_csv(tmp, index=False)
     write_text(out_dir / "report.md", markdown(spec["experiment"], table, spec["trainings"], spec["stages"]))
+    return table

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from apo.generation import SamplingSettings, make_generator
 from apo.io import atomic_path, read_json, write_json
@@ -189,8 +190,6 @@ def train(
         for h in history:
             monitor.update(h["reward"], h["response_length"])
         log.info("resumed from %s at step %d", resume_from, start)
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(range(start, s["steps"]), desc="train", initial=start, total=s["steps"], mininterval=2)
     with Grader(grading["timeout_s"], grading["workers"]) as grader:

@@ -24,5 +24,6 @@ rule report:
     params:
         spec=report_spec(),
         out_dir=lambda w, output: Path(output.md).parent,
+        runtime=RUNTIME,
     shell:
-        "apo report --spec {params.spec:q} --out-dir {params.out_dir} 2> {log}"
+        "apo report --spec {params.spec:q} --out-dir {params.out_dir} --runtime {params.runtime:q} 2> {log}"

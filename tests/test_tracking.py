@@ -1,0 +1,48 @@
+"""MLflow tracking: params and metrics land in the SQLite store; parallel jobs lose nothing."""
+
+import multiprocessing as mp
+
+from mlflow.tracking import MlflowClient
+
+from apo.tracking import Tracker, flatten
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_params_metrics_and_resume(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_file = tmp_path / "run_id"
+    t = Tracker(uri, "train-abc", {"train": {"lr": 0.1}}, {"stage": "train"}, run_id_file=run_file)
+    for step in range(1, 4):
+        t.log_metrics({"reward": step / 10}, step=step)
+    t.finish("FAILED")  # e.g. killed: the rerun resumes the same run
+    again = Tracker(uri, "train-abc", {"train": {"lr": 0.1}}, {"stage": "train"}, run_id_file=run_file)
+    assert again.run_id == t.run_id
+    again.log_metrics({"reward": 0.4}, step=4)
+    again.finish()
+    client = MlflowClient(uri)
+    run = client.get_run(t.run_id)
+    assert run.data.params["train.lr"] == "0.1" and run.data.tags["stage"] == "train"
+    assert [m.value for m in client.get_metric_history(t.run_id, "reward")] == [0.1, 0.2, 0.3, 0.4]
+    assert run.info.status == "FINISHED"
+
+
+def _job(args):
+    uri, i = args
+    t = Tracker(uri, f"job-{i}", {"i": i}, {"stage": "test"}, flush_every=5)
+    for step in range(30):
+        t.log_metrics({"m": float(step)}, step=step)
+    t.finish()
+    return t.run_id
+
+
+def test_parallel_jobs_lose_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with mp.get_context("spawn").Pool(4) as pool:
+        run_ids = pool.map(_job, [(uri, i) for i in range(6)])
+    client = MlflowClient(uri)
+    for i, run_id in enumerate(run_ids):
+        assert client.get_run(run_id).data.params["i"] == str(i)
+        assert len(client.get_metric_history(run_id, "m")) == 30
