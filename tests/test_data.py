@@ -39,7 +39,7 @@ def test_local_files_load_into_the_schema(tmp_path, tokenizer, suffix):
     assert df["id"].tolist() == ["train-000000", "train-000001"]
     assert df["prompt"][0].startswith("<|im_start|>user\nMia has 3 pens.")
     assert "Answer in \\boxed{}." in df["prompt"][0] and df["prompt"][0].endswith("assistant\n")
-    assert counts == {"rows_in": 2, "rows_out": 2, "dropped_too_long": 0}
+    assert counts == {"rows_in": 2, "rows_out": 2, "dropped_too_long": 0, "dropped_bad_gold": 0}
 
 
 def test_demo_path_reads_the_demo_stage(tiny_demo, tokenizer):
@@ -82,3 +82,13 @@ def test_too_long_prompts_are_dropped_and_counted(tmp_path, tokenizer):
     path = write(tmp_path, [{"q": "short", "a": "1"}, {"q": "long " * 300, "a": "2"}])
     df, counts = prepare(spec(path), PROMPT, tokenizer)
     assert len(df) == 1 and counts["dropped_too_long"] == 1
+
+
+def test_unparseable_gold_answers_are_dropped_and_counted(tmp_path, tokenizer):
+    from apo.reward import Grader
+
+    path = write(tmp_path, [{"q": "a", "a": "12"}, {"q": "b", "a": "\\frac{"}, {"q": "c", "a": "x^2"}])
+    with Grader(timeout_s=5, workers=1) as grader:
+        df, counts = prepare(spec(path), PROMPT, tokenizer, grader=grader)
+    assert df["answer"].tolist() == ["12", "x^2"]
+    assert counts["dropped_bad_gold"] == 1

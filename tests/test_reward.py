@@ -57,3 +57,45 @@ def test_hanging_item_times_out_without_losing_the_others():
     assert out.status == [reward.OK, reward.TIMEOUT, reward.OK, reward.OK]
     assert out.rewards == [1.0, 0.0, 1.0, 1.0]
     assert elapsed < 30  # 3 s of bounds plus worker start-ups, not the 60 s hang
+
+
+# ---------------------------------------------------------------- property-based
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+LATEX_BITS = ["\\boxed{", "}", "{", "\\frac{", "^", "^{", "\\sqrt{", "\\left(", "\\right)", "=",
+              "x", "9" * 40, "10^{10^{10}}", "\\int", "$", "\\\\", ",", ".", "-", "e", "\\pi", " ",
+              "\\begin{pmatrix}", "\\end{pmatrix}", "&", "\\infty", "!", "%", "\\text{", "\x00"]
+adversarial = st.lists(st.sampled_from(LATEX_BITS), max_size=30).map("".join)
+any_text = st.one_of(st.text(max_size=200), adversarial)
+
+BOUND_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def bounded_grader():
+    with Grader(timeout_s=BOUND_S, workers=1, chunk_size=8, slack_s=2.0) as g:
+        yield g
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(any_text, any_text), min_size=1, max_size=8))
+def test_grader_never_raises_and_respects_its_bound(bounded_grader, pairs):
+    golds, responses = [g for g, _ in pairs], [r for _, r in pairs]
+    t0 = time.monotonic()
+    out = bounded_grader.grade(golds, responses)
+    elapsed = time.monotonic() - t0
+    assert len(out.rewards) == len(pairs)
+    assert set(out.rewards) <= {0.0, 1.0}
+    assert set(out.status) <= {reward.OK, reward.NO_ANSWER, reward.BAD_GOLD, reward.TIMEOUT, reward.ERROR}
+    # whole-chunk bound, plus the one-by-one retry when a chunk overran, plus pool restarts
+    assert elapsed < 2 * (BOUND_S * len(pairs) + 2.0) + 10.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(gold=st.from_regex(r"-?[0-9]{1,6}", fullmatch=True), noise=st.text(max_size=40))
+def test_grade_one_finds_a_boxed_integer_anywhere(gold, noise):
+    noise = noise.replace("\\", "").replace("{", "").replace("}", "").replace("$", "")
+    r, status, _ = grade_one(gold, f"{noise} The answer is \\boxed{{{gold}}}.")
+    assert (r, status) == (1.0, reward.OK)

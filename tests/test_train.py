@@ -83,3 +83,31 @@ def test_non_finite_loss_stops_with_a_clear_error(train_inputs, tmp_path, monkey
     with pytest.raises(T.NonFiniteLossError, match="non-finite loss"):
         T.train(SETTINGS, *train_inputs, tmp_path / "run", *RUNTIME)
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_resumed_run_equals_uninterrupted_run(train_inputs, tmp_path, monkeypatch):
+    """Crash after the step-2 checkpoint, rerun: the final weights are bit-identical to a run
+    that was never interrupted (CPU, same thread count: every op here is deterministic)."""
+    settings = {**SETTINGS, "steps": 4, "checkpoint_every": 2, "lr_schedule": "cosine", "warmup_steps": 1}
+    T.train(settings, *train_inputs, tmp_path / "straight", *RUNTIME)
+
+    real = T.batch_indices
+
+    def crash_at_step_3(step, *args):
+        if step == 2:  # 0-based: the third optimizer step
+            raise KeyboardInterrupt("simulated kill")
+        return real(step, *args)
+
+    monkeypatch.setattr(T, "batch_indices", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(settings, *train_inputs, tmp_path / "resumed", *RUNTIME)
+    assert not (tmp_path / "resumed" / "model").exists()  # nothing that looks finished
+    monkeypatch.setattr(T, "batch_indices", real)
+    res = T.train(settings, *train_inputs, tmp_path / "resumed", *RUNTIME)
+    assert res["history"]["step"].tolist() == [1, 2, 3, 4]
+
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

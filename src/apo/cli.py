@@ -72,11 +72,13 @@ def cmd_data(args):
 
     from apo import data
     from apo.io import write_json, write_parquet
+    from apo.reward import Grader
 
     s = args.manifest["settings"]
-    with stage_job(args) as tracker:
+    grading = args.runtime["grading"]
+    with stage_job(args) as tracker, Grader(grading["timeout_s"], grading["workers"]) as grader:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        df, counts = data.prepare(s, s["prompt"], tokenizer, args.demo_dir)
+        df, counts = data.prepare(s, s["prompt"], tokenizer, args.demo_dir, grader)
         tracker.log_metrics(counts)
         write_parquet(args.out, df)
         write_json(Path(args.stage_dir) / "counts.json", counts)

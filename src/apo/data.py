@@ -66,8 +66,15 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def prepare(spec: dict, prompt_cfg: dict, tokenizer, demo_dir: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """Rows of the dataset in the fixed schema, plus counts for the manifest/report."""
+def prepare(
+    spec: dict, prompt_cfg: dict, tokenizer, demo_dir: str | None = None, grader=None
+) -> tuple[pd.DataFrame, dict]:
+    """Rows of the dataset in the fixed schema, plus counts for the report.
+
+    Malformed rows (missing/empty/non-string prompt, empty answer, duplicate id) are errors
+    naming the row. Prompts longer than `max_prompt_tokens` and, when a `grader` is given,
+    gold answers that math-verify cannot parse are dropped and counted.
+    """
     where = f"dataset {spec['path']!r} split {spec['split']!r}"
     ds = load_rows(spec, demo_dir)
     for key in ("prompt_field", "answer_field"):
@@ -101,8 +108,20 @@ def prepare(spec: dict, prompt_cfg: dict, tokenizer, demo_dir: str | None = None
             too_long += 1  # dropped, as the paper's max prompt length does; counted
             continue
         rows.append({"id": rid, "prompt": prompt, "question": q, "answer": answer, "source": spec["path"]})
+    bad_gold = 0
+    if grader is not None and rows:
+        ok = grader.golds_parse([r["answer"] for r in rows])
+        bad = [r["id"] for r, good in zip(rows, ok) if not good]
+        if bad:
+            log.warning("%s: dropping %d rows whose gold answer math-verify cannot parse, e.g. ids %s",
+                        where, len(bad), bad[:5])
+        rows, bad_gold = [r for r, good in zip(rows, ok) if good], len(bad)
     if not rows:
-        raise DataError(f"{where}: no usable rows ({too_long} longer than prompt.max_prompt_tokens)")
-    counts = {"rows_in": len(ds), "rows_out": len(rows), "dropped_too_long": too_long}
+        raise DataError(
+            f"{where}: no usable rows ({too_long} longer than prompt.max_prompt_tokens, "
+            f"{bad_gold} with an unparseable gold answer)"
+        )
+    counts = {"rows_in": len(ds), "rows_out": len(rows), "dropped_too_long": too_long,
+              "dropped_bad_gold": bad_gold}
     return pd.DataFrame(rows, columns=SCHEMA), counts
 

@@ -84,7 +84,17 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
         )
         if s.get("collapse"):
             lines.append(f"  - **collapse detected**: {s['collapse']}")
-    lines += ["", "![training curves](training_curves.png)", "", "## Stage directories", ""]
+    lines += ["", "![training curves](training_curves.png)", "", "## Data", ""]
+    for name, d in stages.items():
+        counts_file = Path(d) / "counts.json"
+        if name.startswith("data_") and counts_file.exists():
+            c = read_json(counts_file)
+            lines.append(
+                f"- {name[len('data_'):]}: {c['rows_out']} of {c['rows_in']} rows used; dropped "
+                f"{c['dropped_too_long']} too long, {c.get('dropped_bad_gold', 0)} with an "
+                "unparseable gold answer"
+            )
+    lines += ["", "## Stage directories", ""]
     lines += [f"- {name}: `{d}` (link: `stages/{name}`)" for name, d in stages.items()]
     return "\n".join(lines) + "\n"
 

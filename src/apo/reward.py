@@ -28,9 +28,7 @@ def grade_one(gold: str, response: str) -> tuple[float, str, str]:
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:
-        gold_parsed = math_verify.parse(
-            gold if "$" in gold or "\\" in gold else f"${gold}$", parsing_timeout=None
-        )
+        gold_parsed = _parse_gold(gold)
         if not gold_parsed:
             return 0.0, BAD_GOLD, ""
         pred = math_verify.parse(
@@ -50,6 +48,30 @@ def _grade_chunk(pairs: list[tuple[str, str]]) -> list[tuple[float, str, str]]:
     return [grade_one(g, r) for g, r in pairs]
 
 
+def _parse_gold(gold: str) -> list:
+    """math-verify's reading of a gold answer; a bare answer is read as inline math."""
+    import math_verify
+
+    return math_verify.parse(gold if "$" in gold or "\\" in gold else f"${gold}$", parsing_timeout=None)
+
+
+def gold_parses(gold: str) -> bool:
+    """Whether math-verify can read a gold answer at all (checked when data is prepared)."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    try:
+        return bool(_parse_gold(gold))
+    except Exception:
+        return False
+
+
+def _gold_chunk(golds: list[str]) -> list[bool]:
+    return [gold_parses(g) for g in golds]
+
+
+def _warm_up() -> None:
+    import math_verify  # noqa: F401  (the import is the slow part of a worker's start)
+
+
 @dataclass
 class Grades:
     rewards: list[float]
@@ -58,7 +80,7 @@ class Grades:
 
 
 class Grader:
-    """Grades (gold, response) pairs in a process pool with a per-item time bound."""
+    """Runs math-verify in a process pool with a per-item time bound."""
 
     def __init__(
         self,
@@ -80,6 +102,9 @@ class Grader:
         if self._pool is None:
             # spawn: workers must not inherit the trainer's threads, CUDA or engine state.
             self._pool = mp.get_context("spawn").Pool(self.workers)
+            # Start-up (imports) must not count against the first item's time bound.
+            for w in [self._pool.apply_async(_warm_up) for _ in range(self.workers)]:
+                w.get()
         return self._pool
 
     def _kill_pool(self):
@@ -101,31 +126,41 @@ class Grader:
         self.close()
 
     def grade(self, golds: list[str], responses: list[str]) -> Grades:
+        """Reward, status and extracted answer of every response; never raises for bad text."""
         pairs = list(zip(golds, responses, strict=True))
-        results: list[tuple[float, str, str]] = []
-        pool = self._get_pool()
-        chunks = [pairs[i : i + self.chunk_size] for i in range(0, len(pairs), self.chunk_size)]
-        pending = [pool.apply_async(self.grade_chunk, (c,)) for c in chunks]
-        for i, chunk in enumerate(chunks):
-            try:
-                results.extend(pending[i].get(self.timeout_s * len(chunk) + self.slack_s))
-            except mp.TimeoutError:
-                log.warning("grading overran its bound; regrading %d items one by one", len(chunk))
-                self._kill_pool()
-                results.extend(self._grade_each(chunk))
-                # The killed pool took the later chunks with it: resubmit them.
-                pool = self._get_pool()
-                pending[i + 1 :] = [pool.apply_async(self.grade_chunk, (c,)) for c in chunks[i + 1 :]]
+        results = self._map(self.grade_chunk, pairs, on_timeout=(0.0, TIMEOUT, ""))
         rewards, status, extracted = (list(x) for x in zip(*results)) if results else ([], [], [])
         return Grades(rewards, status, extracted)
 
-    def _grade_each(self, pairs):
+    def golds_parse(self, golds: list[str]) -> list[bool]:
+        """Whether each gold answer can be parsed (False also when parsing overran its bound)."""
+        return self._map(_gold_chunk, list(golds), on_timeout=False)
+
+    def _map(self, fn, items: list, on_timeout) -> list:
+        """fn over chunks of items in the pool; an item that overruns gets `on_timeout`."""
+        out: list = []
+        pool = self._get_pool()
+        chunks = [items[i : i + self.chunk_size] for i in range(0, len(items), self.chunk_size)]
+        pending = [pool.apply_async(fn, (c,)) for c in chunks]
+        for i, chunk in enumerate(chunks):
+            try:
+                out.extend(pending[i].get(self.timeout_s * len(chunk) + self.slack_s))
+            except mp.TimeoutError:
+                log.warning("grading overran its bound; redoing %d items one by one", len(chunk))
+                self._kill_pool()
+                out.extend(self._each(fn, chunk, on_timeout))
+                # The killed pool took the later chunks with it: resubmit them.
+                pool = self._get_pool()
+                pending[i + 1 :] = [pool.apply_async(fn, (c,)) for c in chunks[i + 1 :]]
+        return out
+
+    def _each(self, fn, items: list, on_timeout) -> list:
         out = []
-        for pair in pairs:
-            fut = self._get_pool().apply_async(self.grade_chunk, ([pair],))
+        for item in items:
+            fut = self._get_pool().apply_async(fn, ([item],))
             try:
                 out.extend(fut.get(self.timeout_s))
             except mp.TimeoutError:
                 self._kill_pool()
-                out.append((0.0, TIMEOUT, ""))
+                out.append(on_timeout)
         return out
