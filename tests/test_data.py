@@ -65,6 +65,8 @@ def write(tmp_path, rows):
     [
         ([{"q": "x", "b": "1"}], {}, "no column 'a'"),
         ([{"q": "", "a": "1"}], {}, "row 0 (id train-000000): prompt field 'q' is empty"),
+        ([{"q": 5, "a": "1"}], {}, "row 0 (id train-000000): prompt field 'q' is empty or not a string"),
+        ([{"q": None, "a": "1"}], {}, "row 0 (id train-000000): prompt field 'q' is empty or not a string"),
         ([{"q": "x", "a": "1"}, {"q": "y", "a": " "}], {}, "row 1 (id train-000001): answer field 'a' is empty"),
         ([{"q": "x", "a": "1", "i": "7"}, {"q": "y", "a": "2", "i": "7"}], {"id_field": "i"},
          "row 1: duplicate id '7' (first at row 0)"),
@@ -92,3 +94,8 @@ def test_unparseable_gold_answers_are_dropped_and_counted(tmp_path, tokenizer):
         df, counts = prepare(spec(path), PROMPT, tokenizer, grader=grader)
     assert df["answer"].tolist() == ["12", "x^2"]
     assert counts["dropped_bad_gold"] == 1
+
+
+def test_missing_local_file_is_named(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="no such file"):
+        prepare(spec(tmp_path / "nope.jsonl"), PROMPT, tokenizer)

@@ -34,6 +34,8 @@ def load_rows(spec: dict, demo_dir: str | None = None):
             raise DataError("dataset path 'demo' needs the demo stage directory")
         return datasets.load_dataset("json", data_files=str(Path(demo_dir) / f"{split}.jsonl"), split="train")
     local = Path(path)
+    if not local.exists() and (local.suffix in BUILDERS or path.startswith(("/", "./", "../"))):
+        raise DataError(f"{path}: no such file or directory (data.*.path)")
     if local.is_file():
         builder = BUILDERS.get(local.suffix)
         if builder is None:

@@ -272,6 +272,8 @@ def train(
         final.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     metrics = pd.DataFrame(history)
+    # one column order whether rows came from this process or from a checkpoint's JSON
+    metrics = metrics[["step", *sorted(c for c in metrics.columns if c != "step")]]
     first = metrics.head(min(len(metrics), monitor.window))
     lastw = metrics.tail(min(len(metrics), monitor.window))
     return {
