@@ -75,13 +75,21 @@ def test_train_writes_model_checkpoints_and_resumes(train_inputs, tmp_path):
         assert res["history"][col].notna().all()
 
 
-def test_non_finite_loss_stops_with_a_clear_error(train_inputs, tmp_path, monkeypatch):
-    def nan_loss(*args, **kwargs):
-        return torch.tensor(float("nan"), requires_grad=True), {"residual_abs": 0.0}
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
+    train_inputs, tmp_path, monkeypatch
+):
+    calls = {"n": 0}
+    real = T.LOSSES["apo"]
 
-    monkeypatch.setitem(T.LOSSES, "apo", nan_loss)
-    with pytest.raises(T.NonFiniteLossError, match="non-finite loss"):
+    def nan_from_step_3(*args, **kwargs):  # 2 micro-batches per step
+        calls["n"] += 1
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 4 else loss), stats
+
+    monkeypatch.setitem(T.LOSSES, "apo", nan_from_step_3)
+    with pytest.raises(T.NonFiniteLossError, match="non-finite loss .* at optimizer step 3; the last good checkpoint is .*step-000002"):
         T.train(SETTINGS, *train_inputs, tmp_path / "run", *RUNTIME)
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json").exists()
     assert not (tmp_path / "run" / "model").exists()
 
 

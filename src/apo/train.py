@@ -216,7 +216,7 @@ def train(
                     loss, st = loss_fn(logp, ref_logp, mask, rewards[sl], vstars[sl], s["beta2"])
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
-                            f"non-finite loss {loss.item()} at step {step}; the last good checkpoint "
+                            f"non-finite loss {loss.item()} at optimizer step {step + 1}; the last good checkpoint "
                             f"is {latest_checkpoint(ckpt_root)}"
                         )
                     accelerator.backward(loss)
