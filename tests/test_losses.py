@@ -57,3 +57,56 @@ def test_loss_is_zero_at_the_optimal_log_ratio():
     logp = torch.tensor([[target / 2, target / 2]])
     loss, _ = apo_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([r]), torch.tensor([v]), beta2)
     assert loss.item() == pytest.approx(0.0, abs=1e-10)
+
+
+# ---------------------------------------------------------------- baselines (issue 6)
+
+from apo.losses import grpo_loss, group_advantages, rebel_loss  # noqa: E402
+
+
+def test_group_advantages_hand_computed():
+    # group (1, 0, 0, 1): mean 0.5, unbiased std sqrt(1/3) = 0.57735
+    a = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]), eps=0.0)
+    assert a[0].tolist() == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], abs=1e-6)
+    b = group_advantages(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
+    assert b.tolist() == [[0.0, 0.0, 0.0, 0.0]]  # no signal from a solved group
+
+
+def test_grpo_loss_hand_computed_with_clipping():
+    # one response, two tokens, A = +1, eps = 0.2:
+    # token 0: ratio e^0.1 = 1.10517 (inside the clip range) -> -1.10517
+    # token 1: ratio e^0.5 = 1.64872 -> clipped to 1.2            -> -1.2
+    # mean over the two tokens: -1.152585
+    logp = torch.tensor([[0.1, 0.5]])
+    loss, stats = grpo_loss(logp, torch.zeros(1, 2), logp.clone(), torch.ones(1, 2), torch.tensor([1.0]))
+    assert loss.item() == pytest.approx(-(1.105171 + 1.2) / 2, abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(0.5)
+    # A = -1: min(-1.105, -1.2*...) picks the pessimistic side: -ratio for token 1 is -1.6487
+    loss_neg, _ = grpo_loss(logp, torch.zeros(1, 2), logp.clone(), torch.ones(1, 2), torch.tensor([-1.0]))
+    assert loss_neg.item() == pytest.approx((1.105171 + 1.648721) / 2, abs=1e-6)
+
+
+def test_grpo_kl_term_is_k3_and_zero_at_the_reference():
+    logp = torch.tensor([[-1.0]])
+    zero_kl, _ = grpo_loss(logp, logp, logp, torch.ones(1, 1), torch.tensor([0.0]), kl_coef=1.0)
+    assert zero_kl.item() == pytest.approx(0.0)
+    # q = ref - logp = 0.5: k3 = e^0.5 - 0.5 - 1 = 0.148721
+    kl, _ = grpo_loss(logp, logp, logp + 0.5, torch.ones(1, 1), torch.tensor([0.0]), kl_coef=2.0)
+    assert kl.item() == pytest.approx(2 * 0.148721, abs=1e-6)
+
+
+def test_grpo_token_mean_ignores_padding():
+    logp = torch.tensor([[0.1, 99.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    loss, _ = grpo_loss(logp, torch.zeros(1, 2), logp.clone(), mask, torch.tensor([1.0]))
+    assert loss.item() == pytest.approx(-1.105171, abs=1e-6)
+
+
+def test_rebel_loss_hand_computed():
+    # pair: seq log-ratios 0.3 (y1: 0.1 + 0.2) and -0.2 (y2), eta = 0.5 -> (0.5) / 0.5 = 1.0
+    # reward difference 1 - 0 = 1 -> residual 0; second pair: 0 and 0.4 -> -0.8, r diff 0 -> 0.64
+    logp = torch.tensor([[0.1, 0.2], [-0.2, 0.0], [0.0, 0.0], [0.4, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    loss, _ = rebel_loss(logp, torch.zeros(4, 2), mask, r, eta=0.5)
+    assert loss.item() == pytest.approx((0.0 + 0.64) / 2)
