@@ -71,8 +71,10 @@ def test_train_writes_model_checkpoints_and_resumes(train_inputs, tmp_path):
     res = T.train({**SETTINGS, "steps": 4}, *train_inputs, out, *RUNTIME)
     assert res["history"]["step"].tolist() == [1, 2, 3, 4]
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
-    for col in ["reward", "loss", "kl", "response_length"]:
-        assert res["history"][col].notna().all()
+    for col in ["reward", "loss", "kl", "response_length", "tokens", "time_generate_s",
+                "time_ref_logprobs_s", "time_update_s", "time_sync_s", "peak_memory_mb"]:
+        assert res["history"][col].notna().all(), col
+    assert (res["history"]["tokens"] > 0).all() and res["summary"]["peak_memory_mb"] > 0
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(

@@ -78,7 +78,8 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
     for t in trainings:
         s = read_json(Path(t["dir"]) / "summary.json")
         lines.append(
-            f"- **{t['label']}**: {s['steps']} steps in {s['train_time_s'] / 60:.1f} min; "
+            f"- **{t['label']}**: {s['steps']} steps in {s['train_time_s'] / 60:.1f} min "
+            f"({s.get('tokens', 0):,} tokens, peak memory {s.get('peak_memory_mb', 0):,.0f} MB); "
             f"mean reward {s['reward_first']:.3f} (first steps) -> {s['reward_last']:.3f} (last); "
             f"KL to reference {s['kl_last']:.2f}; response length {s['response_length_last']:.1f} tokens."
         )

@@ -107,6 +107,15 @@ class CollapseMonitor:
         return self.message
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA's allocator peak on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -204,15 +213,17 @@ def train(
             vstars = torch.tensor(batch["vstar"].to_numpy(), dtype=torch.float32, device=accelerator.device)
             t_grade = time.perf_counter()
 
-            losses, stats, kls = [], [], []
+            losses, stats, kls, t_ref = [], [], [], 0.0
             for m in range(accum):
                 sl = slice(m * s["micro_batch_size"], (m + 1) * s["micro_batch_size"])
                 p_ids = [prompt_ids[i] for i in idx[sl]]
                 r_ids = [c.token_ids or [tokenizer.eos_token_id] for c in completions[sl]]
                 with accelerator.accumulate(policy):
                     logp, mask = token_logprobs(policy, p_ids, r_ids, tokenizer.pad_token_id)
+                    t_ref0 = time.perf_counter()
                     with torch.no_grad():
                         ref_logp, _ = token_logprobs(reference, p_ids, r_ids, tokenizer.pad_token_id)
+                    t_ref += time.perf_counter() - t_ref0
                     loss, st = loss_fn(logp, ref_logp, mask, rewards[sl], vstars[sl], s["beta2"])
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
@@ -229,6 +240,7 @@ def train(
                 stats.append(st)
                 # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
                 kls.append(((logp.detach() - ref_logp) * mask).sum(-1).mean().item())
+            t_sync = time.perf_counter()
             generator.sync_weights(accelerator.unwrap_model(policy))
             t_end = time.perf_counter()
 
@@ -244,10 +256,14 @@ def train(
                 "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0],
                 "residual_abs": sum(x["residual_abs"] for x in stats) / accum,
+                "tokens": sum(len(prompt_ids[i]) for i in idx) + sum(lengths),
                 "time_generate_s": t_gen - t0,
                 "time_grade_s": t_grade - t_gen,
-                "time_update_s": t_end - t_grade,
+                "time_ref_logprobs_s": t_ref,
+                "time_update_s": t_sync - t_grade - t_ref,
+                "time_sync_s": t_end - t_sync,
                 "time_step_s": t_end - t0,
+                "peak_memory_mb": peak_memory_mb(accelerator.device),
             }
             history.append(row)
             if tracker is not None:
@@ -286,5 +302,7 @@ def train(
             "response_length_last": float(lastw["response_length"].mean()),
             "collapse": monitor.message or "",
             "train_time_s": float(metrics["time_step_s"].sum()),
+            "tokens": int(metrics["tokens"].sum()),
+            "peak_memory_mb": float(metrics["peak_memory_mb"].max()),
         },
     }
