@@ -67,7 +67,7 @@ def test_demo_setting_moves_everything(demo_config):
 def test_manifest_records_settings_and_inputs(demo_config):
     p = plan(demo_config)
     m = p.vstar.manifest()
-    assert m["settings"] == {"beta1": demo_config["vstar"]["beta1"]}
+    assert m["settings"] == {"beta1": demo_config["vstar"]["beta1"], "filter": "keep_all"}
     assert m["inputs"] == {"samples": f"sample/{p.sample.hash}"}
     assert m["hash"] == p.vstar.hash and "apo_version" in m
 

@@ -58,3 +58,15 @@ def test_table_rejects_unequal_sample_counts():
     samples = pd.DataFrame({"id": ["a", "a", "b"], "reward": [1.0, 0.0, 1.0]})
     with pytest.raises(ValueError, match="unequal"):
         vstar_table(samples, 0.5)
+
+
+def test_prompt_filters():
+    from apo.vstar import filter_prompts
+
+    samples = pd.DataFrame({"id": list("aabbcc"), "reward": [0.0, 0.0, 1.0, 0.0, 1.0, 1.0]})
+    t = vstar_table(samples, 0.5)  # a: unsolved, b: sometimes, c: always solved
+    assert filter_prompts(t, "keep_all")["id"].tolist() == ["a", "b", "c"]
+    assert filter_prompts(t, "drop_unsolved")["id"].tolist() == ["b", "c"]
+    assert filter_prompts(t, "drop_unsolved_and_solved")["id"].tolist() == ["b"]
+    with pytest.raises(ValueError, match="vstar.filter"):
+        filter_prompts(t, "drop_easy")

@@ -109,13 +109,15 @@ def cmd_vstar(args):
     with stage_job(args) as tracker:
         samples = pd.concat([pd.read_parquet(p) for p in args.samples], ignore_index=True)
         table = vstar.vstar_table(samples, s["beta1"])
+        kept = vstar.filter_prompts(table, s["filter"])
         tracker.log_metrics(
-            {"prompts": len(table), "vstar_mean": table["vstar"].mean(),
+            {"prompts": len(table), "prompts_kept": len(kept), "vstar_mean": table["vstar"].mean(),
              "mean_reward": table["mean_reward"].mean(),
              "unsolved": int((table["n_correct"] == 0).sum()),
              "always_solved": int((table["n_correct"] == table["n_samples"]).sum())}
         )
-        write_parquet(args.out, table)
+        log.info("V* for %d prompts; %d kept by filter %s", len(table), len(kept), s["filter"])
+        write_parquet(args.out, kept)
 
 
 def cmd_train(args):
