@@ -69,7 +69,7 @@ def test_smoke_config_runs_every_stage(smoke_run):
     assert len(pd.read_parquet(train_dir / "metrics.parquet")) == 3
     assert (results / "mlflow.db").exists()
     links = results / "smoke" / "stages"
-    assert (links / "train").resolve() == train_dir.resolve()
+    assert (links / "train_apo").resolve() == train_dir.resolve()
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def plan(cfg, **changes) -> Plan:
 def stage_dirs(p: Plan) -> dict:
     return {
         "demo": p.demo.dir, "data": p.train_data.dir, "sample": p.sample.dir, "vstar": p.vstar.dir,
-        "train": p.train.dir, **{f"eval:{k[0]}:{k[1]}": s.dir for k, s in p.evals.items()},
+        **{f"train:{k}": t.dir for k, t in p.trains.items()}, **{f"eval:{k[0]}:{k[1]}": s.dir for k, s in p.evals.items()},
     }
 
 
@@ -45,13 +45,13 @@ def test_spelled_out_default_does_not_change_addresses(demo_config):
 
 def test_training_setting_moves_only_training_and_its_evaluation(demo_config):
     base = plan(demo_config)
-    assert changed(base, plan(demo_config, train__beta2=0.5)) == {"train", "eval:apo:demo_test"}
+    assert changed(base, plan(demo_config, train__beta2=0.5)) == {"train:apo", "eval:apo:demo_test"}
 
 
 def test_reference_sample_count_moves_sampling_and_downstream(demo_config):
     base = plan(demo_config)
     assert changed(base, plan(demo_config, sample__n=4)) == {
-        "sample", "vstar", "train", "eval:apo:demo_test"}
+        "sample", "vstar", "train:apo", "eval:apo:demo_test"}
 
 
 def test_experiment_name_and_runtime_knobs_are_not_part_of_any_address(demo_config):
@@ -74,5 +74,25 @@ def test_manifest_records_settings_and_inputs(demo_config):
 
 def test_hub_model_is_an_external_input(demo_config):
     p = plan(demo_config, model="Qwen/Qwen2.5-1.5B")
-    assert p.train.manifest()["inputs"]["model"] == "external:Qwen/Qwen2.5-1.5B"
+    assert p.trains["apo"].manifest()["inputs"]["model"] == "external:Qwen/Qwen2.5-1.5B"
     assert p.demo is not None  # the demo datasets still need the demo stage
+
+
+def test_methods_and_seeds_share_data_and_reference_samples(demo_config):
+    p = plan(demo_config, methods=["apo", "grpo", "rebel"], seeds=[0, 1])
+    assert sorted(p.trains) == ["apo-seed0", "apo-seed1", "grpo-seed0", "grpo-seed1", "rebel-seed0", "rebel-seed1"]
+    assert len({t.hash for t in p.trains.values()}) == 6
+    for label, t in p.trains.items():
+        assert t.inputs["prompts"] is p.train_data
+        # only A*-PO reads V* (and so the reference samples); the baselines do not
+        assert ("vstar" in t.inputs) == label.startswith("apo")
+        assert ("beta2" in t.settings) == label.startswith("apo")
+        assert ("grpo" in t.settings) == label.startswith("grpo")
+    assert len(p.evals) == 7  # reference + 6 trained models, one benchmark
+
+
+def test_adding_a_baseline_keeps_the_apo_addresses(demo_config):
+    base, more = plan(demo_config), plan(demo_config, methods=["apo", "grpo"])
+    assert more.trains["apo"].dir == base.trains["apo"].dir
+    # a GRPO setting does not move the A*-PO run
+    assert plan(demo_config, train__grpo={"group_size": 4}).trains["apo"].dir == base.trains["apo"].dir

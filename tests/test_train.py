@@ -121,3 +121,16 @@ def test_resumed_run_equals_uninterrupted_run(train_inputs, tmp_path, monkeypatc
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("method, extra", [("grpo", {"grpo": {"group_size": 4, "clip_eps": 0.2, "kl_coef": 0.01}}),
+                                           ("rebel", {"rebel": {"eta": 0.01}})])
+def test_baselines_train_without_vstar(method, extra, train_inputs, tmp_path):
+    model, prompts, _ = train_inputs
+    settings = {k: v for k, v in SETTINGS.items() if k != "beta2"}
+    res = T.train({**settings, **extra, "method": method, "steps": 2}, model, prompts, None, tmp_path / method, *RUNTIME)
+    h = res["history"]
+    n = T.samples_per_prompt({**settings, **extra, "method": method})
+    assert n == (4 if method == "grpo" else 2)
+    assert h["step"].tolist() == [1, 2] and h["loss"].notna().all()
+    assert (tmp_path / method / "model" / "config.json").exists()

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = stage("train", cmd_train, "A*-PO stage 2 training")
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True)
-    sp.add_argument("--vstar", required=True)
+    sp.add_argument("--vstar", help="V* table (A*-PO only)")
     sp = stage("evaluate", cmd_evaluate, "evaluate a model on a benchmark (avg@k)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True)

@@ -30,6 +30,7 @@ FORMAT_VERSION = {
     "eval": 1,
 }
 
+METHOD_BLOCKS = ("grpo", "rebel")  # train.<method> settings, read only by that method
 DEMO = "demo"  # the value of `model` / a dataset `path` that means "the embedded demo"
 HASH_LEN = 12
 
@@ -95,7 +96,8 @@ class Plan:
 
     Attributes name the stages by role: `demo` (or None), `model` (the reference model: the
     demo Stage or a hub id / path string), `train_data`, `benchmarks` (name -> Stage),
-    `sample`, `vstar`, `train`, and `evals`: (model label, benchmark name) -> Stage.
+    `sample`, `vstar`, `trains` (label -> Stage, one per method and seed), and `evals`:
+    (model label, benchmark name) -> Stage.
     """
 
     def __init__(self, config: dict, results: str = "results"):
@@ -125,16 +127,13 @@ class Plan:
             {"model": self.model, "prompts": self.train_data},
         )
         self.vstar = self._add("vstar", dict(config["vstar"]), {"samples": self.sample})
-        self.train = self._add(
-            "train",
-            {
-                **config["train"],
-                "backend": config["generation"]["backend"],
-                "grading_timeout_s": grading["timeout_s"],
-            },
-            {"model": self.model, "prompts": self.train_data, "vstar": self.vstar},
-        )
-        self.models = {"reference": self.model, config["train"]["method"]: self.train}
+        # One training run per (method, seed), labelled "apo" or "apo-seed1" when seeds vary.
+        self.trains: dict[str, Stage] = {}
+        for method in config["methods"]:
+            for seed in config["seeds"]:
+                label = method if len(config["seeds"]) == 1 else f"{method}-seed{seed}"
+                self.trains[label] = self._train(method, seed)
+        self.models = {"reference": self.model, **self.trains}
         self.evals: dict[tuple[str, str], Stage] = {}
         for label, model in self.models.items():
             for name, bench in self.benchmarks.items():
@@ -143,10 +142,29 @@ class Plan:
                     {
                         **config["evaluate"],
                         "backend": config["generation"]["backend"],
-                        "grading_timeout_s": grading["timeout_s"],
+                        "grading_timeout_s": config["grading"]["timeout_s"],
                     },
                     {"model": model, "prompts": bench},
                 )
+
+    def _train(self, method: str, seed: int) -> Stage:
+        """A training stage reads the shared train settings and its own method's block only;
+        A*-PO reads V* (and so the reference samples), the baselines do not."""
+        settings = {k: v for k, v in self.config["train"].items() if k not in METHOD_BLOCKS}
+        if method != "apo":
+            del settings["beta2"]
+        if method in METHOD_BLOCKS:
+            settings[method] = self.config["train"][method]
+        settings.update(
+            method=method,
+            seed=seed,
+            backend=self.config["generation"]["backend"],
+            grading_timeout_s=self.config["grading"]["timeout_s"],
+        )
+        inputs = {"model": self.model, "prompts": self.train_data}
+        if method == "apo":
+            inputs["vstar"] = self.vstar
+        return self._add("train", settings, inputs)
 
     def _add(self, kind: str, settings: dict, inputs: dict) -> Stage:
         stage = Stage(kind, settings, inputs, self.results)

@@ -27,12 +27,35 @@ from tqdm.auto import tqdm
 
 from apo.generation import SamplingSettings, make_generator
 from apo.io import atomic_path, read_json, write_json
-from apo.losses import apo_loss
+from apo.losses import apo_loss, group_advantages, grpo_loss, rebel_loss
 from apo.reward import Grader
 
 log = logging.getLogger(__name__)
 
-LOSSES = {"apo": apo_loss}
+
+
+# Each method: a loss over one micro-batch of responses (flattened prompt-major, so the
+# responses of one prompt are consecutive), and how many responses it samples per prompt.
+# The baselines do one optimizer step per batch, so pi_old = pi and the ratio to it is 1.
+def _apo(logp, ref_logp, mask, rewards, vstar, s):
+    return apo_loss(logp, ref_logp, mask, rewards, vstar, s["beta2"])
+
+
+def _grpo(logp, ref_logp, mask, rewards, vstar, s):
+    g = s["grpo"]
+    adv = group_advantages(rewards.view(-1, g["group_size"])).flatten()
+    return grpo_loss(logp, logp.detach(), ref_logp, mask, adv, g["clip_eps"], g["kl_coef"])
+
+
+def _rebel(logp, ref_logp, mask, rewards, vstar, s):
+    return rebel_loss(logp, logp.detach(), mask, rewards, s["rebel"]["eta"])
+
+
+LOSSES = {"apo": _apo, "grpo": _grpo, "rebel": _rebel}
+
+
+def samples_per_prompt(s: dict) -> int:
+    return {"apo": 1, "grpo": s.get("grpo", {}).get("group_size"), "rebel": 2}[s["method"]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -141,7 +164,7 @@ def train(
     settings: dict,
     model_path: str,
     prompts_path: str,
-    vstar_path: str,
+    vstar_path: str | None,
     out_dir: str | os.PathLike,
     generation: dict,
     grading: dict,
@@ -165,12 +188,15 @@ def train(
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     reference.requires_grad_(False).eval().to(accelerator.device)
 
-    prompts = pd.read_parquet(prompts_path)
-    vstar = pd.read_parquet(vstar_path)
-    data = prompts.merge(vstar[["id", "vstar"]], on="id", how="inner")
+    data = pd.read_parquet(prompts_path)
+    if vstar_path is not None:  # A*-PO trains on the prompts of the (filtered) V* table
+        vstar = pd.read_parquet(vstar_path)
+        data = data.merge(vstar[["id", "vstar"]], on="id", how="inner")
+    else:
+        data = data.assign(vstar=float("nan"))
     if len(data) < s["batch_size"]:
         raise ValueError(
-            f"{len(data)} training prompts have a V* entry, fewer than train.batch_size={s['batch_size']}"
+            f"{len(data)} training prompts (after V* filtering), fewer than train.batch_size={s['batch_size']}"
         )
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in data["prompt"]]
 
@@ -184,8 +210,9 @@ def train(
     generator = make_generator(
         s["backend"], accelerator.unwrap_model(policy), tokenizer, generation["batch_size"]
     )
+    n = samples_per_prompt(s)
     sampling = SamplingSettings(
-        n=1, temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=s["max_new_tokens"]
+        n=n, temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=s["max_new_tokens"]
     )
     loss_fn = LOSSES[s["method"]]
     monitor = CollapseMonitor(**s["collapse"])
@@ -206,17 +233,19 @@ def train(
             t0 = time.perf_counter()
             idx = batch_indices(step, s["batch_size"], len(data), s["seed"])
             batch = data.iloc[idx]
-            completions = [c[0] for c in generator.generate(list(batch["prompt"]), sampling, progress=False)]
+            # n responses per prompt, flattened prompt-major
+            completions = [c for cs in generator.generate(list(batch["prompt"]), sampling, progress=False) for c in cs]
             t_gen = time.perf_counter()
-            grades = grader.grade(list(batch["answer"]), [c.text for c in completions])
+            grades = grader.grade(list(batch["answer"].repeat(n)), [c.text for c in completions])
             rewards = torch.tensor(grades.rewards, device=accelerator.device)
-            vstars = torch.tensor(batch["vstar"].to_numpy(), dtype=torch.float32, device=accelerator.device)
+            vstars = torch.tensor(batch["vstar"].repeat(n).to_numpy(), dtype=torch.float32, device=accelerator.device)
             t_grade = time.perf_counter()
 
             losses, stats, kls, t_ref = [], [], [], 0.0
             for m in range(accum):
-                sl = slice(m * s["micro_batch_size"], (m + 1) * s["micro_batch_size"])
-                p_ids = [prompt_ids[i] for i in idx[sl]]
+                mb = s["micro_batch_size"]
+                sl = slice(m * mb * n, (m + 1) * mb * n)  # the responses of mb whole prompts
+                p_ids = [prompt_ids[i] for i in idx[m * mb : (m + 1) * mb] for _ in range(n)]
                 r_ids = [c.token_ids or [tokenizer.eos_token_id] for c in completions[sl]]
                 with accelerator.accumulate(policy):
                     logp, mask = token_logprobs(policy, p_ids, r_ids, tokenizer.pad_token_id)
@@ -224,7 +253,7 @@ def train(
                     with torch.no_grad():
                         ref_logp, _ = token_logprobs(reference, p_ids, r_ids, tokenizer.pad_token_id)
                     t_ref += time.perf_counter() - t_ref0
-                    loss, st = loss_fn(logp, ref_logp, mask, rewards[sl], vstars[sl], s["beta2"])
+                    loss, st = loss_fn(logp, ref_logp, mask, rewards[sl], vstars[sl], s)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
                             f"non-finite loss {loss.item()} at optimizer step {step + 1}; the last good checkpoint "
@@ -255,8 +284,8 @@ def train(
                 "vstar": float(vstars.mean()),
                 "grad_norm": float(grad_norm),
                 "lr": scheduler.get_last_lr()[0],
-                "residual_abs": sum(x["residual_abs"] for x in stats) / accum,
-                "tokens": sum(len(prompt_ids[i]) for i in idx) + sum(lengths),
+                **{k: sum(x[k] for x in stats) / accum for k in stats[0]},  # the loss's own stats
+                "tokens": n * sum(len(prompt_ids[i]) for i in idx) + sum(lengths),
                 "time_generate_s": t_gen - t0,
                 "time_grade_s": t_grade - t_gen,
                 "time_ref_logprobs_s": t_ref,

@@ -83,7 +83,9 @@ def report_spec():
                 {"model": label, "benchmark": bench, "dir": s.dir}
                 for (label, bench), s in PLAN.evals.items()
             ],
-            "trainings": [{"label": config["train"]["method"], "dir": PLAN.train.dir}],
+            "trainings": [
+                {"label": label, "dir": s.dir} for label, s in PLAN.trains.items()
+            ],
             "stages": {
                 name: s.dir
                 for name, s in [
@@ -92,7 +94,7 @@ def report_spec():
                     *[(f"data_{b}", s) for b, s in PLAN.benchmarks.items()],
                     ("sample", PLAN.sample),
                     ("vstar", PLAN.vstar),
-                    ("train", PLAN.train),
+                    *[(f"train_{label}", s) for label, s in PLAN.trains.items()],
                 ]
                 if s is not None
             },

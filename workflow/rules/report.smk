@@ -2,7 +2,7 @@ rule report:
     """Accuracy table (Markdown, CSV), training curves, links to the stages used."""
     input:
         scores=[f"{s.dir}/scores.json" for s in PLAN.evals.values()],
-        metrics=[f"{PLAN.train.dir}/metrics.parquet"],
+        metrics=[f"{s.dir}/metrics.parquet" for s in PLAN.trains.values()],
     output:
         md=report(
             f"{EXPERIMENT_DIR}/report.md",

@@ -1,5 +1,5 @@
 rule train:
-    """Stage 2: A*-PO on-policy training; reruns resume from the last checkpoint."""
+    """Stage 2: A*-PO (or a baseline) on-policy training; reruns resume from the last checkpoint."""
     input:
         model=upstream_model("train"),
         prompts=upstream("train", "prompts", "prompts.parquet"),
@@ -20,7 +20,8 @@ rule train:
         dir=stage_dir("train"),
         runtime=RUNTIME,
         model=upstream_model_path("train"),
+        vstar=lambda w, input: f"--vstar {input.vstar}" if input.vstar else "",
     shell:
         "apo train --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
-        "--vstar {input.vstar} 2>> {log}"
+        "{params.vstar} 2>> {log}"
