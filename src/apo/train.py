@@ -1,9 +1,10 @@
-"""Stage 2 of A*-PO: on-policy training with one generation per prompt.
+"""Stage 2 of A*-PO: on-policy training with one generation per prompt (and, on equal
+footing, the GRPO and REBEL baselines, which sample a group or a pair per prompt).
 
 The loop, per optimizer step:
   1. take the next `batch_size` prompts (a fixed permutation per epoch, so the position in
      the data is just the step number),
-  2. sample ONE response per prompt from the current policy and grade it,
+  2. sample ONE response per prompt (A*-PO) from the current policy and grade it,
   3. per micro-batch: sequence log-probs under the policy and the frozen reference, the
      A*-PO loss against r - V*, backward (gradients accumulate over micro-batches),
   4. clip, AdamW step, LR schedule, push the new weights to the generation engine,
@@ -14,7 +15,6 @@ The loop, per optimizer step:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -31,7 +31,6 @@ from apo.losses import apo_loss, group_advantages, grpo_loss, rebel_loss
 from apo.reward import Grader
 
 log = logging.getLogger(__name__)
-
 
 
 # Each method: a loss over one micro-batch of responses (flattened prompt-major, so the
@@ -55,7 +54,10 @@ LOSSES = {"apo": _apo, "grpo": _grpo, "rebel": _rebel}
 
 
 def samples_per_prompt(s: dict) -> int:
-    return {"apo": 1, "grpo": s.get("grpo", {}).get("group_size"), "rebel": 2}[s["method"]]
+    """A*-PO: one generation per prompt; GRPO: a group of G; REBEL: a pair."""
+    if s["method"] == "grpo":
+        return s["grpo"]["group_size"]
+    return {"apo": 1, "rebel": 2}[s["method"]]
 
 
 class NonFiniteLossError(RuntimeError):
