@@ -100,3 +100,27 @@ def report_spec():
             },
         }
     )
+
+
+def job_resources(section):
+    """resources: what one job asks the cluster for, from config `resources.<section>`.
+
+    `gpu` becomes sbatch --gpus under the Slurm profile; locally it is only a label."""
+    r = config["resources"][section]
+    return {k: r[k] for k in ("gpu", "mem_mb", "runtime", "cpus_per_task")}
+
+
+ACCELERATE_CONFIGS = Path(workflow.basedir) / "workflow" / "accelerate"
+
+
+def accelerate_args(wildcards, resources):
+    """params: `accelerate launch` options, one training process per GPU of the job."""
+    if resources.gpu <= 1:
+        # One process (one GPU, or CPU): nothing distributed to set up.
+        return "--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    mode = config["resources"]["train"]["distributed"]
+    # A port per Slurm job, so two training jobs on one node do not collide.
+    return (
+        f"--config_file {ACCELERATE_CONFIGS}/{mode}.yaml --num_processes {resources.gpu} "
+        "--main_process_port $((20000 + ${SLURM_JOB_ID:-$$} % 20000))"
+    )

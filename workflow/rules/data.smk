@@ -11,6 +11,8 @@ rule prepare_data:
         f"{RESULTS}/data/{{h}}/log/data.benchmark.tsv"
     conda:
         "../../envs/apo.yaml"
+    resources:
+        **job_resources("data"),
     params:
         manifest=manifest("data"),
         dir=stage_dir("data"),

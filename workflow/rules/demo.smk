@@ -11,6 +11,8 @@ rule demo_model:
     conda:
         "../../envs/apo.yaml"
     threads: 2
+    resources:
+        **job_resources("demo_model"),
     params:
         manifest=manifest("demo_model"),
         dir=stage_dir("demo_model"),

@@ -15,13 +15,16 @@ rule train:
     conda:
         "../../envs/apo.yaml"
     threads: 2
+    resources:
+        **job_resources("train"),
     params:
         manifest=manifest("train"),
         dir=stage_dir("train"),
         runtime=RUNTIME,
         model=upstream_model_path("train"),
         vstar=lambda w, input: f"--vstar {input.vstar}" if input.vstar else "",
+        launch=accelerate_args,
     shell:
-        "apo train --manifest {params.manifest:q} --stage-dir {params.dir} "
+        "accelerate launch {params.launch} --module apo.cli train --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
         "{params.vstar} 2>> {log}"

@@ -10,6 +10,8 @@ rule vstar:
         f"{RESULTS}/vstar/{{h}}/log/vstar.benchmark.tsv"
     conda:
         "../../envs/apo.yaml"
+    resources:
+        **job_resources("vstar"),
     params:
         manifest=manifest("vstar"),
         dir=stage_dir("vstar"),
