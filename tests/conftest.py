@@ -1,4 +1,5 @@
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,15 @@ def tiny_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     demo.build(TINY_DEMO, out, INSTRUCTION)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The smoke config run end to end once, locally; later tests read its results (the
+    Slurm test compares its own run with this one)."""
+    from test_pipeline import SMOKE, snakemake
+
+    workdir = tmp_path_factory.mktemp("smoke")
+    shutil.copytree(ROOT / "config", workdir / "config")
+    proc = snakemake(workdir, "--cores", "2", "--configfile", str(SMOKE))
+    return workdir, proc

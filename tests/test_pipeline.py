@@ -1,7 +1,6 @@
 """The Snakemake DAG: dry-run plans (what reruns when a setting changes) and the smoke run."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,15 +36,6 @@ def planned_jobs(workdir: Path, *args: str) -> dict:
         elif in_table and len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
             jobs[parts[0]] = int(parts[1])
     return jobs
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """The smoke config run end to end once; later tests read its results."""
-    workdir = tmp_path_factory.mktemp("smoke")
-    shutil.copytree(ROOT / "config", workdir / "config")
-    proc = snakemake(workdir, "--cores", "2", "--configfile", str(SMOKE))
-    return workdir, proc
 
 
 @pytest.mark.slow

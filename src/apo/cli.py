@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -125,6 +126,11 @@ def cmd_train(args):
 
     s = args.manifest["settings"]
     out = Path(args.stage_dir)
+    if int(os.environ.get("RANK", 0)) != 0:
+        # Under `accelerate launch` with several GPUs the other processes train their share of
+        # each batch; the main process alone tracks and writes the outputs.
+        train.train(s, args.model, args.prompts, args.vstar, out, args.runtime["generation"], args.runtime["grading"])
+        return
     with stage_job(args, run_id_file=str(out / "checkpoints" / "mlflow_run_id")) as tracker:
         result = train.train(
             s, args.model, args.prompts, args.vstar, out,

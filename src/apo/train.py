@@ -151,12 +151,23 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, ckpt_root: Path, step: int, state: dict, keep: int) -> None:
+    """Every process writes its part (its RNG state; its shards under ZeRO) into one hidden
+    directory, which the main process renames to `step-N` when all are done."""
     final = ckpt_root / f"step-{step:06d}"
-    with atomic_path(final, is_dir=True) as tmp:
-        accelerator.save_state(str(tmp))
+    tmp = ckpt_root / f".step-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         write_json(tmp / "trainer_state.json", state)
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -173,17 +184,33 @@ def train(
     tracker=None,
 ) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     s = settings
-    if s["batch_size"] % s["micro_batch_size"]:
-        raise ValueError("train.batch_size must be a multiple of train.micro_batch_size")
-    accum = s["batch_size"] // s["micro_batch_size"]
-    accelerator = Accelerator(gradient_accumulation_steps=accum)
-    set_seed(s["seed"])
+    # Data parallel (`accelerate launch --num_processes N`): each process samples and
+    # trains on its 1/N of every batch with its own generation engine on its own device.
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by the launcher (before any process group)
+    if s["batch_size"] % (s["micro_batch_size"] * world):
+        raise ValueError(
+            f"train.batch_size must be a multiple of train.micro_batch_size x {world} training processes"
+        )
+    accum = s["batch_size"] // (s["micro_batch_size"] * world)
+    # split_batches: `batch_size` is the global batch, so the LR schedule steps once per
+    # optimizer step, not once per process.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=accum, dataloader_config=DataLoaderConfiguration(split_batches=True)
+    )
+    if accelerator.distributed_type == DistributedType.FSDP and s["backend"] == "hf":
+        raise NotImplementedError(
+            "resources.train.distributed: fsdp shards the policy, and the hf generation engine samples "
+            "from the local module; use ddp or deepspeed (ZeRO-2 keeps full weights on every GPU)"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no dataloader to read it from
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = s["micro_batch_size"]
+    set_seed(s["seed"], device_specific=True)  # seed + process index: one process, as before
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -229,11 +256,13 @@ def train(
             monitor.update(h["reward"], h["response_length"])
         log.info("resumed from %s at step %d", resume_from, start)
 
-    bar = tqdm(range(start, s["steps"]), desc="train", initial=start, total=s["steps"], mininterval=2)
+    bar = tqdm(range(start, s["steps"]), desc="train", initial=start, total=s["steps"], mininterval=2,
+               disable=not accelerator.is_main_process)
     with Grader(grading["timeout_s"], grading["workers"]) as grader:
         for step in bar:
             t0 = time.perf_counter()
             idx = batch_indices(step, s["batch_size"], len(data), s["seed"])
+            idx = idx[accelerator.process_index :: world]  # this process's share
             batch = data.iloc[idx]
             # n responses per prompt, flattened prompt-major
             completions = [c for cs in generator.generate(list(batch["prompt"]), sampling, progress=False) for c in cs]
@@ -284,7 +313,7 @@ def train(
                 "response_length": sum(lengths) / len(lengths),
                 "truncated": sum(not c.finished for c in completions) / len(completions),
                 "vstar": float(vstars.mean()),
-                "grad_norm": float(grad_norm),
+                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),  # DeepSpeed: may be None
                 "lr": scheduler.get_last_lr()[0],
                 **{k: sum(x[k] for x in stats) / accum for k in stats[0]},  # the loss's own stats
                 "tokens": n * sum(len(prompt_ids[i]) for i in idx) + sum(lengths),
@@ -296,6 +325,13 @@ def train(
                 "time_step_s": t_end - t0,
                 "peak_memory_mb": peak_memory_mb(accelerator.device),
             }
+            if world > 1:  # the whole batch's means: every process has an equal share
+                keys = [k for k in row if k != "step"]
+                mean = accelerator.reduce(
+                    torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=accelerator.device), "mean"
+                )
+                row.update(zip(keys, mean.tolist()))
+                row["tokens"] = round(row["tokens"] * world)
             history.append(row)
             if tracker is not None:
                 tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step + 1)
@@ -315,9 +351,11 @@ def train(
                 save_checkpoint(accelerator, ckpt_root, step + 1, state, s["keep_checkpoints"])
 
     final = accelerator.unwrap_model(policy)
-    with atomic_path(out_dir / "model", is_dir=True) as tmp:
-        final.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_path(out_dir / "model", is_dir=True) as tmp:
+            final.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     metrics = pd.DataFrame(history)
     # one column order whether rows came from this process or from a checkpoint's JSON
     metrics = metrics[["step", *sorted(c for c in metrics.columns if c != "step")]]
