@@ -30,7 +30,7 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   # The packages' own init scripts would start daemons with /etc configs; keep them off.
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+  apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
 
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
