@@ -36,7 +36,7 @@ report: $(STAMP)
 # Re-pin envs/cpu.txt from the unpinned requirements (needs the network to PyPI).
 lock:
 	rm -rf /tmp/apo-lock && $(PYTHON) -m venv /tmp/apo-lock
-	/tmp/apo-lock/bin/pip install --quiet torch==2.13.0 -e .[test] snakefmt tabulate
+	/tmp/apo-lock/bin/pip install --quiet torch==2.13.0 -e .[test,slurm] snakefmt tabulate
 	( sed -n '1,3p' envs/cpu.txt; /tmp/apo-lock/bin/pip freeze | grep -vE '^(-e|apo)' ) > envs/cpu.txt.new
 	mv envs/cpu.txt.new envs/cpu.txt
 
