@@ -163,6 +163,12 @@ def cmd_report(args):
     tracker.finish()
 
 
+def cmd_bench_generation(args):
+    from apo import bench
+
+    bench.run(args.config, args.prompts, args.repeats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -202,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--runtime", type=_json, default={}, help="runtime knobs (JSON)")
     sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("bench-generation", help="tokens/s of the vllm and hf backends, side by side")
+    sp.add_argument("--config", default="config/config.yaml")
+    sp.add_argument("--prompts", type=int, default=256, help="how many training prompts")
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.set_defaults(fn=cmd_bench_generation)
     return p
 
 

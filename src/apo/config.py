@@ -9,6 +9,7 @@ its content address) are the same whether a default was spelled out or not.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import jsonschema
@@ -91,6 +92,17 @@ def _key(path) -> str:
     return "".join(parts) or "<top level>"
 
 
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` is vLLM wherever it is installed, transformers elsewhere."""
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return backend
+
+
 def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source: str = "config") -> dict:
     """A validated copy of `config` with defaults filled in; raises ConfigError naming the key."""
     schema = yaml.safe_load(Path(schema_path).read_text())
@@ -109,6 +121,8 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
                 lines.append(f"config key '{_key(e.absolute_path)}': {e.message}")
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines))
     _check_consistency(config, source)
+    # Stage addresses name the engine that actually samples, never "auto".
+    config["generation"]["backend"] = resolve_backend(config["generation"]["backend"])
     return config
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pandas as pd
-import torch
 
-from apo.generation import SamplingSettings, make_generator
+from apo.generation import SamplingSettings
 from apo.reward import Grader
-from apo.rollout import load_model, sample_and_grade
+from apo.rollout import open_generator, sample_and_grade
 
 
 def avg_at_k(samples: pd.DataFrame) -> float:
@@ -17,12 +16,12 @@ def avg_at_k(samples: pd.DataFrame) -> float:
 
 def run(settings: dict, model_path: str, prompts_path: str, generation: dict, grading: dict):
     prompts = pd.read_parquet(prompts_path)
-    torch.manual_seed(settings["seed"])
-    model, tokenizer = load_model(model_path)
-    generator = make_generator(settings["backend"], model, tokenizer, generation["batch_size"])
     sampling = SamplingSettings.from_config(settings, n=settings["k"])
+    generator = open_generator(
+        settings["backend"], model_path, generation, prompts, sampling.max_new_tokens, settings["seed"]
+    )
     with Grader(grading["timeout_s"], grading["workers"]) as grader:
-        samples = sample_and_grade(generator, grader, prompts, sampling)
+        samples = sample_and_grade(generator, grader, prompts, sampling, seed=settings["seed"])
     status = samples["status"].value_counts().to_dict()
     scores = {
         "accuracy": avg_at_k(samples),

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from apo.generation import SamplingSettings, make_generator
+from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path, read_json, write_json
 from apo.losses import apo_loss, group_advantages, grpo_loss, rebel_loss
 from apo.reward import Grader
@@ -209,8 +209,12 @@ def train(
         s["lr_schedule"], optimizer, num_warmup_steps=s["warmup_steps"], num_training_steps=s["steps"]
     )
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # Colocated engine: vLLM lives in this process and gets the new weights after every step.
     generator = make_generator(
-        s["backend"], accelerator.unwrap_model(policy), tokenizer, generation["batch_size"]
+        s["backend"], tokenizer, model=accelerator.unwrap_model(policy), model_path=model_path,
+        batch_size=generation["batch_size"], seed=s["seed"],
+        max_model_len=max(map(len, prompt_ids)) + s["max_new_tokens"],
+        vllm=VLLMSettings.from_runtime(generation),
     )
     n = samples_per_prompt(s)
     sampling = SamplingSettings(
@@ -227,6 +231,7 @@ def train(
         start, history = state["step"], state["history"]
         for h in history:
             monitor.update(h["reward"], h["response_length"])
+        generator.sync_weights(accelerator.unwrap_model(policy))  # the engine loaded step 0's
         log.info("resumed from %s at step %d", resume_from, start)
 
     bar = tqdm(range(start, s["steps"]), desc="train", initial=start, total=s["steps"], mininterval=2)
@@ -235,8 +240,11 @@ def train(
             t0 = time.perf_counter()
             idx = batch_indices(step, s["batch_size"], len(data), s["seed"])
             batch = data.iloc[idx]
-            # n responses per prompt, flattened prompt-major
-            completions = [c for cs in generator.generate(list(batch["prompt"]), sampling, progress=False) for c in cs]
+            # n responses per prompt, flattened prompt-major; the sampler is seeded per step so
+            # that a resumed run draws what the uninterrupted run drew
+            outs = generator.generate(list(batch["prompt"]), sampling, progress=False, seed=s["seed"] * 1_000_003 + step)
+            completions = [c for cs in outs for c in cs]
+            generator.sleep()  # GPU: hand the engine's memory to the update
             t_gen = time.perf_counter()
             grades = grader.grade(list(batch["answer"].repeat(n)), [c.text for c in completions])
             rewards = torch.tensor(grades.rewards, device=accelerator.device)

@@ -18,7 +18,10 @@ EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
 # Knobs that change how fast, not what: they are not part of any stage's address.
 RUNTIME = json.dumps(
     {
-        "generation": {"batch_size": config["generation"]["batch_size"]},
+        "generation": {
+            "batch_size": config["generation"]["batch_size"],
+            "vllm": config["generation"]["vllm"],
+        },
         "grading": config["grading"],
         "tracking_uri": config["tracking_uri"],
     }
