@@ -30,7 +30,7 @@ def demo_inputs(config_path: str) -> tuple[str, str, dict]:
     model, prompts = model_path(plan.model), f"{plan.train_data.dir}/prompts.parquet"
     if not Path(prompts).exists() or not Path(model).exists():
         targets = [prompts] + ([model] if plan.demo is not None else [])
-        subprocess.run(["snakemake", "--cores", "all", "--configfile", config_path, *targets], check=True)
+        subprocess.run(["snakemake", "--cores", "all", *targets, "--configfile", config_path], check=True)
     return model, prompts, config
 
 
