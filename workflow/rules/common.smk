@@ -21,6 +21,7 @@ RUNTIME = json.dumps(
         "generation": {"batch_size": config["generation"]["batch_size"]},
         "grading": config["grading"],
         "tracking_uri": config["tracking_uri"],
+        "train": {"gradient_checkpointing": config["train"]["gradient_checkpointing"]},
     }
 )
 
@@ -48,6 +49,18 @@ def model_input(model):
 
 def sample_shards(s):
     return [f"{s.dir}/shard-{i}.parquet" for i in range(s.settings["shards"])]
+
+
+def vstar_samples(vstar):
+    """The sample shards a V* stage reads; none when it reads a published table."""
+    samples = vstar.inputs.get("samples")
+    return sample_shards(samples) if samples is not None else []
+
+
+def rule_resources(rule):
+    """`resources:` of a rule's jobs from the config's resources.<rule> (gpu, mem_mb,
+    runtime in minutes, cpus_per_task); a cluster profile maps them to its scheduler."""
+    return config["resources"][rule]
 
 
 def upstream(kind, role, filename=None):
