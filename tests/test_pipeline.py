@@ -57,6 +57,10 @@ def test_smoke_config_runs_every_stage(smoke_run):
     assert summary["n"].tolist() == [24, 24] and summary["k"].tolist() == [2, 2]
     assert (results / "smoke" / "training_curves.png").stat().st_size > 1000
     assert "| model" in (results / "smoke" / "report.md").read_text()
+    paper = pd.read_csv(results / "smoke" / "paper_table.csv", index_col="method")
+    assert paper.index.tolist() == ["reference", "A*-PO"] and paper.loc["A*-PO", "time_ratio"] == 1.0
+    assert paper.loc["A*-PO", "train_hours"] > 0 and paper.loc["A*-PO", "peak_memory_gb"] > 0
+    assert "A*-PO" in (results / "smoke" / "paper_table.tex").read_text()
     for kind in ["demo_model", "data", "sample", "vstar", "train", "eval"]:
         dirs = list((results / kind).iterdir())
         assert dirs and all((d / "manifest.json").exists() for d in dirs), kind

@@ -97,7 +97,13 @@ def report_spec():
                 for (label, bench), s in PLAN.evals.items()
             ],
             "trainings": [
-                {"label": label, "dir": s.dir} for label, s in PLAN.trains.items()
+                {
+                    "label": label,
+                    "dir": s.dir,
+                    "method": s.settings["method"],
+                    "seed": s.settings["seed"],
+                }
+                for label, s in PLAN.trains.items()
             ],
             "stages": {
                 name: s.dir
