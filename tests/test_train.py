@@ -15,6 +15,7 @@ SETTINGS = {
     "micro_batch_size": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0,
     "checkpoint_every": 2, "keep_checkpoints": 2, "stop_on_collapse": False,
     "collapse": {"window": 20, "reward_ratio": 0.5, "length_ratio": 0.3}, "backend": "hf",
+    "dtype": "float32",
 }
 RUNTIME = ({"batch_size": 64}, {"timeout_s": 5, "workers": 1})
 
@@ -144,3 +145,14 @@ def test_baselines_train_without_vstar(method, extra, train_inputs, tmp_path):
     assert n == (4 if method == "grpo" else 2)
     assert h["step"].tolist() == [1, 2] and h["loss"].notna().all()
     assert (tmp_path / method / "model" / "config.json").exists()
+
+
+def test_bfloat16_with_gradient_checkpointing(train_inputs, tmp_path):
+    """train.dtype and train.gradient_checkpointing: the policy trains in bf16 with
+    recomputed activations, is generated from in eval mode, and is saved in bf16."""
+    res = T.train({**SETTINGS, "dtype": "bfloat16", "steps": 2}, *train_inputs, tmp_path / "bf16", *RUNTIME,
+                  gradient_checkpointing=True)
+    assert res["history"]["loss"].notna().all()
+    assert res["summary"]["dtype"] == "bfloat16" and res["summary"]["gradient_checkpointing"] is True
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "model", dtype="auto")
+    assert saved.dtype == torch.bfloat16

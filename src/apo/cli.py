@@ -104,9 +104,19 @@ def cmd_vstar(args):
     from apo import vstar
     from apo.io import write_parquet
 
+    from apo.io import write_json
+
     s = args.manifest["settings"]
     with stage_job(args) as tracker:
-        samples = pd.concat([pd.read_parquet(p) for p in args.samples], ignore_index=True)
+        if s.get("source") == "table":  # a published stage-1 table joined to the prompts
+            samples, counts = vstar.samples_from_table(s["table"], pd.read_parquet(args.prompts))
+            tracker.log_metrics(counts)
+            write_json(Path(args.stage_dir) / "counts.json", counts)
+            if counts["prompts_unmatched"]:
+                log.warning("%d of %d training prompts are not in the stage-1 table %s: no V*, not trained on",
+                            counts["prompts_unmatched"], counts["prompts"], s["table"]["path"])
+        else:
+            samples = pd.concat([pd.read_parquet(p) for p in args.samples], ignore_index=True)
         table = vstar.vstar_table(samples, s["beta1"])
         kept = vstar.filter_prompts(table, s["filter"])
         tracker.log_metrics(
@@ -129,8 +139,10 @@ def cmd_train(args):
         result = train.train(
             s, args.model, args.prompts, args.vstar, out,
             args.runtime["generation"], args.runtime["grading"], tracker,
+            gradient_checkpointing=args.runtime.get("train", {}).get("gradient_checkpointing", False),
         )
-        tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items() if k != "collapse"})
+        tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items()
+                             if isinstance(v, (int, float))})
         write_json(out / "summary.json", result["summary"])
         write_parquet(out / "metrics.parquet", result["history"])
 
@@ -158,7 +170,7 @@ def cmd_report(args):
     tracker = Tracker(uri, run_name=f"report-{spec['experiment']}", params={"stages": spec["stages"]},
                       tags={"stage": "report", "experiment": spec["experiment"]})
     tracker.log_metrics({f"accuracy.{r.model}.{r.benchmark}": r.accuracy for r in table.itertuples()})
-    for name in ("report.md", "summary.csv", "training_curves.png"):
+    for name in ("report.md", "summary.csv", "paper_table.csv", "paper_table.tex", "training_curves.png"):
         tracker.log_artifact(out / name)
     tracker.finish()
 
@@ -193,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard", type=int, required=True)
     sp.add_argument("--out", required=True)
     sp = stage("vstar", cmd_vstar, "V* table from graded reference samples")
-    sp.add_argument("--samples", nargs="+", required=True)
+    sp.add_argument("--samples", nargs="+", help="graded reference samples (vstar.source: sample)")
+    sp.add_argument("--prompts", help="training prompts to join the table to (vstar.source: table)")
     sp.add_argument("--out", required=True)
     sp = stage("train", cmd_train, "A*-PO stage 2 training")
     sp.add_argument("--model", required=True)

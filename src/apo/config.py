@@ -134,6 +134,7 @@ def _check_consistency(config: dict, source: str) -> None:
             f"invalid {source}: config key 'train.batch_size' ({t['batch_size']}) must be a "
             f"multiple of 'train.micro_batch_size' ({t['micro_batch_size']})"
         )
+    _check_vstar_table(config["vstar"], source)
     names = [b["name"] for b in config["data"]["benchmarks"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -143,3 +144,17 @@ def _check_consistency(config: dict, source: str) -> None:
 def load_config(path: str | Path) -> dict:
     with open(path) as fh:
         return validate_config(yaml.safe_load(fh) or {}, source=str(path))
+
+
+def _check_vstar_table(v: dict, source: str) -> None:
+    """vstar.source: table needs a table with one join key and one way to read rewards."""
+    if v["source"] != "table":
+        return
+    t = v.get("table")
+    if t is None:
+        raise ConfigError(f"invalid {source}: config key 'vstar.table' is required when vstar.source is 'table'")
+    for a, b in [("id_field", "prompt_field"), ("reward_fields", "reward_list_field")]:
+        if (t[a] is None) == (t[b] is None):
+            raise ConfigError(
+                f"invalid {source}: config key 'vstar.table': give exactly one of '{a}' and '{b}'"
+            )

@@ -171,6 +171,7 @@ def train(
     generation: dict,
     grading: dict,
     tracker=None,
+    gradient_checkpointing: bool = False,
 ) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -186,9 +187,16 @@ def train(
     set_seed(s["seed"])
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    # train.dtype: bfloat16 halves weights, gradients and optimizer state (the paper trains
+    # in bf16); the reference is scored in the same dtype so the log-ratio starts at zero.
+    dtype = getattr(torch, s["dtype"])
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     reference.requires_grad_(False).eval().to(accelerator.device)
+    if gradient_checkpointing:
+        # Takes effect in train mode only; the loop switches to train mode around the
+        # update and back to eval mode for generation (which needs the KV cache).
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     data = pd.read_parquet(prompts_path)
     if vstar_path is not None:  # A*-PO trains on the prompts of the (filtered) V* table
@@ -252,6 +260,7 @@ def train(
             t_grade = time.perf_counter()
 
             losses, stats, kls, t_ref = [], [], [], 0.0
+            policy.train(gradient_checkpointing)  # unchanged (eval) without checkpointing
             for m in range(accum):
                 mb = s["micro_batch_size"]
                 sl = slice(m * mb * n, (m + 1) * mb * n)  # the responses of mb whole prompts
@@ -279,6 +288,7 @@ def train(
                 stats.append(st)
                 # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
                 kls.append(((logp.detach() - ref_logp) * mask).sum(-1).mean().item())
+            policy.eval()
             t_sync = time.perf_counter()
             generator.sync_weights(accelerator.unwrap_model(policy))
             t_end = time.perf_counter()
@@ -343,5 +353,7 @@ def train(
             "train_time_s": float(metrics["time_step_s"].sum()),
             "tokens": int(metrics["tokens"].sum()),
             "peak_memory_mb": float(metrics["peak_memory_mb"].max()),
+            "dtype": s["dtype"],
+            "gradient_checkpointing": bool(gradient_checkpointing),
         },
     }

@@ -24,6 +24,7 @@ RUNTIME = json.dumps(
         },
         "grading": config["grading"],
         "tracking_uri": config["tracking_uri"],
+        "train": {"gradient_checkpointing": config["train"]["gradient_checkpointing"]},
     }
 )
 
@@ -51,6 +52,18 @@ def model_input(model):
 
 def sample_shards(s):
     return [f"{s.dir}/shard-{i}.parquet" for i in range(s.settings["shards"])]
+
+
+def vstar_samples(vstar):
+    """The sample shards a V* stage reads; none when it reads a published table."""
+    samples = vstar.inputs.get("samples")
+    return sample_shards(samples) if samples is not None else []
+
+
+def rule_resources(rule):
+    """`resources:` of a rule's jobs from the config's resources.<rule> (gpu, mem_mb,
+    runtime in minutes, cpus_per_task); a cluster profile maps them to its scheduler."""
+    return config["resources"][rule]
 
 
 def upstream(kind, role, filename=None):
@@ -87,7 +100,13 @@ def report_spec():
                 for (label, bench), s in PLAN.evals.items()
             ],
             "trainings": [
-                {"label": label, "dir": s.dir} for label, s in PLAN.trains.items()
+                {
+                    "label": label,
+                    "dir": s.dir,
+                    "method": s.settings["method"],
+                    "seed": s.settings["seed"],
+                }
+                for label, s in PLAN.trains.items()
             ],
             "stages": {
                 name: s.dir

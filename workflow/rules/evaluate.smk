@@ -13,6 +13,8 @@ rule evaluate:
     conda:
         "../../envs/apo.yaml"
     threads: 1
+    resources:
+        **rule_resources("evaluate"),
     params:
         manifest=manifest("eval"),
         dir=stage_dir("eval"),

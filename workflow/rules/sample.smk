@@ -12,6 +12,8 @@ rule sample_reference:
     conda:
         "../../envs/apo.yaml"
     threads: 1
+    resources:
+        **rule_resources("sample"),
     params:
         manifest=manifest("sample"),
         dir=stage_dir("sample"),

@@ -15,6 +15,8 @@ rule train:
     conda:
         "../../envs/apo.yaml"
     threads: 2
+    resources:
+        **rule_resources("train"),
     params:
         manifest=manifest("train"),
         dir=stage_dir("train"),
