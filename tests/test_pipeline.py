@@ -88,7 +88,37 @@ def test_changing_beta2_plans_no_sampling(smoke_run):
     workdir, _ = smoke_run
     jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "train={'beta2': 0.3}")
     assert "sample_reference" not in jobs and "vstar" not in jobs and "demo_model" not in jobs
-    assert jobs.get("train") == 1 and jobs.get("evaluate") == 1 and jobs.get("report") == 1
+    assert jobs.get("train") == 1 and jobs.get("evaluate") == 2 and jobs.get("scores") == 1
+    assert jobs.get("report") == 1
+
+
+@pytest.mark.slow
+def test_changing_a_runtime_knob_plans_nothing(smoke_run):
+    """Batch size, grader workers, vLLM memory: speed knobs, not in any address, never redo work."""
+    workdir, _ = smoke_run
+    out = snakemake(workdir, "-n", "--cores", "2", "--configfile", str(SMOKE), "--config",
+                    "generation={'batch_size': 7, 'vllm': {'cpu_kvcache_gib': 2}}",
+                    "grading={'workers': 2}").stdout
+    assert "Nothing to be done" in out
+
+
+@pytest.mark.slow
+def test_an_unfinished_evaluation_shard_is_the_only_evaluation_redone(smoke_run):
+    """As after a killed evaluation: one shard, that benchmark's scores and the report not
+    written yet (Snakemake does not regenerate a missing intermediate under a finished report)."""
+    workdir, _ = smoke_run
+    shards = sorted((workdir / "results" / "eval").glob("*/shard-*.parquet"))
+    assert len(shards) == 2 * 2  # reference and apo, 2 shards each
+    lost = [shards[0], shards[0].parent / "scores.json", shards[0].parent / "samples.parquet",
+            workdir / "results" / "smoke"]
+    for f in lost:
+        f.rename(f.with_name(f.name + ".kept"))
+    try:
+        jobs = planned_jobs(workdir, "--configfile", str(SMOKE))
+    finally:
+        for f in lost:
+            f.with_name(f.name + ".kept").rename(f)
+    assert jobs == {"evaluate": 1, "scores": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -96,7 +126,7 @@ def test_changing_sample_count_replans_sampling_and_downstream(smoke_run):
     workdir, _ = smoke_run
     jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "sample={'n': 3}")
     assert jobs.get("sample_reference") == 2 and jobs.get("vstar") == 1
-    assert jobs.get("train") == 1 and jobs.get("evaluate") == 1 and jobs.get("report") == 1
+    assert jobs.get("train") == 1 and jobs.get("evaluate") == 2 and jobs.get("report") == 1
     assert "demo_model" not in jobs and "prepare_data" not in jobs
 
 
@@ -118,7 +148,8 @@ def test_paper_and_compare_configs_plan_the_full_dag(tmp_path, config_file):
         "sample_reference": cfg["sample"]["shards"],
         "vstar": 1,
         "train": 3,
-        "evaluate": models * benches,
+        "evaluate": models * benches * cfg["evaluate"].get("shards", 1),
+        "scores": models * benches,
         "report": 1,
         "all": 1,
     }

@@ -149,12 +149,25 @@ def cmd_train(args):
 
 def cmd_evaluate(args):
     from apo import evaluate
+    from apo.io import write_parquet
+
+    s = args.manifest["settings"]
+    with stage_job(args, run_suffix=f"-shard{args.shard}"):
+        df = evaluate.run_shard(s, args.model, args.prompts, args.shard, args.runtime["generation"], args.runtime["grading"])
+        write_parquet(args.out, df)
+
+
+def cmd_scores(args):
+    import pandas as pd
+
+    from apo import evaluate
     from apo.io import write_json, write_parquet
 
     s = args.manifest["settings"]
     out = Path(args.stage_dir)
     with stage_job(args) as tracker:
-        samples, scores = evaluate.run(s, args.model, args.prompts, args.runtime["generation"], args.runtime["grading"])
+        samples = pd.concat([pd.read_parquet(f) for f in args.shards], ignore_index=True)
+        scores = evaluate.scores(s, pd.read_parquet(args.prompts), samples)
         tracker.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
         write_parquet(out / "samples.parquet", samples)
         write_json(out / "scores.json", scores)
@@ -212,9 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--vstar", help="V* table (A*-PO only)")
-    sp = stage("evaluate", cmd_evaluate, "evaluate a model on a benchmark (avg@k)")
+    sp = stage("evaluate", cmd_evaluate, "sample and grade k responses per problem (one shard of a benchmark)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True)
+    sp.add_argument("--shard", type=int, required=True)
+    sp.add_argument("--out", required=True)
+    sp = stage("scores", cmd_scores, "a benchmark's avg@k from its evaluation shards")
+    sp.add_argument("--prompts", required=True)
+    sp.add_argument("--shards", nargs="+", required=True)
 
     sp = sub.add_parser("report", help="tables and plots of one experiment")
     sp.add_argument("--spec", type=_json, required=True)

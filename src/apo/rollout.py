@@ -3,11 +3,19 @@ reference sampling (stage 1) and evaluation."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from apo.config import resolve_backend
 from apo.generation import Generator, SamplingSettings, VLLMSettings, make_generator
 from apo.reward import Grader
+
+
+def shard_rows(prompts: pd.DataFrame, shard: int, shards: int) -> pd.DataFrame:
+    """Contiguous blocks, so every prompt lands in exactly one shard."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} outside 0..{shards - 1}")
+    return prompts.iloc[np.array_split(np.arange(len(prompts)), shards)[shard]]
 
 
 def load_model(model_path: str, device: str | None = None):

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from apo.generation import SamplingSettings
 from apo.reward import Grader
-from apo.rollout import open_generator, sample_and_grade
-
-
-def shard_rows(prompts: pd.DataFrame, shard: int, shards: int) -> pd.DataFrame:
-    """Contiguous blocks, so every prompt lands in exactly one shard."""
-    if not 0 <= shard < shards:
-        raise ValueError(f"shard {shard} outside 0..{shards - 1}")
-    return prompts.iloc[np.array_split(np.arange(len(prompts)), shards)[shard]]
+from apo.rollout import open_generator, sample_and_grade, shard_rows
 
 
 def run(settings: dict, model_path: str, prompts_path: str, shard: int, generation: dict, grading: dict) -> pd.DataFrame:

@@ -50,14 +50,15 @@ def model_input(model):
     return [model_path(model)] if isinstance(model, Stage) else []
 
 
-def sample_shards(s):
+def shard_files(s):
+    """A sharded stage's (sampling, evaluation) per-job outputs."""
     return [f"{s.dir}/shard-{i}.parquet" for i in range(s.settings["shards"])]
 
 
 def vstar_samples(vstar):
     """The sample shards a V* stage reads; none when it reads a published table."""
     samples = vstar.inputs.get("samples")
-    return sample_shards(samples) if samples is not None else []
+    return shard_files(samples) if samples is not None else []
 
 
 def rule_resources(rule):
