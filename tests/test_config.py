@@ -28,6 +28,8 @@ def test_shipped_configs_are_valid(config_file):
         (("sample", "n"), 0, "config key 'sample.n'"),
         (("vstar", "beta1"), -0.5, "config key 'vstar.beta1'"),
         (("generation", "backend"), "tgi", "config key 'generation.backend'"),
+        (("generation", "vllm"), {"gpu_memory_utilization": 1.5}, "config key 'generation.vllm.gpu_memory_utilization'"),
+        (("evaluate", "shards"), 0, "config key 'evaluate.shards'"),
         (("train", "lernrate"), 1.0, "unknown config key 'train.lernrate'"),
         (("data", "benchmarks"), [], "config key 'data.benchmarks'"),
         (("experiment",), "train", "config key 'experiment'"),
@@ -108,3 +110,13 @@ def test_configs_do_not_inherit_demo_settings(config_file):
     if own["model"] != "demo":
         a.pop("demo"), b.pop("demo")  # unused without the demo model
     assert a == b
+
+
+def test_backend_auto_resolves_to_the_installed_engine(demo_config):
+    """Stage addresses must name the engine that samples, never 'auto'."""
+    from apo.config import vllm_available
+
+    demo_config["generation"]["backend"] = "auto"
+    assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == ("vllm" if vllm_available() else "hf")
+    demo_config["generation"]["backend"] = "hf"
+    assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == "hf"
