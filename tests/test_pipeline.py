@@ -47,6 +47,10 @@ def test_smoke_config_runs_every_stage(smoke_run):
     assert summary["n"].tolist() == [24, 24] and summary["k"].tolist() == [2, 2]
     assert (results / "smoke" / "training_curves.png").stat().st_size > 1000
     assert "| model" in (results / "smoke" / "report.md").read_text()
+    paper = pd.read_csv(results / "smoke" / "paper_table.csv", index_col="method")
+    assert paper.index.tolist() == ["reference", "A*-PO"] and paper.loc["A*-PO", "time_ratio"] == 1.0
+    assert paper.loc["A*-PO", "train_hours"] > 0 and paper.loc["A*-PO", "peak_memory_gb"] > 0
+    assert "A*-PO" in (results / "smoke" / "paper_table.tex").read_text()
     for kind in ["demo_model", "data", "sample", "vstar", "train", "eval"]:
         dirs = list((results / kind).iterdir())
         assert dirs and all((d / "manifest.json").exists() for d in dirs), kind
@@ -74,7 +78,37 @@ def test_changing_beta2_plans_no_sampling(smoke_run):
     workdir, _ = smoke_run
     jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "train={'beta2': 0.3}")
     assert "sample_reference" not in jobs and "vstar" not in jobs and "demo_model" not in jobs
-    assert jobs.get("train") == 1 and jobs.get("evaluate") == 1 and jobs.get("report") == 1
+    assert jobs.get("train") == 1 and jobs.get("evaluate") == 2 and jobs.get("scores") == 1
+    assert jobs.get("report") == 1
+
+
+@pytest.mark.slow
+def test_changing_a_runtime_knob_plans_nothing(smoke_run):
+    """Batch size, grader workers, vLLM memory: speed knobs, not in any address, never redo work."""
+    workdir, _ = smoke_run
+    out = snakemake(workdir, "-n", "--cores", "2", "--configfile", str(SMOKE), "--config",
+                    "generation={'batch_size': 7, 'vllm': {'cpu_kvcache_gib': 2}}",
+                    "grading={'workers': 2}").stdout
+    assert "Nothing to be done" in out
+
+
+@pytest.mark.slow
+def test_an_unfinished_evaluation_shard_is_the_only_evaluation_redone(smoke_run):
+    """As after a killed evaluation: one shard, that benchmark's scores and the report not
+    written yet (Snakemake does not regenerate a missing intermediate under a finished report)."""
+    workdir, _ = smoke_run
+    shards = sorted((workdir / "results" / "eval").glob("*/shard-*.parquet"))
+    assert len(shards) == 2 * 2  # reference and apo, 2 shards each
+    lost = [shards[0], shards[0].parent / "scores.json", shards[0].parent / "samples.parquet",
+            workdir / "results" / "smoke"]
+    for f in lost:
+        f.rename(f.with_name(f.name + ".kept"))
+    try:
+        jobs = planned_jobs(workdir, "--configfile", str(SMOKE))
+    finally:
+        for f in lost:
+            f.with_name(f.name + ".kept").rename(f)
+    assert jobs == {"evaluate": 1, "scores": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -82,8 +116,43 @@ def test_changing_sample_count_replans_sampling_and_downstream(smoke_run):
     workdir, _ = smoke_run
     jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "sample={'n': 3}")
     assert jobs.get("sample_reference") == 2 and jobs.get("vstar") == 1
-    assert jobs.get("train") == 1 and jobs.get("evaluate") == 1 and jobs.get("report") == 1
+    assert jobs.get("train") == 1 and jobs.get("evaluate") == 2 and jobs.get("report") == 1
     assert "demo_model" not in jobs and "prepare_data" not in jobs
+
+
+PAPER = sorted((ROOT / "config" / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config_file", [*PAPER, ROOT / "config" / "compare.yaml"], ids=lambda p: p.name)
+def test_paper_and_compare_configs_plan_the_full_dag(tmp_path, config_file):
+    """A dry run plans every stage for every method; hub ids are only strings, nothing is
+    downloaded (no demo model is planned for a hub model and hub datasets)."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    cfg = yaml.safe_load(config_file.read_text())
+    jobs = planned_jobs(tmp_path, "--configfile", str(config_file))
+    benches, models = len(cfg["data"]["benchmarks"]), 1 + len(cfg["methods"]) * len(cfg.get("seeds", [0]))
+    assert cfg["methods"] == ["apo", "grpo", "rebel"]
+    assert jobs == {
+        **({"demo_model": 1} if cfg["model"] == "demo" else {}),
+        "prepare_data": 1 + benches,
+        "sample_reference": cfg["sample"]["shards"],
+        "vstar": 1,
+        "train": 3,
+        "evaluate": models * benches * cfg["evaluate"].get("shards", 1),
+        "scores": models * benches,
+        "report": 1,
+        "all": 1,
+    }
+    assert not (tmp_path / "results").exists()
+
+
+def test_published_stage1_table_plans_no_sampling(tmp_path):
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    table = ("{source: table, table: {path: Cornell-AGI/math_size_qwen2.5_1.5b_eval, "
+             "prompt_field: extra_info.question, reward_fields: [eval_0, eval_1]}}")
+    jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config/paper/qwen2.5-1.5b.yaml"),
+                        "--config", f"vstar={table}")
+    assert "sample_reference" not in jobs and jobs["vstar"] == 1 and jobs["train"] == 3
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

@@ -96,3 +96,36 @@ def test_adding_a_baseline_keeps_the_apo_addresses(demo_config):
     assert more.trains["apo"].dir == base.trains["apo"].dir
     # a GRPO setting does not move the A*-PO run
     assert plan(demo_config, train__grpo={"group_size": 4}).trains["apo"].dir == base.trains["apo"].dir
+
+
+TABLE = {"path": "Cornell-AGI/math_size_qwen2.5_1.5b_eval", "prompt_field": "extra_info.question",
+         "reward_fields": [f"eval_{i}" for i in range(8)]}
+
+
+def test_published_table_replaces_sampling(demo_config):
+    p = plan(demo_config, vstar__source="table", vstar__table=TABLE)
+    assert p.sample is None and p.hashes("sample") == []
+    m = p.vstar.manifest()
+    assert m["inputs"] == {"table": f"external:{TABLE['path']}", "prompts": f"data/{p.train_data.hash}"}
+    assert m["settings"]["table"]["prompt_field"] == "extra_info.question"
+    assert p.trains["apo"].inputs["vstar"] is p.vstar
+
+
+def test_table_settings_are_part_of_the_vstar_address(demo_config):
+    base = plan(demo_config, vstar__source="table", vstar__table=TABLE)
+    other = plan(demo_config, vstar__source="table", vstar__table={**TABLE, "split": "test"})
+    assert base.vstar.hash != other.vstar.hash
+    assert base.trains["apo"].hash != other.trains["apo"].hash
+
+
+def test_sampling_vstar_address_ignores_an_unused_table(demo_config):
+    assert plan(demo_config).vstar.hash == plan(demo_config, vstar__table=TABLE).vstar.hash
+
+
+def test_resources_and_gradient_checkpointing_are_not_part_of_any_address(demo_config):
+    other = plan(demo_config, resources={"train": {"gpu": 4, "mem_mb": 64000}}, train__gradient_checkpointing=True)
+    assert changed(plan(demo_config), other) == set()
+
+
+def test_training_dtype_moves_only_training_and_its_evaluation(demo_config):
+    assert changed(plan(demo_config), plan(demo_config, train__dtype="bfloat16")) == {"train:apo", "eval:apo:demo_test"}

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apo import train as T
+from apo.config import vllm_available
 from apo.data import prepare
 
 SETTINGS = {
@@ -14,6 +15,7 @@ SETTINGS = {
     "micro_batch_size": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0,
     "checkpoint_every": 2, "keep_checkpoints": 2, "stop_on_collapse": False,
     "collapse": {"window": 20, "reward_ratio": 0.5, "length_ratio": 0.3}, "backend": "hf",
+    "dtype": "float32",
 }
 RUNTIME = ({"batch_size": 64}, {"timeout_s": 5, "workers": 1})
 
@@ -95,11 +97,18 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     assert not (tmp_path / "run" / "model").exists()
 
 
-def test_resumed_run_equals_uninterrupted_run(train_inputs, tmp_path, monkeypatch):
+BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not vllm_available(), reason="vLLM not installed"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resumed_run_equals_uninterrupted_run(backend, train_inputs, tmp_path, monkeypatch):
     """Crash after the step-2 checkpoint, rerun: the final weights are bit-identical to a run
-    that was never interrupted (CPU, same thread count: every op here is deterministic)."""
-    settings = {**SETTINGS, "steps": 4, "checkpoint_every": 2, "lr_schedule": "cosine", "warmup_steps": 1}
-    T.train(settings, *train_inputs, tmp_path / "straight", *RUNTIME)
+    that was never interrupted (CPU, same thread count: every op here is deterministic). With
+    vLLM this also checks that the resumed engine gets the checkpoint's weights and that the
+    per-step sampler seed reproduces the draws."""
+    settings = {**SETTINGS, "steps": 4, "checkpoint_every": 2, "lr_schedule": "cosine", "warmup_steps": 1,
+                "backend": backend}
+    straight = T.train(settings, *train_inputs, tmp_path / "straight", *RUNTIME)["history"]
 
     real = T.batch_indices
 
@@ -115,6 +124,8 @@ def test_resumed_run_equals_uninterrupted_run(train_inputs, tmp_path, monkeypatc
     monkeypatch.setattr(T, "batch_indices", real)
     res = T.train(settings, *train_inputs, tmp_path / "resumed", *RUNTIME)
     assert res["history"]["step"].tolist() == [1, 2, 3, 4]
+    same = ["reward", "response_length", "loss", "tokens"]  # the same draws, the same updates
+    pd.testing.assert_frame_equal(res["history"][same], straight[same])
 
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model").state_dict()
@@ -134,3 +145,14 @@ def test_baselines_train_without_vstar(method, extra, train_inputs, tmp_path):
     assert n == (4 if method == "grpo" else 2)
     assert h["step"].tolist() == [1, 2] and h["loss"].notna().all()
     assert (tmp_path / method / "model" / "config.json").exists()
+
+
+def test_bfloat16_with_gradient_checkpointing(train_inputs, tmp_path):
+    """train.dtype and train.gradient_checkpointing: the policy trains in bf16 with
+    recomputed activations, is generated from in eval mode, and is saved in bf16."""
+    res = T.train({**SETTINGS, "dtype": "bfloat16", "steps": 2}, *train_inputs, tmp_path / "bf16", *RUNTIME,
+                  gradient_checkpointing=True)
+    assert res["history"]["loss"].notna().all()
+    assert res["summary"]["dtype"] == "bfloat16" and res["summary"]["gradient_checkpointing"] is True
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "model", dtype="auto")
+    assert saved.dtype == torch.bfloat16

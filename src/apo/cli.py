@@ -105,9 +105,19 @@ def cmd_vstar(args):
     from apo import vstar
     from apo.io import write_parquet
 
+    from apo.io import write_json
+
     s = args.manifest["settings"]
     with stage_job(args) as tracker:
-        samples = pd.concat([pd.read_parquet(p) for p in args.samples], ignore_index=True)
+        if s.get("source") == "table":  # a published stage-1 table joined to the prompts
+            samples, counts = vstar.samples_from_table(s["table"], pd.read_parquet(args.prompts))
+            tracker.log_metrics(counts)
+            write_json(Path(args.stage_dir) / "counts.json", counts)
+            if counts["prompts_unmatched"]:
+                log.warning("%d of %d training prompts are not in the stage-1 table %s: no V*, not trained on",
+                            counts["prompts_unmatched"], counts["prompts"], s["table"]["path"])
+        else:
+            samples = pd.concat([pd.read_parquet(p) for p in args.samples], ignore_index=True)
         table = vstar.vstar_table(samples, s["beta1"])
         kept = vstar.filter_prompts(table, s["filter"])
         tracker.log_metrics(
@@ -135,20 +145,35 @@ def cmd_train(args):
         result = train.train(
             s, args.model, args.prompts, args.vstar, out,
             args.runtime["generation"], args.runtime["grading"], tracker,
+            gradient_checkpointing=args.runtime.get("train", {}).get("gradient_checkpointing", False),
         )
-        tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items() if k != "collapse"})
+        tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items()
+                             if isinstance(v, (int, float))})
         write_json(out / "summary.json", result["summary"])
         write_parquet(out / "metrics.parquet", result["history"])
 
 
 def cmd_evaluate(args):
     from apo import evaluate
+    from apo.io import write_parquet
+
+    s = args.manifest["settings"]
+    with stage_job(args, run_suffix=f"-shard{args.shard}"):
+        df = evaluate.run_shard(s, args.model, args.prompts, args.shard, args.runtime["generation"], args.runtime["grading"])
+        write_parquet(args.out, df)
+
+
+def cmd_scores(args):
+    import pandas as pd
+
+    from apo import evaluate
     from apo.io import write_json, write_parquet
 
     s = args.manifest["settings"]
     out = Path(args.stage_dir)
     with stage_job(args) as tracker:
-        samples, scores = evaluate.run(s, args.model, args.prompts, args.runtime["generation"], args.runtime["grading"])
+        samples = pd.concat([pd.read_parquet(f) for f in args.shards], ignore_index=True)
+        scores = evaluate.scores(s, pd.read_parquet(args.prompts), samples)
         tracker.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
         write_parquet(out / "samples.parquet", samples)
         write_json(out / "scores.json", scores)
@@ -164,9 +189,15 @@ def cmd_report(args):
     tracker = Tracker(uri, run_name=f"report-{spec['experiment']}", params={"stages": spec["stages"]},
                       tags={"stage": "report", "experiment": spec["experiment"]})
     tracker.log_metrics({f"accuracy.{r.model}.{r.benchmark}": r.accuracy for r in table.itertuples()})
-    for name in ("report.md", "summary.csv", "training_curves.png"):
+    for name in ("report.md", "summary.csv", "paper_table.csv", "paper_table.tex", "training_curves.png"):
         tracker.log_artifact(out / name)
     tracker.finish()
+
+
+def cmd_bench_generation(args):
+    from apo import bench
+
+    bench.run(args.config, args.prompts, args.repeats)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,21 +224,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shard", type=int, required=True)
     sp.add_argument("--out", required=True)
     sp = stage("vstar", cmd_vstar, "V* table from graded reference samples")
-    sp.add_argument("--samples", nargs="+", required=True)
+    sp.add_argument("--samples", nargs="+", help="graded reference samples (vstar.source: sample)")
+    sp.add_argument("--prompts", help="training prompts to join the table to (vstar.source: table)")
     sp.add_argument("--out", required=True)
     sp = stage("train", cmd_train, "A*-PO stage 2 training")
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--vstar", help="V* table (A*-PO only)")
-    sp = stage("evaluate", cmd_evaluate, "evaluate a model on a benchmark (avg@k)")
+    sp = stage("evaluate", cmd_evaluate, "sample and grade k responses per problem (one shard of a benchmark)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True)
+    sp.add_argument("--shard", type=int, required=True)
+    sp.add_argument("--out", required=True)
+    sp = stage("scores", cmd_scores, "a benchmark's avg@k from its evaluation shards")
+    sp.add_argument("--prompts", required=True)
+    sp.add_argument("--shards", nargs="+", required=True)
 
     sp = sub.add_parser("report", help="tables and plots of one experiment")
     sp.add_argument("--spec", type=_json, required=True)
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--runtime", type=_json, default={}, help="runtime knobs (JSON)")
     sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("bench-generation", help="tokens/s of the vllm and hf backends, side by side")
+    sp.add_argument("--config", default="config/config.yaml")
+    sp.add_argument("--prompts", type=int, default=256, help="how many training prompts")
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.set_defaults(fn=cmd_bench_generation)
     return p
 
 

@@ -9,6 +9,7 @@ its content address) are the same whether a default was spelled out or not.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import jsonschema
@@ -91,6 +92,17 @@ def _key(path) -> str:
     return "".join(parts) or "<top level>"
 
 
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` is vLLM wherever it is installed, transformers elsewhere."""
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return backend
+
+
 def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source: str = "config") -> dict:
     """A validated copy of `config` with defaults filled in; raises ConfigError naming the key."""
     schema = yaml.safe_load(Path(schema_path).read_text())
@@ -109,6 +121,8 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
                 lines.append(f"config key '{_key(e.absolute_path)}': {e.message}")
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines))
     _check_consistency(config, source)
+    # Stage addresses name the engine that actually samples, never "auto".
+    config["generation"]["backend"] = resolve_backend(config["generation"]["backend"])
     return config
 
 
@@ -120,6 +134,7 @@ def _check_consistency(config: dict, source: str) -> None:
             f"invalid {source}: config key 'train.batch_size' ({t['batch_size']}) must be a "
             f"multiple of 'train.micro_batch_size' ({t['micro_batch_size']})"
         )
+    _check_vstar_table(config["vstar"], source)
     names = [b["name"] for b in config["data"]["benchmarks"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -129,3 +144,17 @@ def _check_consistency(config: dict, source: str) -> None:
 def load_config(path: str | Path) -> dict:
     with open(path) as fh:
         return validate_config(yaml.safe_load(fh) or {}, source=str(path))
+
+
+def _check_vstar_table(v: dict, source: str) -> None:
+    """vstar.source: table needs a table with one join key and one way to read rewards."""
+    if v["source"] != "table":
+        return
+    t = v.get("table")
+    if t is None:
+        raise ConfigError(f"invalid {source}: config key 'vstar.table' is required when vstar.source is 'table'")
+    for a, b in [("id_field", "prompt_field"), ("reward_fields", "reward_list_field")]:
+        if (t[a] is None) == (t[b] is None):
+            raise ConfigError(
+                f"invalid {source}: config key 'vstar.table': give exactly one of '{a}' and '{b}'"
+            )

@@ -1,13 +1,16 @@
-"""Benchmark evaluation: pass@1 as avg@k (the mean reward over k samples per problem)."""
+"""Benchmark evaluation: pass@1 as avg@k (the mean reward over k samples per problem).
+
+A benchmark is split into `evaluate.shards` jobs (so a killed or preempted evaluation redoes only
+its unfinished shards); `scores` then reads the shards' per-problem samples.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
-import torch
 
-from apo.generation import SamplingSettings, make_generator
+from apo.generation import SamplingSettings
 from apo.reward import Grader
-from apo.rollout import load_model, sample_and_grade
+from apo.rollout import open_generator, sample_and_grade, shard_rows
 
 
 def avg_at_k(samples: pd.DataFrame) -> float:
@@ -15,16 +18,22 @@ def avg_at_k(samples: pd.DataFrame) -> float:
     return float(samples.groupby("id")["reward"].mean().mean())
 
 
-def run(settings: dict, model_path: str, prompts_path: str, generation: dict, grading: dict):
-    prompts = pd.read_parquet(prompts_path)
-    torch.manual_seed(settings["seed"])
-    model, tokenizer = load_model(model_path)
-    generator = make_generator(settings["backend"], model, tokenizer, generation["batch_size"])
+def run_shard(settings: dict, model_path: str, prompts_path: str, shard: int, generation: dict, grading: dict):
+    """k graded samples for every problem of one shard."""
+    prompts = shard_rows(pd.read_parquet(prompts_path), shard, settings["shards"])
+    seed = settings["seed"] * 10_007 + shard
     sampling = SamplingSettings.from_config(settings, n=settings["k"])
+    generator = open_generator(settings["backend"], model_path, generation, prompts, sampling.max_new_tokens, seed)
     with Grader(grading["timeout_s"], grading["workers"]) as grader:
-        samples = sample_and_grade(generator, grader, prompts, sampling)
+        return sample_and_grade(generator, grader, prompts, sampling, seed=seed)
+
+
+def scores(settings: dict, prompts: pd.DataFrame, samples: pd.DataFrame) -> dict:
+    missing = set(prompts["id"]) - set(samples["id"])
+    if missing:
+        raise ValueError(f"{len(missing)} benchmark problems have no samples (e.g. {sorted(missing)[:3]})")
     status = samples["status"].value_counts().to_dict()
-    scores = {
+    return {
         "accuracy": avg_at_k(samples),
         "n": int(prompts["id"].nunique()),
         "k": settings["k"],
@@ -36,4 +45,3 @@ def run(settings: dict, model_path: str, prompts_path: str, generation: dict, gr
         "mean_response_tokens": float(samples["num_tokens"].mean()),
         "truncated": float((~samples["finished"]).mean()),
     }
-    return samples, scores

@@ -1,16 +1,24 @@
 """One small generation interface, used by reference sampling, training and evaluation.
 
-A backend turns chat-formatted prompt strings into `n` completions each. The transformers
-backend lives here; the vLLM backend plugs in behind the same `Generator` protocol.
+A backend turns chat-formatted prompt strings into `n` completions each:
+- `VLLMGenerator`: a vLLM engine in this process (the default wherever vLLM is installed);
+  in training it receives the new weights after every optimizer step, in memory.
+- `HFGenerator`: batched `transformers` `generate`, the reference implementation.
+
+Both tokenize the prompt and decode the response with the same Hugging Face tokenizer, so
+their outputs are comparable token for token (tests/test_vllm.py checks greedy parity).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from apo.config import resolve_backend, vllm_available
 
 
 @dataclass(frozen=True)
@@ -35,20 +43,28 @@ class Completion:
     text: str
     token_ids: list[int]  # response tokens, including the end-of-turn token when it ended
     finished: bool  # ended with an end-of-sequence token (not cut at max_new_tokens)
+    logprobs: list[float] | None = None  # log pi(y_t | x, y_<t) of each token, when asked for
 
 
 class Generator(Protocol):
     def generate(
-        self, prompts: Sequence[str], sampling: SamplingSettings, progress: bool = True
+        self, prompts: Sequence[str], sampling: SamplingSettings, progress: bool = True,
+        seed: int | None = None, logprobs: bool = False,
     ) -> list[list[Completion]]:
-        """`n` completions for every prompt, in prompt order."""
+        """`n` completions for every prompt, in prompt order. `seed` reseeds the sampler
+        for this call (training passes one per step, so that a resumed run draws exactly what
+        the uninterrupted run drew); `logprobs` fills `Completion.logprobs`."""
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from `model`'s current weights (after an optimizer step)."""
 
+    def sleep(self) -> None:
+        """Free what the engine can while the trainer updates (woken by the next call)."""
 
-def stop_token_ids(tokenizer, model) -> list[int]:
-    ids = model.generation_config.eos_token_id
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """The model's end-of-sequence ids (its generation config's, plus the tokenizer's)."""
+    ids = generation_config.eos_token_id if generation_config is not None else None
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
@@ -64,11 +80,15 @@ class HFGenerator:
 
     def __init__(self, model, tokenizer, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     @torch.no_grad()
-    def generate(self, prompts, sampling: SamplingSettings, progress: bool = True):
+    def generate(self, prompts, sampling: SamplingSettings, progress: bool = True, seed=None, logprobs=False):
+        if logprobs:
+            raise NotImplementedError("the hf backend does not return log-probs; use the vllm backend")
+        if seed is not None:
+            torch.manual_seed(seed)
         tok, model = self.tokenizer, self.model
         was_training = model.training
         model.eval()
@@ -108,8 +128,144 @@ class HFGenerator:
     def sync_weights(self, model) -> None:
         assert model is self.model, "the hf backend samples from the model it was built with"
 
+    def sleep(self) -> None:
+        pass  # nothing of its own: it is the policy
 
-def make_generator(backend: str, model, tokenizer, batch_size: int) -> Generator:
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """Engine knobs that change speed and memory, never what is sampled."""
+
+    gpu_memory_utilization: float = 0.3  # GPU: fraction of memory for weights + KV cache
+    cpu_kvcache_gib: int = 1  # CPU: KV cache size (vLLM's VLLM_CPU_KVCACHE_SPACE)
+    sleep: bool = True  # GPU, training: free the KV cache during the update (sleep mode)
+    enforce_eager: bool = False
+
+    @classmethod
+    def from_runtime(cls, generation: dict) -> "VLLMSettings":
+        return cls(**generation.get("vllm", {}))
+
+
+class VLLMGenerator:
+    """A vLLM engine in this process, seeded, with prefix caching (the n samples of a prompt
+    and the prompts of a batch share their chat-template prefix).
+
+    The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): its sampler then draws from
+    this process's torch RNG, so `generate(seed=...)` makes a call reproducible, and
+    `sync_weights` can hand it the trained tensors directly (no disk, no copy to another
+    process). Prompts go in as token ids from our tokenizer and responses are decoded by it, so
+    both backends see and return the same tokens.
+    """
+
+    def __init__(
+        self, model_path: str, tokenizer, *, seed: int, max_model_len: int, stop_ids: list[int],
+        dtype: str = "auto", settings: VLLMSettings = VLLMSettings(), device: str | None = None,
+    ):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
+        from vllm import LLM
+
+        self.tokenizer, self.settings = tokenizer, settings
+        self.on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+        self.stop_ids = stop_ids
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enable_sleep_mode=self.on_gpu and settings.sleep,
+            enforce_eager=settings.enforce_eager,
+        )
+        self.asleep = False
+
+    def generate(self, prompts, sampling: SamplingSettings, progress: bool = True, seed=None, logprobs=False):
+        from vllm import SamplingParams, TokensPrompt
+
+        self.wake_up()
+        if seed is not None:
+            torch.manual_seed(seed)  # the in-process engine samples with this RNG
+        greedy = sampling.temperature == 0
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            logprobs=0 if logprobs else None,  # 0: just the sampled token's log-prob
+            detokenize=False,  # decoded below by our tokenizer, exactly as the hf backend does
+        )
+        inputs = [
+            TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False)["input_ids"])
+            for p in prompts
+        ]
+        results = self.llm.generate(inputs, params, use_tqdm=progress)
+        return [[self._completion(o, logprobs) for o in r.outputs] for r in results]
+
+    def _completion(self, out, logprobs: bool) -> Completion:
+        ids = list(out.token_ids)
+        lps = None
+        if logprobs:
+            lps = [step[t].logprob for step, t in zip(out.logprobs, ids)]
+        return Completion(
+            self.tokenizer.decode(ids, skip_special_tokens=True), ids, out.finish_reason == "stop", lps
+        )
+
+    def sleep(self) -> None:
+        """GPU: free the KV cache and offload the weights while the trainer needs the memory."""
+        if self.on_gpu and self.settings.sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.wake_up()
+        self.load_weights(model.state_dict().items())
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Overwrite the engine's weights in place from (name, tensor) pairs named as in the
+        Hugging Face checkpoint; vLLM maps them onto its fused layers."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(weights))})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+
+def make_generator(
+    backend: str, tokenizer, *, model=None, model_path: str | None = None, batch_size: int = 64,
+    seed: int = 0, max_model_len: int = 2048, vllm: VLLMSettings = VLLMSettings(),
+) -> Generator:
+    """The configured backend. hf samples from `model` itself; vLLM loads its own copy of
+    `model_path` (in `model`'s dtype when given, so that a synced policy fits it exactly)."""
+    backend = resolve_backend(backend)
     if backend == "hf":
+        if model is None:
+            raise ValueError("the hf backend needs the transformers model")
         return HFGenerator(model, tokenizer, batch_size)
-    raise ValueError(f"generation.backend: unknown backend {backend!r} (expected 'hf')")
+    if backend != "vllm":
+        raise ValueError(f"generation.backend: unknown backend {backend!r} (expected auto, vllm or hf)")
+    if not vllm_available():
+        raise RuntimeError(
+            "generation.backend is 'vllm' but vLLM is not installed: install envs/cpu.txt (CPU) "
+            "or envs/gpu.txt (GPU), or set generation.backend: hf"
+        )
+    from transformers import GenerationConfig
+
+    if model is not None:
+        gen_config, p = model.generation_config, next(model.parameters())
+        dtype, device = str(p.dtype).removeprefix("torch."), p.device.type
+    else:
+        try:
+            gen_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS is the stop token
+            gen_config = None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return VLLMGenerator(
+        model_path, tokenizer, seed=seed, max_model_len=max_model_len, dtype=dtype,
+        stop_ids=stop_token_ids(tokenizer, gen_config), settings=vllm, device=device,
+    )

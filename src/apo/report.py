@@ -1,7 +1,8 @@
 """The experiment's readable entry: results/<experiment>/.
 
-Writes `summary.csv` (one row per benchmark x model), `report.md` (the same as a table, plus
-training summaries and the stage directories used), `training_curves.png`, and `stages/`,
+Writes `summary.csv` (one row per benchmark x model), `report.md` (the same as a table, the
+paper's method comparison, training summaries and the stage directories used),
+`paper_table.csv` and `paper_table.tex` (the comparison: accuracy, time, memory, ratios), `training_curves.png`, and `stages/`,
 relative symlinks to every hashed stage directory the experiment used.
 """
 
@@ -43,6 +44,55 @@ def summary_table(evals: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Row order and display names of the paper's table (Lee et al. 2025, Tables 1-2).
+METHOD_NAMES = {"reference": "reference", "apo": "A*-PO", "grpo": "GRPO", "rebel": "REBEL"}
+COST_COLUMNS = ["train_hours", "peak_memory_gb", "time_ratio", "memory_ratio"]
+
+
+def paper_table(accuracy: pd.DataFrame, trainings: list[dict]) -> pd.DataFrame:
+    """The paper's comparison: one row per method, columns = benchmarks (accuracy %), their
+    average, training hours, peak memory (GB) and the time and memory ratios to A*-PO.
+
+    accuracy: rows of (benchmark, model, accuracy) where model is a training label or
+    "reference". trainings: one dict per training run with label, method, seed,
+    train_time_s and peak_memory_mb (from its summary.json). A method trained with several
+    seeds gets the mean over seeds of each number (`seeds` says how many); the reference
+    model has no training cost. Ratios are NaN when A*-PO was not trained.
+    """
+    method_of = {t["label"]: t["method"] for t in trainings}
+    benches = list(dict.fromkeys(accuracy["benchmark"]))
+    acc = accuracy.assign(method=accuracy["model"].map(lambda m: method_of.get(m, m)))
+    table = acc.pivot_table(index="method", columns="benchmark", values="accuracy", aggfunc="mean")[benches]
+    table["average"] = table[benches].mean(axis=1)
+    runs = pd.DataFrame(trainings, columns=["label", "method", "seed", "train_time_s", "peak_memory_mb"])
+    cost = runs.groupby("method").agg(
+        seeds=("seed", "nunique"), train_time_s=("train_time_s", "mean"), peak_memory_mb=("peak_memory_mb", "mean"))
+    table["seeds"] = cost["seeds"].reindex(table.index).astype("Int64")
+    table["train_hours"] = cost["train_time_s"] / 3600
+    table["peak_memory_gb"] = cost["peak_memory_mb"] / 1024
+    base = cost.loc["apo"] if "apo" in cost.index else pd.Series({"train_time_s": float("nan"), "peak_memory_mb": float("nan")})
+    table["time_ratio"] = cost["train_time_s"] / base["train_time_s"]
+    table["memory_ratio"] = cost["peak_memory_mb"] / base["peak_memory_mb"]
+    order = [m for m in METHOD_NAMES if m in table.index] + sorted(set(table.index) - set(METHOD_NAMES))
+    table = table.loc[order].rename(index=METHOD_NAMES)
+    table.index.name = "method"
+    table.columns.name = None
+    return table
+
+
+def paper_table_markdown(table: pd.DataFrame) -> str:
+    """Two decimals, and an en dash where a number does not apply (the reference's cost)."""
+    shown = table.astype(object).map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
+    if "seeds" in table:
+        shown["seeds"] = table["seeds"].map(lambda v: "–" if pd.isna(v) else str(int(v)))
+    return shown.to_markdown(disable_numparse=True)  # keep the two decimals
+
+
+def paper_table_latex(table: pd.DataFrame) -> str:
+    """The same table as a LaTeX tabular (booktabs rules), two decimals, '--' for n/a."""
+    return table.to_latex(float_format="%.2f", na_rep="--", escape=True)
+
+
 def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
     import matplotlib
 
@@ -65,10 +115,20 @@ def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
     plt.close(fig)
 
 
-def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages: dict) -> str:
+def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages: dict,
+             paper: pd.DataFrame | None = None) -> str:
     lines = [f"# Experiment `{experiment}`", "", "## Accuracy (pass@1 = avg@k, %)", ""]
     pivot = table.pivot(index="model", columns="benchmark", values="accuracy")
     lines += [pivot.to_markdown(), ""]
+    if paper is not None:
+        lines += [
+            "## Methods compared (as in the paper's tables)", "",
+            paper_table_markdown(paper), "",
+            "Accuracy in %, the mean over seeds; training hours = the summed wall time of the "
+            "optimizer steps (generation, grading, reference log-probs, update); peak memory = "
+            "the CUDA allocator's peak on GPU, the process's peak resident memory on CPU; "
+            "ratios divide by A*-PO's. Also in `paper_table.csv` and `paper_table.tex`.", "",
+        ]
     settings = table.drop_duplicates(["benchmark", "model"])[
         ["benchmark", "model", "n", "k", "temperature", "top_p", "max_new_tokens", "unparsed"]
     ]
@@ -121,5 +181,19 @@ def write(spec: dict, out_dir: str | os.PathLike) -> pd.DataFrame:
     plot_curves(spec["trainings"], out_dir / "training_curves.png")
     with atomic_path(out_dir / "summary.csv") as tmp:
         table.to_csv(tmp, index=False)
-    write_text(out_dir / "report.md", markdown(spec["experiment"], table, spec["trainings"], spec["stages"]))
+    paper = paper_table(table, training_costs(spec["trainings"]))
+    with atomic_path(out_dir / "paper_table.csv") as tmp:
+        paper.to_csv(tmp, float_format="%.4f")
+    write_text(out_dir / "paper_table.tex", paper_table_latex(paper))
+    write_text(out_dir / "report.md", markdown(spec["experiment"], table, spec["trainings"], spec["stages"], paper))
     return table
+
+
+def training_costs(trainings: list[dict]) -> list[dict]:
+    """Label, method, seed, training time and peak memory of each run, from summary.json."""
+    rows = []
+    for t in trainings:
+        s = read_json(Path(t["dir"]) / "summary.json")
+        rows.append({"label": t["label"], "method": t.get("method", t["label"]), "seed": t.get("seed", 0),
+                     "train_time_s": s["train_time_s"], "peak_memory_mb": s.get("peak_memory_mb", float("nan"))})
+    return rows

@@ -3,10 +3,19 @@ reference sampling (stage 1) and evaluation."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
-from apo.generation import Generator, SamplingSettings
+from apo.config import resolve_backend
+from apo.generation import Generator, SamplingSettings, VLLMSettings, make_generator
 from apo.reward import Grader
+
+
+def shard_rows(prompts: pd.DataFrame, shard: int, shards: int) -> pd.DataFrame:
+    """Contiguous blocks, so every prompt lands in exactly one shard."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} outside 0..{shards - 1}")
+    return prompts.iloc[np.array_split(np.arange(len(prompts)), shards)[shard]]
 
 
 def load_model(model_path: str, device: str | None = None):
@@ -21,12 +30,31 @@ def load_model(model_path: str, device: str | None = None):
     return model, tokenizer
 
 
+def open_generator(
+    backend: str, model_path: str, generation: dict, prompts: pd.DataFrame, max_new_tokens: int, seed: int
+) -> Generator:
+    """The configured engine for sampling `prompts`. vLLM loads the model itself (no transformers
+    copy in memory) and is sized for the longest prompt plus `max_new_tokens`."""
+    from transformers import AutoTokenizer
+
+    if resolve_backend(backend) == "hf":
+        model, tokenizer = load_model(model_path)
+        return make_generator("hf", tokenizer, model=model, batch_size=generation["batch_size"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    longest = max(len(ids) for ids in tokenizer(list(prompts["prompt"]), add_special_tokens=False)["input_ids"])
+    return make_generator(
+        "vllm", tokenizer, model_path=model_path, seed=seed, max_model_len=longest + max_new_tokens,
+        vllm=VLLMSettings.from_runtime(generation),
+    )
+
+
 def sample_and_grade(
-    generator: Generator, grader: Grader, prompts: pd.DataFrame, sampling: SamplingSettings
+    generator: Generator, grader: Grader, prompts: pd.DataFrame, sampling: SamplingSettings,
+    seed: int | None = None,
 ) -> pd.DataFrame:
     """One row per (prompt, sample): id, sample, response, num_tokens, finished, reward,
     status, extracted."""
-    completions = generator.generate(list(prompts["prompt"]), sampling)
+    completions = generator.generate(list(prompts["prompt"]), sampling, seed=seed)
     rows = []
     for (_, p), outs in zip(prompts.iterrows(), completions):
         for j, c in enumerate(outs):

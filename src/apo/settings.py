@@ -31,6 +31,8 @@ FORMAT_VERSION = {
 }
 
 METHOD_BLOCKS = ("grpo", "rebel")  # train.<method> settings, read only by that method
+# train.* keys that change speed and memory, not results: passed to the job, not addressed
+RUNTIME_TRAIN_KEYS = ("gradient_checkpointing",)
 DEMO = "demo"  # the value of `model` / a dataset `path` that means "the embedded demo"
 HASH_LEN = 12
 
@@ -96,7 +98,7 @@ class Plan:
 
     Attributes name the stages by role: `demo` (or None), `model` (the reference model: the
     demo Stage or a hub id / path string), `train_data`, `benchmarks` (name -> Stage),
-    `sample`, `vstar`, `trains` (label -> Stage, one per method and seed), and `evals`:
+    `sample` (None when V* comes from a published table), `vstar`, `trains` (label -> Stage, one per method and seed), and `evals`:
     (model label, benchmark name) -> Stage.
     """
 
@@ -116,17 +118,29 @@ class Plan:
         self.train_data = self._dataset(config["data"]["train"])
         self.benchmarks = {b["name"]: self._dataset(b) for b in config["data"]["benchmarks"]}
 
-        s = config["sample"]
-        self.sample = self._add(
-            "sample",
-            {
-                **_pick(s, ["n", "temperature", "top_p", "max_new_tokens", "seed", "shards"]),
-                "backend": config["generation"]["backend"],
-                "grading_timeout_s": grading["timeout_s"],
-            },
-            {"model": self.model, "prompts": self.train_data},
-        )
-        self.vstar = self._add("vstar", dict(config["vstar"]), {"samples": self.sample})
+        s, v = config["sample"], config["vstar"]
+        if v["source"] == "table":
+            # A published stage-1 table replaces reference sampling: no sample stage at all.
+            # The address covers the table's location and field mapping (the table itself is
+            # external, like a hub model) and the prompts it is joined to.
+            self.sample = None
+            self.vstar = self._add(
+                "vstar",
+                {**_pick(v, ["beta1", "filter", "source"]), "table": v["table"]},
+                {"table": v["table"]["path"], "prompts": self.train_data},
+            )
+        else:
+            self.sample = self._add(
+                "sample",
+                {
+                    **_pick(s, ["n", "temperature", "top_p", "max_new_tokens", "seed", "shards"]),
+                    "backend": config["generation"]["backend"],
+                    "grading_timeout_s": grading["timeout_s"],
+                },
+                {"model": self.model, "prompts": self.train_data},
+            )
+            # Only what sampling-based V* reads: addresses stay those of earlier versions.
+            self.vstar = self._add("vstar", _pick(v, ["beta1", "filter"]), {"samples": self.sample})
         # One training run per (method, seed), labelled "apo" or "apo-seed1" when seeds vary.
         self.trains: dict[str, Stage] = {}
         for method in config["methods"]:
@@ -150,7 +164,7 @@ class Plan:
     def _train(self, method: str, seed: int) -> Stage:
         """A training stage reads the shared train settings and its own method's block only;
         A*-PO reads V* (and so the reference samples), the baselines do not."""
-        settings = {k: v for k, v in self.config["train"].items() if k not in METHOD_BLOCKS}
+        settings = {k: v for k, v in self.config["train"].items() if k not in METHOD_BLOCKS + RUNTIME_TRAIN_KEYS}
         if method != "apo":
             del settings["beta2"]
         if method in METHOD_BLOCKS:

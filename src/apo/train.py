@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from apo.generation import SamplingSettings, make_generator
+from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path, read_json, write_json
 from apo.losses import apo_loss, group_advantages, grpo_loss, rebel_loss
 from apo.reward import Grader
@@ -182,6 +182,7 @@ def train(
     generation: dict,
     grading: dict,
     tracker=None,
+    gradient_checkpointing: bool = False,
 ) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
@@ -213,9 +214,16 @@ def train(
     set_seed(s["seed"], device_specific=True)  # seed + process index: one process, as before
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    # train.dtype: bfloat16 halves weights, gradients and optimizer state (the paper trains
+    # in bf16); the reference is scored in the same dtype so the log-ratio starts at zero.
+    dtype = getattr(torch, s["dtype"])
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     reference.requires_grad_(False).eval().to(accelerator.device)
+    if gradient_checkpointing:
+        # Takes effect in train mode only; the loop switches to train mode around the
+        # update and back to eval mode for generation (which needs the KV cache).
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     data = pd.read_parquet(prompts_path)
     if vstar_path is not None:  # A*-PO trains on the prompts of the (filtered) V* table
@@ -236,8 +244,12 @@ def train(
         s["lr_schedule"], optimizer, num_warmup_steps=s["warmup_steps"], num_training_steps=s["steps"]
     )
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # Colocated engine: vLLM lives in this process and gets the new weights after every step.
     generator = make_generator(
-        s["backend"], accelerator.unwrap_model(policy), tokenizer, generation["batch_size"]
+        s["backend"], tokenizer, model=accelerator.unwrap_model(policy), model_path=model_path,
+        batch_size=generation["batch_size"], seed=s["seed"],
+        max_model_len=max(map(len, prompt_ids)) + s["max_new_tokens"],
+        vllm=VLLMSettings.from_runtime(generation),
     )
     n = samples_per_prompt(s)
     sampling = SamplingSettings(
@@ -254,6 +266,7 @@ def train(
         start, history = state["step"], state["history"]
         for h in history:
             monitor.update(h["reward"], h["response_length"])
+        generator.sync_weights(accelerator.unwrap_model(policy))  # the engine loaded step 0's
         log.info("resumed from %s at step %d", resume_from, start)
 
     bar = tqdm(range(start, s["steps"]), desc="train", initial=start, total=s["steps"], mininterval=2,
@@ -264,8 +277,11 @@ def train(
             idx = batch_indices(step, s["batch_size"], len(data), s["seed"])
             idx = idx[accelerator.process_index :: world]  # this process's share
             batch = data.iloc[idx]
-            # n responses per prompt, flattened prompt-major
-            completions = [c for cs in generator.generate(list(batch["prompt"]), sampling, progress=False) for c in cs]
+            # n responses per prompt, flattened prompt-major; the sampler is seeded per step (and
+            # process) so that a resumed run draws what the uninterrupted run drew
+            outs = generator.generate(list(batch["prompt"]), sampling, progress=False, seed=s["seed"] * 1_000_003 + step + 7_919 * accelerator.process_index)
+            completions = [c for cs in outs for c in cs]
+            generator.sleep()  # GPU: hand the engine's memory to the update
             t_gen = time.perf_counter()
             grades = grader.grade(list(batch["answer"].repeat(n)), [c.text for c in completions])
             rewards = torch.tensor(grades.rewards, device=accelerator.device)
@@ -273,6 +289,7 @@ def train(
             t_grade = time.perf_counter()
 
             losses, stats, kls, t_ref = [], [], [], 0.0
+            policy.train(gradient_checkpointing)  # unchanged (eval) without checkpointing
             for m in range(accum):
                 mb = s["micro_batch_size"]
                 sl = slice(m * mb * n, (m + 1) * mb * n)  # the responses of mb whole prompts
@@ -300,6 +317,7 @@ def train(
                 stats.append(st)
                 # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
                 kls.append(((logp.detach() - ref_logp) * mask).sum(-1).mean().item())
+            policy.eval()
             t_sync = time.perf_counter()
             generator.sync_weights(accelerator.unwrap_model(policy))
             t_end = time.perf_counter()
@@ -373,5 +391,7 @@ def train(
             "train_time_s": float(metrics["time_step_s"].sum()),
             "tokens": int(metrics["tokens"].sum()),
             "peak_memory_mb": float(metrics["peak_memory_mb"].max()),
+            "dtype": s["dtype"],
+            "gradient_checkpointing": bool(gradient_checkpointing),
         },
     }

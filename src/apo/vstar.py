@@ -68,3 +68,125 @@ def vstar_table(samples: pd.DataFrame, beta1: float) -> pd.DataFrame:
             "mean_reward": rewards.mean(dim=-1).tolist(),
         }
     )
+
+
+# --------------------------------------------------------------------------- published tables
+# vstar.source: table reads the per-prompt rewards of someone else's stage 1 (the authors
+# published theirs: one row per prompt, the N rewards in columns eval_0 .. eval_{N-1}, the
+# problem text in extra_info.question) instead of sampling the reference model again.
+
+
+class TableError(ValueError):
+    """A stage-1 table that cannot be used; the message names the table, row and column."""
+
+
+def field_value(row: dict, dotted: str):
+    """`row[a][b]...` for a dotted name `a.b...`; an integer part indexes a list."""
+    value = row
+    for part in dotted.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit():
+            value = value[int(part)]
+        else:
+            raise KeyError(dotted)
+    return value
+
+
+def normalize_text(text: str) -> str:
+    """Problem text as a join key: runs of whitespace collapsed, ends stripped."""
+    return " ".join(str(text).split())
+
+
+def _reward(value, where: str) -> float:
+    """One reward as a float; None, NaN and non-numbers are errors naming `where`."""
+    if isinstance(value, bool):
+        return float(value)
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise TableError(f"{where}: reward {value!r} is not a number") from None
+    if math.isnan(r):
+        raise TableError(f"{where}: reward is missing (NaN)")
+    return r
+
+
+def table_rewards(rows, spec: dict, name: str) -> pd.DataFrame:
+    """One row per table row: `key` (join key as a string) and `rewards` (list of floats).
+
+    `rows` iterates over dicts (a `datasets.Dataset` or a list); `spec` is vstar.table.
+    """
+    key_field = spec["id_field"] or spec["prompt_field"]
+    keys, rewards = [], []
+    for i, row in enumerate(rows):
+        where = f"stage-1 table {name}, row {i}"
+        try:
+            key = field_value(row, key_field)
+        except KeyError:
+            raise TableError(f"{where}: no field {key_field!r} (vstar.table); columns: {sorted(row)}") from None
+        if key is None or (isinstance(key, str) and not key.strip()):
+            raise TableError(f"{where}: join field {key_field!r} is empty")
+        keys.append(str(key) if spec["id_field"] else normalize_text(key))
+        fields = spec["reward_fields"] or [spec["reward_list_field"]]
+        values = []
+        for f in fields:
+            try:
+                v = field_value(row, f)
+            except KeyError:
+                raise TableError(f"{where}: no reward field {f!r} (vstar.table); columns: {sorted(row)}") from None
+            if spec["reward_list_field"]:
+                if not isinstance(v, (list, tuple)) or not v:
+                    raise TableError(f"{where}, field {f!r}: expected a non-empty list of rewards, got {v!r}")
+                values += [_reward(x, f"{where}, field {f!r}[{j}]") for j, x in enumerate(v)]
+            else:
+                values.append(_reward(v, f"{where}, field {f!r}"))
+        rewards.append(values)
+    return pd.DataFrame({"key": keys, "rewards": rewards})
+
+
+def join_table(table: pd.DataFrame, prompts: pd.DataFrame, by_id: bool) -> tuple[pd.DataFrame, dict]:
+    """Graded samples in the sample stage's long form (id, reward) for the training prompts
+    that the table covers, and the counts of what did not match.
+
+    A key repeated in the table keeps its first row (counted); a training prompt the table
+    lacks gets no V*, so A*-PO does not train on it (counted, never silent).
+    """
+    dup = table["key"].duplicated()
+    table = table[~dup]
+    keys = prompts["id"].astype(str) if by_id else prompts["question"].map(normalize_text)
+    found = keys.isin(set(table["key"]))
+    joined = pd.DataFrame({"id": prompts["id"][found], "key": keys[found]}).merge(table, on="key", how="left")
+    long = joined[["id", "rewards"]].explode("rewards").rename(columns={"rewards": "reward"})
+    long["reward"] = long["reward"].astype(float)
+    counts = {
+        "table_rows": int(len(table) + dup.sum()),
+        "table_duplicate_keys": int(dup.sum()),
+        "prompts": int(len(prompts)),
+        "prompts_matched": int(found.sum()),
+        "prompts_unmatched": int((~found).sum()),
+        "table_rows_unused": int((~table["key"].isin(set(keys))).sum()),
+    }
+    return long.reset_index(drop=True), counts
+
+
+def samples_from_table(spec: dict, prompts: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Read vstar.table through `datasets.load_dataset` and join it to the training prompts."""
+    from apo.data import load_rows
+
+    name = f"{spec['path']!r} split {spec['split']!r}"
+    ds = load_rows({"path": spec["path"], "split": spec["split"], "subset": spec.get("subset")})
+    # Only the join and reward columns: the published tables also hold 8 response texts per row.
+    fields = [spec["id_field"] or spec["prompt_field"], *(spec["reward_fields"] or [spec["reward_list_field"]])]
+    top = sorted({f.split(".")[0] for f in fields})
+    missing = [c for c in top if c not in ds.column_names]
+    if missing:
+        raise TableError(f"stage-1 table {name}: no column(s) {missing} (vstar.table); columns: {ds.column_names}")
+    table = table_rewards(ds.select_columns(top), spec, name)
+    long, counts = join_table(table, prompts, by_id=spec["id_field"] is not None)
+    if counts["prompts_matched"] == 0:
+        how = f"id_field {spec['id_field']!r}" if spec["id_field"] else f"prompt_field {spec['prompt_field']!r}"
+        raise TableError(
+            f"stage-1 table {name}: none of its {counts['table_rows']} rows matches any of the "
+            f"{counts['prompts']} training prompts by {how}"
+        )
+    return long, counts

@@ -18,9 +18,13 @@ EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
 # Knobs that change how fast, not what: they are not part of any stage's address.
 RUNTIME = json.dumps(
     {
-        "generation": {"batch_size": config["generation"]["batch_size"]},
+        "generation": {
+            "batch_size": config["generation"]["batch_size"],
+            "vllm": config["generation"]["vllm"],
+        },
         "grading": config["grading"],
         "tracking_uri": config["tracking_uri"],
+        "train": {"gradient_checkpointing": config["train"]["gradient_checkpointing"]},
     }
 )
 
@@ -46,8 +50,15 @@ def model_input(model):
     return [model_path(model)] if isinstance(model, Stage) else []
 
 
-def sample_shards(s):
+def shard_files(s):
+    """A sharded stage's (sampling, evaluation) per-job outputs."""
     return [f"{s.dir}/shard-{i}.parquet" for i in range(s.settings["shards"])]
+
+
+def vstar_samples(vstar):
+    """The sample shards a V* stage reads; none when it reads a published table."""
+    samples = vstar.inputs.get("samples")
+    return shard_files(samples) if samples is not None else []
 
 
 def upstream(kind, role, filename=None):
@@ -84,7 +95,13 @@ def report_spec():
                 for (label, bench), s in PLAN.evals.items()
             ],
             "trainings": [
-                {"label": label, "dir": s.dir} for label, s in PLAN.trains.items()
+                {
+                    "label": label,
+                    "dir": s.dir,
+                    "method": s.settings["method"],
+                    "seed": s.settings["seed"],
+                }
+                for label, s in PLAN.trains.items()
             ],
             "stages": {
                 name: s.dir

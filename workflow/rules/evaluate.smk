@@ -1,15 +1,14 @@
 rule evaluate:
-    """One model on one benchmark: pass@1 as avg@k, per-problem samples kept."""
+    """One model on one shard of one benchmark: k graded samples per problem."""
     input:
         model=upstream_model("eval"),
         prompts=upstream("eval", "prompts", "prompts.parquet"),
     output:
-        scores=f"{RESULTS}/eval/{{h}}/scores.json",
-        samples=f"{RESULTS}/eval/{{h}}/samples.parquet",
+        f"{RESULTS}/eval/{{h}}/shard-{{shard}}.parquet",
     log:
-        f"{RESULTS}/eval/{{h}}/log/evaluate.log",
+        f"{RESULTS}/eval/{{h}}/log/shard-{{shard}}.log",
     benchmark:
-        f"{RESULTS}/eval/{{h}}/log/evaluate.benchmark.tsv"
+        f"{RESULTS}/eval/{{h}}/log/shard-{{shard}}.benchmark.tsv"
     conda:
         "../../envs/apo.yaml"
     threads: 1
@@ -23,4 +22,27 @@ rule evaluate:
     shell:
         "apo evaluate --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
-        "2> {log}"
+        "--shard {wildcards.shard} --out {output} 2> {log}"
+
+
+rule scores:
+    """A benchmark's pass@1 (avg@k) from its shards; per-problem samples in one table."""
+    input:
+        prompts=upstream("eval", "prompts", "prompts.parquet"),
+        shards=lambda w: shard_files(stage("eval", w)),
+    output:
+        scores=f"{RESULTS}/eval/{{h}}/scores.json",
+        samples=f"{RESULTS}/eval/{{h}}/samples.parquet",
+    log:
+        f"{RESULTS}/eval/{{h}}/log/scores.log",
+    benchmark:
+        f"{RESULTS}/eval/{{h}}/log/scores.benchmark.tsv"
+    conda:
+        "../../envs/apo.yaml"
+    params:
+        manifest=manifest("eval"),
+        dir=stage_dir("eval"),
+        runtime=RUNTIME,
+    shell:
+        "apo scores --manifest {params.manifest:q} --stage-dir {params.dir} "
+        "--runtime {params.runtime:q} --prompts {input.prompts} --shards {input.shards} 2> {log}"

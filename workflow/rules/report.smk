@@ -1,5 +1,6 @@
 rule report:
-    """Accuracy table (Markdown, CSV), training curves, links to the stages used."""
+    """Accuracy table (Markdown, CSV), the paper's method comparison (Markdown, CSV, LaTeX),
+    training curves, links to the stages used."""
     input:
         scores=[f"{s.dir}/scores.json" for s in PLAN.evals.values()],
         metrics=[f"{s.dir}/metrics.parquet" for s in PLAN.trains.values()],
@@ -10,6 +11,8 @@ rule report:
             category="Results",
         ),
         csv=f"{EXPERIMENT_DIR}/summary.csv",
+        paper_csv=f"{EXPERIMENT_DIR}/paper_table.csv",
+        paper_tex=f"{EXPERIMENT_DIR}/paper_table.tex",
         curves=report(
             f"{EXPERIMENT_DIR}/training_curves.png",
             caption="../report/curves.rst",

@@ -1,7 +1,9 @@
 rule vstar:
-    """Stage 1: V*(x) = beta1 * log mean exp(r / beta1) per prompt, from all shards."""
+    """Stage 1: V*(x) = beta1 * log mean exp(r / beta1) per prompt, from all shards or from
+    a published stage-1 table joined to the training prompts."""
     input:
-        lambda w: sample_shards(stage("vstar", w).inputs["samples"]),
+        samples=lambda w: vstar_samples(stage("vstar", w)),
+        prompts=upstream("vstar", "prompts", "prompts.parquet"),
     output:
         f"{RESULTS}/vstar/{{h}}/vstar.parquet",
     log:
@@ -16,6 +18,11 @@ rule vstar:
         manifest=manifest("vstar"),
         dir=stage_dir("vstar"),
         runtime=RUNTIME,
+        source=lambda w, input: (
+            f"--samples {input.samples}"
+            if input.samples
+            else f"--prompts {input.prompts}"
+        ),
     shell:
         "apo vstar --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --samples {input} --out {output} 2> {log}"
+        "--runtime {params.runtime:q} {params.source} --out {output} 2> {log}"

@@ -1,0 +1,70 @@
+"""The paper's comparison table, built from fabricated accuracies and training costs whose
+means and ratios are checked by hand."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from apo.report import paper_table, paper_table_latex, paper_table_markdown
+
+ACC = {  # model label -> (b1, b2) accuracy in %
+    "reference": (30.0, 10.0),
+    "apo-seed0": (40.0, 20.0), "apo-seed1": (50.0, 30.0),
+    "grpo-seed0": (44.0, 20.0), "grpo-seed1": (46.0, 22.0),
+    "rebel-seed0": (41.0, 19.0),
+}
+ACCURACY = pd.DataFrame([{"benchmark": b, "model": m, "accuracy": a[i]}
+                         for i, b in enumerate(["b1", "b2"]) for m, a in ACC.items()])
+TRAININGS = [  # label, method, seed, seconds, MB
+    {"label": "apo-seed0", "method": "apo", "seed": 0, "train_time_s": 3600, "peak_memory_mb": 10240},
+    {"label": "apo-seed1", "method": "apo", "seed": 1, "train_time_s": 5400, "peak_memory_mb": 12288},
+    {"label": "grpo-seed0", "method": "grpo", "seed": 0, "train_time_s": 9000, "peak_memory_mb": 16384},
+    {"label": "grpo-seed1", "method": "grpo", "seed": 1, "train_time_s": 9000, "peak_memory_mb": 16384},
+    {"label": "rebel-seed0", "method": "rebel", "seed": 0, "train_time_s": 6750, "peak_memory_mb": 22528},
+]
+
+
+@pytest.fixture
+def table():
+    return paper_table(ACCURACY, TRAININGS)
+
+
+def test_rows_are_methods_in_the_papers_order_with_seed_means(table):
+    assert table.index.tolist() == ["reference", "A*-PO", "GRPO", "REBEL"]
+    assert table.columns.tolist() == ["b1", "b2", "average", "seeds", "train_hours", "peak_memory_gb",
+                                      "time_ratio", "memory_ratio"]
+    # A*-PO: b1 (40+50)/2 = 45, b2 (20+30)/2 = 25, average 35; GRPO 45, 21, 33
+    assert table.loc["A*-PO", ["b1", "b2", "average"]].tolist() == [45.0, 25.0, 35.0]
+    assert table.loc["GRPO", ["b1", "b2", "average"]].tolist() == [45.0, 21.0, 33.0]
+    assert table.loc["reference", "average"] == 20.0
+    assert table["seeds"].tolist()[1:] == [2, 2, 1]
+
+
+def test_costs_and_ratios_to_apo(table):
+    # A*-PO: (1 h + 1.5 h)/2 = 1.25 h, (10 + 12 GB)/2 = 11 GB
+    assert table.loc["A*-PO", "train_hours"] == pytest.approx(1.25)
+    assert table.loc["A*-PO", "peak_memory_gb"] == pytest.approx(11.0)
+    # GRPO: 2.5 h / 1.25 h = 2.0; 16 GB / 11 GB; REBEL: 1.875 h / 1.25 h = 1.5; 22 GB / 11 GB = 2.0
+    assert table.loc["GRPO", ["time_ratio", "memory_ratio"]].tolist() == pytest.approx([2.0, 16 / 11])
+    assert table.loc["REBEL", ["time_ratio", "memory_ratio"]].tolist() == pytest.approx([1.5, 2.0])
+    assert table.loc["A*-PO", ["time_ratio", "memory_ratio"]].tolist() == [1.0, 1.0]
+    assert table.loc["reference", COSTS].isna().all()
+
+
+COSTS = ["train_hours", "peak_memory_gb", "time_ratio", "memory_ratio"]
+
+
+def test_without_apo_the_ratios_are_undefined():
+    t = paper_table(ACCURACY[~ACCURACY["model"].str.startswith("apo")], TRAININGS[2:])
+    assert t.index.tolist() == ["reference", "GRPO", "REBEL"]
+    assert t["time_ratio"].isna().all() and not math.isnan(t.loc["GRPO", "train_hours"])
+
+
+def test_markdown_and_latex(table):
+    md = paper_table_markdown(table)
+    assert "| A*-PO " in md and "2.00" in md and "1.45" in md and "–" in md
+    tex = paper_table_latex(table)
+    assert tex.startswith("\\begin{tabular}") and "\\toprule" in tex
+    assert "GRPO & 45.00 & 21.00 & 33.00 & 2 & 2.50" in tex
+    assert "train\\_hours" in tex and "--" in tex  # escaped, n/a for the reference's cost
