@@ -11,7 +11,9 @@ rule evaluate:
         f"{RESULTS}/eval/{{h}}/log/shard-{{shard}}.benchmark.tsv"
     conda:
         "../../envs/apo.yaml"
-    threads: 1
+    # vLLM's CPU engine pins its OpenMP threads to every core it is given and spins on them:
+    # two engines sharing cores slow each other down many times over, so a job takes them all.
+    threads: workflow.cores
     resources:
         **job_resources("evaluate"),
     params:
