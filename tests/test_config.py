@@ -90,10 +90,16 @@ def test_vstar_table_needs_one_join_key_and_one_reward_layout(demo_config, table
     assert message in str(err.value)
 
 
-def test_resources_default_to_a_cpu_job(demo_config):
+def test_resources_give_gpus_to_sampling_training_and_evaluation_only(demo_config):
     cfg = validate_config(demo_config, SCHEMA)
-    assert cfg["resources"]["train"] == {"gpu": 0, "mem_mb": 4000, "runtime": 60, "cpus_per_task": 2}
-    assert set(cfg["resources"]) == {"sample", "train", "evaluate"}
+    r = cfg["resources"]
+    assert set(r) == {"demo_model", "data", "sample", "vstar", "train", "evaluate"}
+    assert {k: v["gpu"] for k, v in r.items()} == {
+        "demo_model": 0, "data": 0, "sample": 1, "vstar": 0, "train": 1, "evaluate": 1}
+    assert r["train"]["distributed"] == "ddp"
+    demo_config["resources"] = {"sample": {"gpu": 2}}  # a partial block: the rest from the generic defaults
+    assert validate_config(demo_config, SCHEMA)["resources"]["sample"] == {
+        "gpu": 2, "mem_mb": 4000, "runtime": 60, "cpus_per_task": 2}
 
 
 @pytest.mark.parametrize("config_file", sorted((ROOT / "config" / "paper").glob("*.yaml")) + [ROOT / "config/compare.yaml"],
