@@ -1,6 +1,7 @@
 """The Snakemake DAG: dry-run plans (what reruns when a setting changes) and the smoke run."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
