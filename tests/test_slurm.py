@@ -3,7 +3,7 @@ root, against the one-node cluster of scripts/slurm-local-up.sh.
 
 Checked from Slurm's own records (slurmctld keeps finished jobs for MinJobAge seconds): every
 job of a non-local rule was an sbatch job that completed, with the GPUs and memory the config
-asked for; the local rules (all, report) were not. The results equal a local run's.
+asked for; the local rules (all, report, scores) were not. The results equal a local run's.
 """
 
 import json
@@ -34,7 +34,7 @@ LOCAL_CLUSTER = ["--default-resources", "slurm_partition=debug", "--slurm-no-acc
 RULE_OF_STAGE = {"demo_model": "demo_model", "data": "prepare_data", "sample": "sample_reference",
                  "vstar": "vstar", "train": "train", "eval": "evaluate"}
 GPU_RULES = {"sample_reference", "train", "evaluate"}
-LOCAL_RULES = {"all", "report"}  # `localrules` in the Snakefile
+LOCAL_RULES = {"all", "report", "scores"}  # `localrules` in the Snakefile
 
 
 def env_with_venv(**extra) -> dict:
@@ -86,7 +86,7 @@ def expected_cluster_jobs(results: Path) -> set[str]:
     jobs = set()
     for stage, rule in RULE_OF_STAGE.items():
         for d in (results / stage).iterdir():
-            if stage == "sample":
+            if stage in ("sample", "eval"):  # one job per shard
                 jobs |= {f"rule_{rule}_wildcards_{d.name}_{p.stem.split('-')[1]}" for p in d.glob("shard-*.parquet")}
             else:
                 jobs.add(f"rule_{rule}_wildcards_{d.name}")
@@ -99,9 +99,9 @@ def test_every_cluster_job_went_through_sbatch(slurm_run):
     ours = [j for j in records if j.get("WorkDir") == str(workdir)]
     done = {j["Comment"]: j for j in ours if j["JobState"] == "COMPLETED"}
     expected = expected_cluster_jobs(workdir / "results")
-    assert len(expected) == 9  # demo model, 2 datasets, 2 shards, V*, training, 2 evaluations
+    assert len(expected) == 11  # demo model, 2 datasets, 2 shards, V*, training, 2 x 2 evaluation shards
     assert set(done) == expected, f"Slurm records: {sorted(done)}; expected {sorted(expected)}"
-    assert not any("rule_report" in j["Comment"] or "rule_all" in j["Comment"] for j in ours)
+    assert not any(j["Comment"].split("_wildcards")[0] in {f"rule_{r}" for r in LOCAL_RULES} for j in ours)
     for comment, job in done.items():
         rule = re.match(r"rule_(.+?)_wildcards_", comment).group(1)
         assert job["Partition"] == "debug"
