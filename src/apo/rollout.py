@@ -66,3 +66,17 @@ def sample_and_grade(
     grades = grader.grade(list(out["answer"]), list(out["response"]))
     out["reward"], out["status"], out["extracted"] = grades.rewards, grades.status, grades.extracted
     return out
+
+
+def sample_shard(
+    settings: dict, sampling: SamplingSettings, model_path: str, prompts_path: str, shard: int,
+    generation: dict, grading: dict,
+) -> pd.DataFrame:
+    """Graded samples for the prompts of one shard of a sharded stage (reference sampling,
+    evaluation). Seeded per shard: shards are independent jobs and must not repeat each
+    other's draws."""
+    prompts = shard_rows(pd.read_parquet(prompts_path), shard, settings["shards"])
+    seed = settings["seed"] * 10_007 + shard
+    generator = open_generator(settings["backend"], model_path, generation, prompts, sampling.max_new_tokens, seed)
+    with Grader(grading["timeout_s"], grading["workers"]) as grader:
+        return sample_and_grade(generator, grader, prompts, sampling, seed=seed)
