@@ -110,3 +110,88 @@ def test_rebel_loss_hand_computed():
     r = torch.tensor([1.0, 0.0, 1.0, 1.0])
     loss, _ = rebel_loss(logp, torch.zeros(4, 2), mask, r, eta=0.5)
     assert loss.item() == pytest.approx((0.0 + 0.64) / 2)
+
+
+# --------------------------------------------------------------------------- PPO
+
+from apo.losses import gae, masked_whiten, ppo_loss, ppo_token_rewards  # noqa: E402
+
+
+def close(actual: torch.Tensor, expected: list) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_ppo_token_rewards_kl_on_every_token_reward_on_the_last():
+    # response 0 has 3 tokens, response 1 has 1 (then padding); kl_coef 0.5
+    old = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -0.5], [-1.2, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    r = ppo_token_rewards(torch.tensor([1.0, 0.0]), old, ref, mask, kl_coef=0.5)
+    # -0.5 * (old - ref): (-0.25, 0, +0.25) and (-0.1); the reward 1 lands on token 2
+    close(r, [[-0.25, 0.0, 1.25], [-0.1, 0.0, 0.0]])
+
+
+def test_gae_hand_computed():
+    # one response of 3 tokens, reward 1 at the end, V = (0.5, 0.2, 0.4), gamma 0.9, lam 0.5:
+    # delta_2 = 1 + 0.9*0 - 0.4 = 0.6;       A_2 = 0.6
+    # delta_1 = 0 + 0.9*0.4 - 0.2 = 0.16;    A_1 = 0.16 + 0.45*0.6 = 0.43
+    # delta_0 = 0 + 0.9*0.2 - 0.5 = -0.32;   A_0 = -0.32 + 0.45*0.43 = -0.1265
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4, 7.0]])  # 7.0 sits on padding: must be ignored
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    close(adv, [[-0.1265, 0.43, 0.6, 0.0]])
+    close(ret, [[0.3735, 0.63, 1.0, 0.0]])
+
+
+def test_gae_with_gamma_lam_one_is_reward_to_go_minus_value():
+    # the LLM setting (gamma = lam = 1): A_t = sum_{s >= t} r_s - V_t, returns = reward-to-go
+    rewards = torch.tensor([[0.1, -0.2, 1.0]])
+    values = torch.tensor([[0.3, 0.6, 0.9]])
+    adv, ret = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    close(ret, [[0.9, 0.8, 1.0]])
+    close(adv, [[0.6, 0.2, 0.1]])
+
+
+def test_masked_whiten_uses_only_response_tokens():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    w = masked_whiten(x, torch.tensor([[1.0, 1.0, 0.0]]), eps=0.0)
+    close(w, [[-1.0, 1.0, 0.0]])  # mean 2, population std 1
+
+
+def test_ppo_loss_hand_computed_with_policy_and_value_clipping():
+    # token 0: ratio e^0.5 = 1.6487, A = +1 -> clipped to 1.2 -> -1.2
+    # token 1: ratio 1, A = -2 -> +2
+    # values (1.0, 0.0) vs old (0.0, 0.0), returns (0.0, 1.0), value_clip 0.5:
+    # token 0: max((1-0)^2, (0.5-0)^2) / 2 = 0.5;  token 1: max(1, 1) / 2 = 0.5
+    logp = torch.tensor([[0.5, 0.0]])
+    loss, stats = ppo_loss(
+        logp, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, -2.0]]),
+        torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), torch.tensor([[0.0, 1.0]]),
+        clip_eps=0.2, value_clip=0.5,
+    )
+    assert loss.item() == pytest.approx((-1.2 + 2.0) / 2 + (0.5 + 0.5) / 2, abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(0.5)
+    assert stats["value_loss"] == pytest.approx(0.5)
+
+
+def test_ppo_value_clip_keeps_the_pessimistic_error():
+    # V moves from 0 to 1 with return 2: unclipped error (1-2)^2 = 1, clipped V = 0.5 gives
+    # (0.5-2)^2 = 2.25; PPO takes the max so it does not profit from the clipped move
+    _, stats = ppo_loss(
+        torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1),
+        torch.ones(1, 1), torch.zeros(1, 1), torch.full((1, 1), 2.0), value_clip=0.5,
+    )
+    assert stats["value_loss"] == pytest.approx(2.25 / 2)
+
+
+def test_ppo_gradients_move_policy_up_the_advantage_and_values_to_returns():
+    logp = torch.zeros(1, 2, requires_grad=True)
+    values = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = ppo_loss(
+        logp, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, -1.0]]),
+        values, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]),
+    )
+    loss.backward()
+    assert logp.grad[0, 0] < 0 < logp.grad[0, 1]  # descent raises token 0, lowers token 1
+    assert values.grad[0, 0] < 0 < values.grad[0, 1]  # descent moves V towards the returns

@@ -68,3 +68,24 @@ def test_markdown_and_latex(table):
     assert tex.startswith("\\begin{tabular}") and "\\toprule" in tex
     assert "GRPO & 45.00 & 21.00 & 33.00 & 2 & 2.50" in tex
     assert "train\\_hours" in tex and "--" in tex  # escaped, n/a for the reference's cost
+
+
+def test_phase_times_sum_each_phase_and_count_untimed_phases_as_zero(tmp_path):
+    from apo.report import phase_times, plot_phases
+
+    runs = []
+    for label, values in [("apo", None), ("ppo", [0.5, 0.25])]:
+        d = tmp_path / label
+        d.mkdir()
+        m = pd.DataFrame({"step": [1, 2], "time_generate_s": [1.0, 2.0], "time_grade_s": [0.1, 0.1],
+                          "time_ref_logprobs_s": [0.2, 0.3], "time_update_s": [3.0, 4.0], "time_sync_s": [0.01, 0.02]})
+        if values is not None:
+            m["time_values_s"] = values
+        m.to_parquet(d / "metrics.parquet")
+        runs.append({"label": label, "dir": str(d)})
+    phases = phase_times(runs)
+    assert list(phases.index) == ["apo", "ppo"]
+    assert phases.loc["apo"].tolist() == pytest.approx([3.0, 0.2, 0.5, 0.0, 7.0, 0.03])
+    assert phases.loc["ppo", "critic values"] == pytest.approx(0.75)
+    plot_phases(phases, tmp_path / "phases.png")
+    assert (tmp_path / "phases.png").stat().st_size > 1000

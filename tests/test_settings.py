@@ -79,16 +79,17 @@ def test_hub_model_is_an_external_input(demo_config):
 
 
 def test_methods_and_seeds_share_data_and_reference_samples(demo_config):
-    p = plan(demo_config, methods=["apo", "grpo", "rebel"], seeds=[0, 1])
-    assert sorted(p.trains) == ["apo-seed0", "apo-seed1", "grpo-seed0", "grpo-seed1", "rebel-seed0", "rebel-seed1"]
-    assert len({t.hash for t in p.trains.values()}) == 6
+    p = plan(demo_config, methods=["apo", "grpo", "rebel", "ppo"], seeds=[0, 1])
+    assert sorted(p.trains) == [f"{m}-seed{s}" for m in ["apo", "grpo", "ppo", "rebel"] for s in (0, 1)]
+    assert len({t.hash for t in p.trains.values()}) == 8
     for label, t in p.trains.items():
         assert t.inputs["prompts"] is p.train_data
         # only A*-PO reads V* (and so the reference samples); the baselines do not
         assert ("vstar" in t.inputs) == label.startswith("apo")
         assert ("beta2" in t.settings) == label.startswith("apo")
-        assert ("grpo" in t.settings) == label.startswith("grpo")
-    assert len(p.evals) == 7  # reference + 6 trained models, one benchmark
+        for method in ("grpo", "rebel", "ppo"):  # each reads its own block only
+            assert (method in t.settings) == label.startswith(method)
+    assert len(p.evals) == 9  # reference + 8 trained models, one benchmark
 
 
 def test_adding_a_baseline_keeps_the_apo_addresses(demo_config):
@@ -96,6 +97,7 @@ def test_adding_a_baseline_keeps_the_apo_addresses(demo_config):
     assert more.trains["apo"].dir == base.trains["apo"].dir
     # a GRPO setting does not move the A*-PO run
     assert plan(demo_config, train__grpo={"group_size": 4}).trains["apo"].dir == base.trains["apo"].dir
+    assert plan(demo_config, train__ppo={"critic_lr": 1e-3}).trains["apo"].dir == base.trains["apo"].dir
 
 
 TABLE = {"path": "Cornell-AGI/math_size_qwen2.5_1.5b_eval", "prompt_field": "extra_info.question",

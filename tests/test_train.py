@@ -97,17 +97,22 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     assert not (tmp_path / "run" / "model").exists()
 
 
-BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not vllm_available(), reason="vLLM not installed"))]
+PPO = {"ppo": {"clip_eps": 0.2, "value_clip": 0.5, "gamma": 1.0, "lam": 0.95, "kl_coef": 0.05, "critic_lr": 1e-3}}
+VLLM = pytest.mark.skipif(not vllm_available(), reason="vLLM not installed")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_resumed_run_equals_uninterrupted_run(backend, train_inputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend, method", [("hf", "apo"), pytest.param("vllm", "apo", marks=VLLM), ("hf", "ppo")])
+def test_resumed_run_equals_uninterrupted_run(backend, method, train_inputs, tmp_path, monkeypatch):
     """Crash after the step-2 checkpoint, rerun: the final weights are bit-identical to a run
     that was never interrupted (CPU, same thread count: every op here is deterministic). With
     vLLM this also checks that the resumed engine gets the checkpoint's weights and that the
-    per-step sampler seed reproduces the draws."""
+    per-step sampler seed reproduces the draws; with PPO that the critic and its optimizer
+    come back too (the policy's updates depend on the critic's values)."""
     settings = {**SETTINGS, "steps": 4, "checkpoint_every": 2, "lr_schedule": "cosine", "warmup_steps": 1,
                 "backend": backend}
+    if method == "ppo":
+        settings = {**{k: v for k, v in settings.items() if k != "beta2"}, **PPO, "method": "ppo"}
+        train_inputs = (*train_inputs[:2], None)
     straight = T.train(settings, *train_inputs, tmp_path / "straight", *RUNTIME)["history"]
 
     real = T.batch_indices
@@ -135,16 +140,31 @@ def test_resumed_run_equals_uninterrupted_run(backend, train_inputs, tmp_path, m
 
 
 @pytest.mark.parametrize("method, extra", [("grpo", {"grpo": {"group_size": 4, "clip_eps": 0.2, "kl_coef": 0.01}}),
-                                           ("rebel", {"rebel": {"eta": 0.01}})])
+                                           ("rebel", {"rebel": {"eta": 0.01}}), ("ppo", PPO)])
 def test_baselines_train_without_vstar(method, extra, train_inputs, tmp_path):
     model, prompts, _ = train_inputs
     settings = {k: v for k, v in SETTINGS.items() if k != "beta2"}
     res = T.train({**settings, **extra, "method": method, "steps": 2}, model, prompts, None, tmp_path / method, *RUNTIME)
     h = res["history"]
     n = T.samples_per_prompt({**settings, **extra, "method": method})
-    assert n == (4 if method == "grpo" else 2)
+    assert n == {"grpo": 4, "rebel": 2, "ppo": 1}[method]
     assert h["step"].tolist() == [1, 2] and h["loss"].notna().all()
     assert (tmp_path / method / "model" / "config.json").exists()
+    if method == "ppo":  # the critic's own figures, and its pass timed apart from the update
+        assert h["value_loss"].notna().all() and (h["time_values_s"] > 0).all()
+
+
+def test_token_values_read_the_state_before_each_response_token(tiny_demo):
+    """V(x, y_<t) sits at the position that predicts y_t, as the log-probs do."""
+    from transformers import AutoModelForTokenClassification
+
+    critic = AutoModelForTokenClassification.from_pretrained(tiny_demo / "model", num_labels=1).eval()
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    values, mask = T.token_values(critic, prompts, responses, pad_id=0)
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        full = critic(input_ids=torch.tensor([p + r])).logits[0, :, 0]
+        assert values[b, : len(r)].tolist() == pytest.approx(full[len(p) - 1 : len(p) - 1 + len(r)].tolist(), abs=1e-5)
 
 
 def test_bfloat16_with_gradient_checkpointing(train_inputs, tmp_path):

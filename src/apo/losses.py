@@ -48,9 +48,34 @@ def apo_loss(
 
 
 # --------------------------------------------------------------------------- baselines
-# Pure loss functions for the paper's comparison (apo-method.md, "Baselines"). The trainer
-# does not dispatch to them yet (it needs G or 2 samples per prompt); they are pinned by
-# unit tests so that integration changes nothing in the maths.
+# The paper's comparison (apo-method.md, "Baselines"): GRPO, REBEL and PPO, each pinned by
+# unit tests on hand-computed values.
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token (Schulman et al. 2017, eq. 7), as a loss:
+
+        -min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t),   rho_t = pi(y_t) / pi_old(y_t)
+
+    `advantages` broadcasts against logp ([B, 1] for one advantage per response, [B, T]
+    per token). Returns (per-token loss [B, T], ratio [B, T]).
+    """
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    return -surrogate, ratio
+
+
+def seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each response's tokens, then over responses (long answers weigh no more)."""
+    return (masked_sum(values, mask) / mask.sum(dim=-1).clamp(min=1)).mean()
+
+
+def clip_fraction(ratio: torch.Tensor, mask: torch.Tensor, clip_eps: float) -> float:
+    """Share of response tokens whose ratio lies outside [1 - eps, 1 + eps]."""
+    clipped = ((ratio.detach() - 1).abs() > clip_eps).float()
+    return (masked_sum(clipped, mask).sum() / mask.sum().clamp(min=1)).item()
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -81,19 +106,11 @@ def grpo_loss(
 
     Args: logp, old_logp, ref_logp, mask [B, T]; advantages [B] (one per response).
     """
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages.unsqueeze(-1)
-    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    pg, ratio = clipped_surrogate(logp, old_logp, advantages.unsqueeze(-1), clip_eps)
     q = ref_logp - logp
     k3 = torch.exp(q) - q - 1
-    per_token = -surrogate + kl_coef * k3
-    lengths = mask.sum(dim=-1).clamp(min=1)
-    loss = (masked_sum(per_token, mask) / lengths).mean()
-    clipped = ((ratio - 1).abs() > clip_eps).float()
-    stats = {
-        "clip_frac": (masked_sum(clipped, mask).sum() / mask.sum().clamp(min=1)).item(),
-        "kl_k3": (masked_sum(k3.detach(), mask) / lengths).mean().item(),
-    }
+    loss = seq_mean_token_mean(pg + kl_coef * k3, mask)
+    stats = {"clip_frac": clip_fraction(ratio, mask, clip_eps), "kl_k3": seq_mean_token_mean(k3.detach(), mask).item()}
     return loss, stats
 
 
@@ -118,3 +135,86 @@ def rebel_loss(
     residual = (seq[:, 0] - seq[:, 1]) / eta - (r[:, 0] - r[:, 1])
     loss = residual.pow(2).mean()
     return loss, {"residual_abs": residual.detach().abs().mean().item()}
+
+
+def ppo_token_rewards(
+    rewards: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """PPO's per-token reward for RLHF: a KL penalty on every token, the sequence reward on
+    the last response token (Ouyang et al. 2022, eq. 2):
+
+        r_t = -kl_coef * (log pi_old(y_t) - log pi_ref(y_t)) + [t = |y| - 1] * r(x, y)
+
+    Args: rewards [B]; old_logp, ref_logp, mask [B, T] (right-padded). Returns [B, T], zero
+    on padding.
+    """
+    token_rewards = -kl_coef * (old_logp - ref_logp) * mask
+    last = (mask.sum(dim=-1).long() - 1).clamp(min=0)
+    return token_rewards.scatter_add(-1, last.unsqueeze(-1), rewards.unsqueeze(-1).to(token_rewards.dtype))
+
+
+def gae(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), backwards over each
+    response, with V = 0 after its last token:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = delta_t + gamma * lam * A_{t+1},
+        R_t = A_t + V_t (the critic's regression target)
+
+    Args: token_rewards, values, mask [B, T], right-padded. Returns (advantages, returns),
+    both [B, T] and zero on padding.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        # padding has r = V = 0, so the recursion carries zeros until the last real token
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_value = values[:, t]
+        advantages[:, t] = next_adv
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the unmasked entries (population std), zero on padding: PPO
+    normalises its advantages over the batch."""
+    n = mask.sum().clamp(min=1)
+    mean = masked_sum(values, mask).sum() / n
+    var = masked_sum((values - mean).pow(2), mask).sum() / n
+    return (values - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    clip_eps: float = 0.2,
+    value_clip: float = 0.5,
+) -> tuple[torch.Tensor, dict]:
+    """PPO with a learned critic: the clipped policy objective on per-token GAE advantages
+    plus the clipped value regression onto the returns, each averaged over a response's
+    tokens, then over responses:
+
+        L = mean_b (1/|y_b|) sum_t [ -min(rho_t A_t, clip(rho_t, 1 +- eps) A_t)
+               + 1/2 max((V_t - R_t)^2, (clip(V_t, V_old_t +- value_clip) - R_t)^2) ]
+
+    The policy and the critic are separate networks, so each term only moves its own.
+    Args: all [B, T]; values with grad from the critic, the rest detached.
+    """
+    pg, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    clipped_values = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+    vf = 0.5 * torch.maximum((values - returns).pow(2), (clipped_values - returns).pow(2))
+    policy_loss, value_loss = seq_mean_token_mean(pg, mask), seq_mean_token_mean(vf, mask)
+    stats = {
+        "clip_frac": clip_fraction(ratio, mask, clip_eps),
+        "value_loss": value_loss.item(),
+        "value_mean": (masked_sum(values.detach(), mask).sum() / mask.sum().clamp(min=1)).item(),
+    }
+    return policy_loss + value_loss, stats

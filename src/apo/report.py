@@ -45,7 +45,7 @@ def summary_table(evals: list[dict]) -> pd.DataFrame:
 
 
 # Row order and display names of the paper's table (Lee et al. 2025, Tables 1-2).
-METHOD_NAMES = {"reference": "reference", "apo": "A*-PO", "grpo": "GRPO", "rebel": "REBEL"}
+METHOD_NAMES = {"reference": "reference", "apo": "A*-PO", "grpo": "GRPO", "rebel": "REBEL", "ppo": "PPO"}
 COST_COLUMNS = ["train_hours", "peak_memory_gb", "time_ratio", "memory_ratio"]
 
 
@@ -93,6 +93,46 @@ def paper_table_latex(table: pd.DataFrame) -> str:
     return table.to_latex(float_format="%.2f", na_rep="--", escape=True)
 
 
+# Phases of an optimizer step, as the trainer times them (metrics.parquet columns).
+PHASES = [
+    ("time_generate_s", "generation"),
+    ("time_grade_s", "grading"),
+    ("time_ref_logprobs_s", "reference log-probs"),
+    ("time_values_s", "critic values"),
+    ("time_update_s", "update"),
+    ("time_sync_s", "weight sync"),
+]
+
+
+def phase_times(trainings: list[dict]) -> pd.DataFrame:
+    """Seconds each training run spent in each phase, summed over its optimizer steps
+    (rows = run label, columns = phase; a phase a run does not time counts 0)."""
+    rows = {}
+    for t in trainings:
+        m = pd.read_parquet(Path(t["dir"]) / "metrics.parquet")
+        rows[t["label"]] = {name: float(m[col].sum()) if col in m else 0.0 for col, name in PHASES}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[name for _, name in PHASES])
+
+
+def plot_phases(phases: pd.DataFrame, path: Path) -> None:
+    """One horizontal bar per run, split into the phases of its training time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(phases) + 1.4))
+    (phases / 60).plot.barh(stacked=True, ax=ax, width=0.6)
+    ax.invert_yaxis()  # first run on top, as in the tables
+    ax.set_xlabel("training wall time (min)")
+    ax.legend(fontsize=8, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
     import matplotlib
 
@@ -116,7 +156,7 @@ def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
 
 
 def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages: dict,
-             paper: pd.DataFrame | None = None) -> str:
+             paper: pd.DataFrame | None = None, phases: pd.DataFrame | None = None) -> str:
     lines = [f"# Experiment `{experiment}`", "", "## Accuracy (pass@1 = avg@k, %)", ""]
     pivot = table.pivot(index="model", columns="benchmark", values="accuracy")
     lines += [pivot.to_markdown(), ""]
@@ -145,7 +185,11 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
         )
         if s.get("collapse"):
             lines.append(f"  - **collapse detected**: {s['collapse']}")
-    lines += ["", "![training curves](training_curves.png)", "", "## Data", ""]
+    lines += ["", "![training curves](training_curves.png)", ""]
+    if phases is not None:
+        lines += ["Where the training time went (seconds, summed over optimizer steps):", "",
+                  phases.round(1).to_markdown(), "", "![training time by phase](training_phases.png)", ""]
+    lines += ["## Data", ""]
     for name, d in stages.items():
         counts_file = Path(d) / "counts.json"
         if name.startswith("data_") and counts_file.exists():
@@ -179,13 +223,15 @@ def write(spec: dict, out_dir: str | os.PathLike) -> pd.DataFrame:
     table = summary_table(spec["evals"])
     link_stages(out_dir, spec["stages"])
     plot_curves(spec["trainings"], out_dir / "training_curves.png")
+    phases = phase_times(spec["trainings"])
+    plot_phases(phases, out_dir / "training_phases.png")
     with atomic_path(out_dir / "summary.csv") as tmp:
         table.to_csv(tmp, index=False)
     paper = paper_table(table, training_costs(spec["trainings"]))
     with atomic_path(out_dir / "paper_table.csv") as tmp:
         paper.to_csv(tmp, float_format="%.4f")
     write_text(out_dir / "paper_table.tex", paper_table_latex(paper))
-    write_text(out_dir / "report.md", markdown(spec["experiment"], table, spec["trainings"], spec["stages"], paper))
+    write_text(out_dir / "report.md", markdown(spec["experiment"], table, spec["trainings"], spec["stages"], paper, phases))
     return table
 
 

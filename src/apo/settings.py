@@ -30,7 +30,7 @@ FORMAT_VERSION = {
     "eval": 1,
 }
 
-METHOD_BLOCKS = ("grpo", "rebel")  # train.<method> settings, read only by that method
+METHOD_BLOCKS = ("grpo", "rebel", "ppo")  # train.<method> settings, read only by that method
 # train.* keys that change speed and memory, not results: passed to the job, not addressed
 RUNTIME_TRAIN_KEYS = ("gradient_checkpointing",)
 DEMO = "demo"  # the value of `model` / a dataset `path` that means "the embedded demo"

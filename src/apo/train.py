@@ -1,14 +1,16 @@
 """Stage 2 of A*-PO: on-policy training with one generation per prompt (and, on equal
-footing, the GRPO and REBEL baselines, which sample a group or a pair per prompt).
+footing, the baselines: GRPO and REBEL sample a group or a pair per prompt, PPO one response
+scored by a learned critic).
 
 The loop, per optimizer step:
   1. take the next `batch_size` prompts (a fixed permutation per epoch, so the position in
      the data is just the step number),
   2. sample ONE response per prompt (A*-PO) from the current policy and grade it,
-  3. per micro-batch: sequence log-probs under the policy and the frozen reference, the
-     A*-PO loss against r - V*, backward (gradients accumulate over micro-batches),
-  4. clip, AdamW step, LR schedule, push the new weights to the generation engine,
-  5. log; every `checkpoint_every` steps an atomic checkpoint (model, optimizer, scheduler,
+  3. score the responses under the frozen reference (PPO: and the critic, then GAE),
+  4. per micro-batch: log-probs under the policy, the A*-PO loss against r - V*, backward
+     (gradients accumulate over micro-batches),
+  5. clip, AdamW step, LR schedule, push the new weights to the generation engine,
+  6. log; every `checkpoint_every` steps an atomic checkpoint (model, optimizer, scheduler,
      RNG states, step, metric history) from which a rerun continues.
 """
 
@@ -27,48 +29,65 @@ from tqdm.auto import tqdm
 
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path, read_json, write_json
-from apo.losses import apo_loss, group_advantages, grpo_loss, rebel_loss
+from apo.losses import (
+    apo_loss,
+    gae,
+    group_advantages,
+    grpo_loss,
+    masked_whiten,
+    ppo_loss,
+    ppo_token_rewards,
+    rebel_loss,
+)
 from apo.reward import Grader
 
 log = logging.getLogger(__name__)
 
 
-# Each method: a loss over one micro-batch of responses (flattened prompt-major, so the
+# Each method: a loss over one micro-batch `mb` of responses (flattened prompt-major, so the
 # responses of one prompt are consecutive), and how many responses it samples per prompt.
+# `mb` holds [B, T] tensors logp (with grad), ref_logp, mask, and [B] rewards and vstar; for
+# PPO also the critic's values (with grad) and the batch's old_values, advantages, returns.
 # The baselines do one optimizer step per batch, so pi_old = pi and the ratio to it is 1.
-def _apo(logp, ref_logp, mask, rewards, vstar, s):
-    return apo_loss(logp, ref_logp, mask, rewards, vstar, s["beta2"])
+def _apo(mb, s):
+    return apo_loss(mb["logp"], mb["ref_logp"], mb["mask"], mb["rewards"], mb["vstar"], s["beta2"])
 
 
-def _grpo(logp, ref_logp, mask, rewards, vstar, s):
+def _grpo(mb, s):
     g = s["grpo"]
-    adv = group_advantages(rewards.view(-1, g["group_size"])).flatten()
-    return grpo_loss(logp, logp.detach(), ref_logp, mask, adv, g["clip_eps"], g["kl_coef"])
+    adv = group_advantages(mb["rewards"].view(-1, g["group_size"])).flatten()
+    return grpo_loss(mb["logp"], mb["logp"].detach(), mb["ref_logp"], mb["mask"], adv, g["clip_eps"], g["kl_coef"])
 
 
-def _rebel(logp, ref_logp, mask, rewards, vstar, s):
-    return rebel_loss(logp, logp.detach(), mask, rewards, s["rebel"]["eta"])
+def _rebel(mb, s):
+    return rebel_loss(mb["logp"], mb["logp"].detach(), mb["mask"], mb["rewards"], s["rebel"]["eta"])
 
 
-LOSSES = {"apo": _apo, "grpo": _grpo, "rebel": _rebel}
+def _ppo(mb, s):
+    p = s["ppo"]
+    return ppo_loss(
+        mb["logp"], mb["logp"].detach(), mb["mask"], mb["advantages"], mb["values"], mb["old_values"],
+        mb["returns"], p["clip_eps"], p["value_clip"],
+    )
+
+
+LOSSES = {"apo": _apo, "grpo": _grpo, "rebel": _rebel, "ppo": _ppo}
 
 
 def samples_per_prompt(s: dict) -> int:
-    """A*-PO: one generation per prompt; GRPO: a group of G; REBEL: a pair."""
+    """A*-PO and PPO: one generation per prompt; GRPO: a group of G; REBEL: a pair."""
     if s["method"] == "grpo":
         return s["grpo"]["group_size"]
-    return {"apo": 1, "rebel": 2}[s["method"]]
+    return {"apo": 1, "ppo": 1, "rebel": 2}[s["method"]]
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """Per-token log pi(y_t | x, y_<t) of each response, right-padded to [B, T].
-
-    Returns (logp [B, T], mask [B, T]) where mask is 1 on response tokens.
-    """
+def _forward(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Run prompt + response sequences, right-padded, through `model`; returns its output and
+    the input ids."""
     device = next(model.parameters()).device
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(map(len, seqs))
@@ -78,18 +97,53 @@ def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], 
         ids[b, : len(s)] = torch.tensor(s)
         attn[b, : len(s)] = 1
     ids, attn = ids.to(device), attn.to(device)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    targets = ids[:, 1:]
-    # log_softmax at the target only: gather minus logsumexp, no [B, L, V] log-prob tensor
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    # Keep only response positions, aligned left so that [B, T] is as small as possible.
+    return model(input_ids=ids, attention_mask=attn), ids
+
+
+def _response_positions(per_position: torch.Tensor, prompts, responses):
+    """Pick, for each response token y_t, the value at the position that predicts it
+    (len(prompt) - 1 + t), aligned left so that [B, T] is as small as possible.
+
+    Args: per_position [B, L - 1], position i predicting token i + 1. Returns (out, mask) [B, T].
+    """
     t_max = max(map(len, responses))
-    out = torch.zeros((len(seqs), t_max), device=device, dtype=logp.dtype)
-    mask = torch.zeros((len(seqs), t_max), device=device)
+    out = per_position.new_zeros((len(responses), t_max))
+    mask = torch.zeros((len(responses), t_max), device=per_position.device)
     for b, (p, r) in enumerate(zip(prompts, responses)):
-        out[b, : len(r)] = logp[b, len(p) - 1 : len(p) - 1 + len(r)]
+        out[b, : len(r)] = per_position[b, len(p) - 1 : len(p) - 1 + len(r)]
         mask[b, : len(r)] = 1
     return out, mask
+
+
+def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Per-token log pi(y_t | x, y_<t) of each response, right-padded to [B, T].
+
+    Returns (logp [B, T], mask [B, T]) where mask is 1 on response tokens.
+    """
+    output, ids = _forward(model, prompts, responses, pad_id)
+    logits = output.logits[:, :-1].float()
+    # log_softmax at the target only: gather minus logsumexp, no [B, L, V] log-prob tensor
+    logp = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return _response_positions(logp, prompts, responses)
+
+
+def token_values(critic, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """PPO's critic: V(x, y_<t), the value of the state in which y_t is chosen, [B, T]."""
+    output, _ = _forward(critic, prompts, responses, pad_id)
+    return _response_positions(output.logits[:, :-1, 0].float(), prompts, responses)
+
+
+def pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [B_i, T_i] tensors along B, zero-padding every T_i to the largest."""
+    width = max(x.shape[1] for x in tensors)
+    return torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in tensors])
+
+
+def score_batch(fn, model, prompts, responses, parts: list[slice], pad_id: int):
+    """`fn` (token_logprobs or token_values) over a batch, one micro-batch (`parts`) at a
+    time; returns (scores, mask), each one zero-padded [B, T] tensor."""
+    outs = [fn(model, prompts[sl], responses[sl], pad_id) for sl in parts]
+    return pad_cat([x for x, _ in outs]), pad_cat([m for _, m in outs])
 
 
 def batch_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
@@ -186,7 +240,7 @@ def train(
 ) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer, get_scheduler
 
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -208,6 +262,11 @@ def train(
         raise NotImplementedError(
             "resources.train.distributed: fsdp shards the policy, and the hf generation engine samples "
             "from the local module; use ddp or deepspeed (ZeRO-2 keeps full weights on every GPU)"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and s["method"] == "ppo":
+        raise NotImplementedError(
+            "train.method ppo trains two networks (policy and critic), which accelerate's DeepSpeed "
+            "integration needs one plugin each for; use resources.train.distributed: ddp or fsdp"
         )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no dataloader to read it from
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = s["micro_batch_size"]
@@ -237,13 +296,24 @@ def train(
         )
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in data["prompt"]]
 
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], betas=(0.9, 0.999)
-    )
-    scheduler = get_scheduler(
-        s["lr_schedule"], optimizer, num_warmup_steps=s["warmup_steps"], num_training_steps=s["steps"]
-    )
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    def optimize(model, lr):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s["weight_decay"], betas=(0.9, 0.999))
+        scheduler = get_scheduler(
+            s["lr_schedule"], optimizer, num_warmup_steps=s["warmup_steps"], num_training_steps=s["steps"]
+        )
+        return accelerator.prepare(model, optimizer, scheduler)
+
+    policy, optimizer, scheduler = optimize(policy, s["lr"])
+    critic = None
+    if s["method"] == "ppo":
+        # The critic starts from the reference model with a fresh scalar head (a token
+        # classifier with one label), trained by its own optimizer at its own rate.
+        critic = AutoModelForTokenClassification.from_pretrained(model_path, num_labels=1, dtype=dtype)
+        if gradient_checkpointing:
+            critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        critic, critic_optimizer, critic_scheduler = optimize(critic, s["ppo"]["critic_lr"])
+        critic.eval()
+    trained = [policy] if critic is None else [policy, critic]
     # Colocated engine: vLLM lives in this process and gets the new weights after every step.
     generator = make_generator(
         s["backend"], tokenizer, model=accelerator.unwrap_model(policy), model_path=model_path,
@@ -261,7 +331,7 @@ def train(
     start, history = 0, []
     resume_from = latest_checkpoint(ckpt_root)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # model, optimizer, scheduler, RNG states
+        accelerator.load_state(str(resume_from))  # models, optimizers, schedulers, RNG states
         state = read_json(resume_from / "trainer_state.json")
         start, history = state["step"], state["history"]
         for h in history:
@@ -288,20 +358,46 @@ def train(
             vstars = torch.tensor(batch["vstar"].repeat(n).to_numpy(), dtype=torch.float32, device=accelerator.device)
             t_grade = time.perf_counter()
 
-            losses, stats, kls, t_ref = [], [], [], 0.0
-            policy.train(gradient_checkpointing)  # unchanged (eval) without checkpointing
-            for m in range(accum):
-                mb = s["micro_batch_size"]
-                sl = slice(m * mb * n, (m + 1) * mb * n)  # the responses of mb whole prompts
-                p_ids = [prompt_ids[i] for i in idx[m * mb : (m + 1) * mb] for _ in range(n)]
-                r_ids = [c.token_ids or [tokenizer.eos_token_id] for c in completions[sl]]
-                with accelerator.accumulate(policy):
-                    logp, mask = token_logprobs(policy, p_ids, r_ids, tokenizer.pad_token_id)
-                    t_ref0 = time.perf_counter()
-                    with torch.no_grad():
-                        ref_logp, _ = token_logprobs(reference, p_ids, r_ids, tokenizer.pad_token_id)
-                    t_ref += time.perf_counter() - t_ref0
-                    loss, st = loss_fn(logp, ref_logp, mask, rewards[sl], vstars[sl], s)
+            # Score the batch before any update: reference log-probs (and for PPO the critic's
+            # values and GAE, whose advantages are normalised over the whole batch).
+            mb = s["micro_batch_size"] * n  # responses per micro-batch: whole prompts
+            parts = [slice(m * mb, (m + 1) * mb) for m in range(accum)]
+            p_ids = [prompt_ids[i] for i in idx for _ in range(n)]
+            r_ids = [c.token_ids or [tokenizer.eos_token_id] for c in completions]
+
+            def score(fn, model):
+                return score_batch(fn, model, p_ids, r_ids, parts, tokenizer.pad_token_id)
+
+            with torch.no_grad():
+                ref_logp, mask = score(token_logprobs, reference)
+                t_ref = time.perf_counter()
+                if critic is not None:
+                    ppo = s["ppo"]
+                    old_values, _ = score(token_values, critic)
+                    # the reward's KL penalty needs pi_old (= pi before this step); with
+                    # kl_coef 0 it vanishes and the extra policy pass is skipped
+                    old_logp = score(token_logprobs, policy)[0] if ppo["kl_coef"] > 0 else ref_logp
+                    token_rewards = ppo_token_rewards(rewards, old_logp, ref_logp, mask, ppo["kl_coef"])
+                    advantages, returns = gae(token_rewards, old_values, mask, ppo["gamma"], ppo["lam"])
+                    advantages = masked_whiten(advantages, mask)
+            t_values = time.perf_counter()
+
+            losses, stats, kls = [], [], []
+            for model in trained:
+                model.train(gradient_checkpointing)  # unchanged (eval) without checkpointing
+            for sl in parts:
+                with accelerator.accumulate(*trained):
+                    logp, _ = token_logprobs(policy, p_ids[sl], r_ids[sl], tokenizer.pad_token_id)
+                    width = logp.shape[1]  # this micro-batch's longest response
+                    micro = {
+                        "logp": logp, "ref_logp": ref_logp[sl, :width], "mask": mask[sl, :width],
+                        "rewards": rewards[sl], "vstar": vstars[sl],
+                    }
+                    if critic is not None:
+                        micro["values"], _ = token_values(critic, p_ids[sl], r_ids[sl], tokenizer.pad_token_id)
+                        for k, v in (("old_values", old_values), ("advantages", advantages), ("returns", returns)):
+                            micro[k] = v[sl, :width]
+                    loss, st = loss_fn(micro, s)
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(
                             f"non-finite loss {loss.item()} at optimizer step {step + 1}; the last good checkpoint "
@@ -310,14 +406,21 @@ def train(
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), s["max_grad_norm"])
+                        if critic is not None:
+                            accelerator.clip_grad_norm_(critic.parameters(), s["max_grad_norm"])
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if critic is not None:
+                        critic_optimizer.step()
+                        critic_scheduler.step()
+                        critic_optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 stats.append(st)
                 # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
-                kls.append(((logp.detach() - ref_logp) * mask).sum(-1).mean().item())
-            policy.eval()
+                kls.append(((logp.detach() - micro["ref_logp"]) * micro["mask"]).sum(-1).mean().item())
+            for model in trained:
+                model.eval()
             t_sync = time.perf_counter()
             generator.sync_weights(accelerator.unwrap_model(policy))
             t_end = time.perf_counter()
@@ -337,8 +440,9 @@ def train(
                 "tokens": n * sum(len(prompt_ids[i]) for i in idx) + sum(lengths),
                 "time_generate_s": t_gen - t0,
                 "time_grade_s": t_grade - t_gen,
-                "time_ref_logprobs_s": t_ref,
-                "time_update_s": t_sync - t_grade - t_ref,
+                "time_ref_logprobs_s": t_ref - t_grade,
+                "time_values_s": t_values - t_ref,  # PPO's critic pass and GAE (0 for the others)
+                "time_update_s": t_sync - t_values,
                 "time_sync_s": t_end - t_sync,
                 "time_step_s": t_end - t0,
                 "peak_memory_mb": peak_memory_mb(accelerator.device),

@@ -1,6 +1,6 @@
 rule report:
     """Accuracy table (Markdown, CSV), the paper's method comparison (Markdown, CSV, LaTeX),
-    training curves, links to the stages used."""
+    training curves, training time by phase, links to the stages used."""
     input:
         scores=[f"{s.dir}/scores.json" for s in PLAN.evals.values()],
         metrics=[f"{s.dir}/metrics.parquet" for s in PLAN.trains.values()],
@@ -16,6 +16,11 @@ rule report:
         curves=report(
             f"{EXPERIMENT_DIR}/training_curves.png",
             caption="../report/curves.rst",
+            category="Training",
+        ),
+        phases=report(
+            f"{EXPERIMENT_DIR}/training_phases.png",
+            caption="../report/phases.rst",
             category="Training",
         ),
     log:

@@ -14,7 +14,9 @@ rule train:
         f"{RESULTS}/train/{{h}}/log/train.benchmark.tsv"
     conda:
         "../../envs/apo.yaml"
-    threads: 2
+    # The colocated vLLM engine pins every core it is given (see sample.smk); one training
+    # job at a time also keeps the measured training times free of contention.
+    threads: workflow.cores
     resources:
         **job_resources("train"),
     params:
