@@ -47,6 +47,7 @@ def test_smoke_config_runs_every_stage(smoke_run):
     assert set(summary["model"]) == {"reference", "apo"}
     assert summary["n"].tolist() == [24, 24] and summary["k"].tolist() == [2, 2]
     assert (results / "smoke" / "training_curves.png").stat().st_size > 1000
+    assert (results / "smoke" / "training_phases.png").stat().st_size > 1000
     assert "| model" in (results / "smoke" / "report.md").read_text()
     paper = pd.read_csv(results / "smoke" / "paper_table.csv", index_col="method")
     assert paper.index.tolist() == ["reference", "A*-PO"] and paper.loc["A*-PO", "time_ratio"] == 1.0
@@ -110,6 +111,27 @@ def test_an_unfinished_evaluation_shard_is_the_only_evaluation_redone(smoke_run)
         for f in lost:
             f.with_name(f.name + ".kept").rename(f)
     assert jobs == {"evaluate": 1, "scores": 1, "report": 1, "all": 1}
+
+
+@pytest.mark.slow
+def test_adding_a_method_to_a_finished_experiment_trains_only_it(smoke_run):
+    """The new method's training and evaluation, and the report (its set of inputs grew)."""
+    workdir, _ = smoke_run
+    jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "methods=['apo', 'rebel']")
+    assert jobs == {"train": 1, "evaluate": 2, "scores": 1, "report": 1, "all": 1}
+
+
+@pytest.mark.slow
+def test_a_missing_report_output_reruns_the_report_only(smoke_run):
+    """E.g. an output added to the report in a newer version of the workflow."""
+    workdir, _ = smoke_run
+    plot = workdir / "results" / "smoke" / "training_phases.png"
+    plot.rename(plot.with_name("kept.png"))
+    try:
+        jobs = planned_jobs(workdir, "--configfile", str(SMOKE))
+    finally:
+        plot.with_name("kept.png").rename(plot)
+    assert jobs == {"report": 1, "all": 1}
 
 
 @pytest.mark.slow

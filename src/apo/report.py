@@ -165,7 +165,8 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
             "## Methods compared (as in the paper's tables)", "",
             paper_table_markdown(paper), "",
             "Accuracy in %, the mean over seeds; training hours = the summed wall time of the "
-            "optimizer steps (generation, grading, reference log-probs, update); peak memory = "
+            "optimizer steps (generation, grading, reference log-probs, critic values, update, weight "
+            "sync; stage 1 not included); peak memory = "
             "the CUDA allocator's peak on GPU, the process's peak resident memory on CPU; "
             "ratios divide by A*-PO's. Also in `paper_table.csv` and `paper_table.tex`.", "",
         ]
