@@ -162,7 +162,8 @@ class VLLMGenerator:
         dtype: str = "auto", settings: VLLMSettings = VLLMSettings(), device: str | None = None,
     ):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
+        # The config's value, not one left in the environment (vLLM reads it at engine start)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)
         from vllm import LLM
 
         self.tokenizer, self.settings = tokenizer, settings

@@ -3,6 +3,8 @@ reference sampling (stage 1) and evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 
@@ -42,9 +44,11 @@ def open_generator(
         return make_generator("hf", tokenizer, model=model, batch_size=generation["batch_size"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     longest = max(len(ids) for ids in tokenizer(list(prompts["prompt"]), add_special_tokens=False)["input_ids"])
+    # Sleep mode frees the engine's memory between a training step's generations; a sampling
+    # or evaluation job generates once and exits, so it does not reserve the sleep allocator.
     return make_generator(
         "vllm", tokenizer, model_path=model_path, seed=seed, max_model_len=longest + max_new_tokens,
-        vllm=VLLMSettings.from_runtime(generation),
+        vllm=dataclasses.replace(VLLMSettings.from_runtime(generation), sleep=False),
     )
 
 
