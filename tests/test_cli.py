@@ -1,0 +1,50 @@
+"""The `apo` command as Snakemake runs it: it leaves without the interpreter's teardown
+(`apo.cli.run`), so everything a job writes must be complete when `main` returns, and a
+failing job must still exit non-zero with its error."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+APO = Path(sys.executable).with_name("apo")
+
+
+def vstar_job(tmp_path: Path, samples: Path) -> subprocess.CompletedProcess:
+    stage_dir = tmp_path / "results" / "vstar" / "0123456789ab"
+    manifest = {"kind": "vstar", "hash": "0123456789ab", "settings": {"beta1": 0.0, "filter": "keep_all"},
+                "inputs": {"samples": "sample/ba9876543210"}}
+    runtime = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    return subprocess.run(
+        [str(APO), "vstar", "--manifest", json.dumps(manifest), "--stage-dir", str(stage_dir),
+         "--runtime", json.dumps(runtime), "--samples", str(samples), "--out", str(stage_dir / "vstar.parquet")],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_a_finished_job_has_written_everything(tmp_path):
+    samples = tmp_path / "shard-0.parquet"
+    pd.DataFrame({"id": ["a", "a", "b", "b"], "reward": [1.0, 0.0, 0.0, 0.0]}).to_parquet(samples)
+    proc = vstar_job(tmp_path, samples)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    stage_dir = tmp_path / "results" / "vstar" / "0123456789ab"
+    table = pd.read_parquet(stage_dir / "vstar.parquet")
+    assert table.set_index("id")["vstar"].to_dict() == {"a": 0.5, "b": 0.0}
+    assert json.loads((stage_dir / "manifest.json").read_text())["hash"] == "0123456789ab"
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["prompts"] == 2
+
+
+def test_a_failing_job_exits_non_zero_and_writes_nothing(tmp_path):
+    proc = vstar_job(tmp_path, tmp_path / "missing.parquet")
+    assert proc.returncode == 1
+    assert "missing.parquet" in proc.stderr
+    stage_dir = tmp_path / "results" / "vstar" / "0123456789ab"
+    assert not (stage_dir / "vstar.parquet").exists()
+    assert not (stage_dir / "manifest.json").exists()
