@@ -154,13 +154,13 @@ def test_paper_and_compare_configs_plan_the_full_dag(tmp_path, config_file):
     cfg = yaml.safe_load(config_file.read_text())
     jobs = planned_jobs(tmp_path, "--configfile", str(config_file))
     benches, models = len(cfg["data"]["benchmarks"]), 1 + len(cfg["methods"]) * len(cfg.get("seeds", [0]))
-    assert cfg["methods"] == ["apo", "grpo", "rebel"]
+    assert cfg["methods"] == ["apo", "grpo", "rebel", "ppo"]  # the paper's comparison
     assert jobs == {
         **({"demo_model": 1} if cfg["model"] == "demo" else {}),
         "prepare_data": 1 + benches,
         "sample_reference": cfg["sample"]["shards"],
         "vstar": 1,
-        "train": 3,
+        "train": len(cfg["methods"]) * len(cfg.get("seeds", [0])),
         "evaluate": models * benches * cfg["evaluate"].get("shards", 1),
         "scores": models * benches,
         "report": 1,

@@ -82,8 +82,8 @@ def scaled_model(demo_model_dir: str, hidden_size: int, num_layers: int, out_dir
 def run(config_path: str, n_prompts: int, repeats: int, model: str | None = None,
         scale: tuple[int, int] | None = None) -> dict:
     """Alternate the engines over `repeats` rounds, each run in a fresh process: vLLM's CPU
-    engine pins and spins OpenMP threads on every core, which would slow a transformers
-    engine sharing its process (measured here: 5.8k against 8.4k tokens/s)."""
+    engine pins and spins OpenMP threads on every core, which slowed a transformers engine
+    sharing its process (an earlier in-process version of this benchmark measured it)."""
     model_dir, prompts_path, config = demo_inputs(config_path)
     if scale is not None:
         with tempfile.TemporaryDirectory(prefix="apo-bench-") as tmp:
