@@ -175,7 +175,7 @@ def test_published_stage1_table_plans_no_sampling(tmp_path):
              "prompt_field: extra_info.question, reward_fields: [eval_0, eval_1]}}")
     jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config/paper/qwen2.5-1.5b.yaml"),
                         "--config", f"vstar={table}")
-    assert "sample_reference" not in jobs and jobs["vstar"] == 1 and jobs["train"] == 3
+    assert "sample_reference" not in jobs and jobs["vstar"] == 1 and jobs["train"] == 4  # apo, grpo, rebel, ppo
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
