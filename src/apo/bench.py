@@ -45,7 +45,10 @@ def demo_inputs(config_path: str) -> tuple[str, str, dict]:
 def time_engine(backend: str, model_dir: str, prompts: list[str], sampling: SamplingSettings,
                 generation: dict, seed: int) -> dict:
     """Start one engine, warm it up, time one generation: {startup_s, tokens, seconds}."""
-    model, tok = load_model(model_dir)
+    from transformers import AutoTokenizer
+
+    # vLLM loads its own copy of the weights: the transformers model is for the hf engine only
+    model, tok = load_model(model_dir) if backend == "hf" else (None, AutoTokenizer.from_pretrained(model_dir))
     longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
     t = time.perf_counter()
     gen = make_generator(backend, tok, model=model, model_path=model_dir, seed=0,
@@ -89,8 +92,7 @@ def run(config_path: str, n_prompts: int, repeats: int, model: str | None = None
         with tempfile.TemporaryDirectory(prefix="apo-bench-") as tmp:
             return run(config_path, n_prompts, repeats, scaled_model(model_dir, *scale, tmp))
     model_dir = model or model_dir
-    s = config["sample"]
-    sampling = SamplingSettings(n=s["n"], temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=s["max_new_tokens"])
+    sampling = SamplingSettings.from_config(config["sample"])
     generation = {"batch_size": config["generation"]["batch_size"], "vllm": config["generation"]["vllm"]}
     print(f"model {model_dir}\n{n_prompts} prompts x n={sampling.n}, T={sampling.temperature}, "
           f"top_p={sampling.top_p}, up to {sampling.max_new_tokens} new tokens; hf batch "
