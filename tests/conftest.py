@@ -46,3 +46,17 @@ def smoke_run(tmp_path_factory):
     shutil.copytree(ROOT / "config", workdir / "config")
     proc = snakemake(workdir, "--cores", "2", "--configfile", str(SMOKE))
     return workdir, proc
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one AcceleratorState per process (a trainer runs once per process in the
+    pipeline); tests that train twice with different mixed precision need it reset in between."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()

@@ -44,7 +44,7 @@ def test_entry_loads_a_local_file_of_its_schema(name, tmp_path, tiny_demo):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(row) + "\n")
     tok = AutoTokenizer.from_pretrained(tiny_demo / "model")
-    df, _ = prepare({**spec, "path": str(path)}, {"instruction": "", "max_prompt_tokens": 256}, tok)
+    df, _ = prepare({**spec, "path": str(path)}, {"instruction": "", "max_prompt_tokens": 256, "template": "chat"}, tok)
     assert df["answer"].tolist() == [expected]
     assert df["question"].tolist() == ["What is 1 + 1?"]
     assert df["id"][0] == (f"{name}/0" if spec["id_field"] else f"{spec['split']}-000000")

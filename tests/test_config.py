@@ -33,7 +33,10 @@ def test_shipped_configs_are_valid(config_file):
         (("train", "lernrate"), 1.0, "unknown config key 'train.lernrate'"),
         (("data", "benchmarks"), [], "config key 'data.benchmarks'"),
         (("experiment",), "train", "config key 'experiment'"),
-        (("train", "dtype"), "float16", "config key 'train.dtype'"),
+        (("train", "dtype"), "bfloat16", "unknown config key 'train.dtype'"),
+        (("train", "compute_dtype"), "float16", "config key 'train.compute_dtype'"),
+        (("train", "loss_agg"), "sum", "config key 'train.loss_agg'"),
+        (("prompt", "template"), "alpaca", "config key 'prompt.template'"),
         (("resources",), {"train": {"gpu": -1}}, "config key 'resources.train.gpu'"),
         (("resources",), {"trian": {"gpu": 1}}, "unknown config key 'resources.trian'"),
         (("vstar", "source"), "table", "config key 'vstar.table' is required"),
@@ -68,6 +71,27 @@ def test_micro_batch_must_divide_batch(demo_config):
     demo_config["train"]["micro_batch_size"] = 4
     with pytest.raises(ConfigError, match="train.batch_size"):
         validate_config(demo_config, SCHEMA)
+
+
+def test_mini_batch_must_divide_batch_and_be_divided_by_micro_batch(demo_config):
+    demo_config["train"].update(batch_size=64, mini_batch_size=24, micro_batch_size=8)
+    with pytest.raises(ConfigError, match=r"'train.batch_size' \(64\) must be a multiple of 'train.mini_batch_size' \(24\)"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["train"].update(mini_batch_size=32, micro_batch_size=12)
+    with pytest.raises(ConfigError, match=r"'train.mini_batch_size' \(32\) must be a multiple of 'train.micro_batch_size' \(12\)"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_published_vstar_table_needs_raw_prompts(demo_config):
+    """The authors sampled their stage-1 table from raw prompts; joining its V* to chat-formatted
+    prompts would pair each value with another input."""
+    table = {"path": "t.parquet", "prompt_field": "q", "reward_fields": ["eval_0"]}
+    demo_config["vstar"].update(source="table", table=table)
+    demo_config["prompt"]["template"] = "chat"
+    with pytest.raises(ConfigError, match="'prompt.template' is 'chat'.*set prompt.template: raw"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["prompt"]["template"] = "raw"
+    assert validate_config(demo_config, SCHEMA)["prompt"]["template"] == "raw"
 
 
 def test_command_line_strings_are_coerced_to_the_schema_types(demo_config):

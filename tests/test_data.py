@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from apo.data import SCHEMA, DataError, normalize_answer, prepare
 
-PROMPT = {"instruction": "Answer in \\boxed{}.", "max_prompt_tokens": 256}
+PROMPT = {"instruction": "Answer in \\boxed{}.", "max_prompt_tokens": 256, "template": "chat"}
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,18 @@ def test_unparseable_gold_answers_are_dropped_and_counted(tmp_path, tokenizer):
 def test_missing_local_file_is_named(tmp_path, tokenizer):
     with pytest.raises(DataError, match="no such file"):
         prepare(spec(tmp_path / "nope.jsonl"), PROMPT, tokenizer)
+
+
+def test_raw_template_is_the_authors_problem_space_instruction(tiny_demo):
+    """prompt.template raw: exactly `problem + " " + instruction` (their math_dataset.py), no
+    chat turn; chat wraps the same text in the tokenizer's template."""
+    from transformers import AutoTokenizer
+
+    from apo.data import format_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_demo / "model")
+    cfg = {"instruction": "Think step by step.", "max_prompt_tokens": 256}
+    raw = format_prompt("What is 2+3? ", {**cfg, "template": "raw"}, tok)
+    assert raw == "What is 2+3?  Think step by step."
+    chat = format_prompt("What is 2+3? ", {**cfg, "template": "chat"}, tok)
+    assert chat != raw and "What is 2+3? Think step by step." in chat

@@ -103,13 +103,44 @@ def test_grpo_token_mean_ignores_padding():
 
 
 def test_rebel_loss_hand_computed():
-    # pair: seq log-ratios 0.3 (y1: 0.1 + 0.2) and -0.2 (y2), eta = 0.5 -> (0.5) / 0.5 = 1.0
-    # reward difference 1 - 0 = 1 -> residual 0; second pair: 0 and 0.4 -> -0.8, r diff 0 -> 0.64
+    # REBEL's code form: (delta log-ratio - eta * delta r)^2, eta = 0.5.
+    # pair 1: seq log-ratios 0.3 (y1: 0.1 + 0.2) and -0.2 (y2): 0.5 - 0.5 * (1 - 0) = 0 -> 0
+    # pair 2: 0 and 0.4 -> -0.4 - 0.5 * 0 = -0.4 -> 0.16
     logp = torch.tensor([[0.1, 0.2], [-0.2, 0.0], [0.0, 0.0], [0.4, 0.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     r = torch.tensor([1.0, 0.0, 1.0, 1.0])
     loss, _ = rebel_loss(logp, torch.zeros(4, 2), mask, r, eta=0.5)
-    assert loss.item() == pytest.approx((0.0 + 0.64) / 2)
+    assert loss.item() == pytest.approx((0.0 + 0.16) / 2)
+    # eta scales the reward difference, not the log-ratio: eta = 2 on pair 1 -> (0.5 - 2)^2
+    loss2, _ = rebel_loss(logp[:2], torch.zeros(2, 2), mask[:2], r[:2], eta=2.0)
+    assert loss2.item() == pytest.approx(2.25)
+
+
+def test_token_mean_over_micro_batches_equals_the_mini_batch_token_mean():
+    """verl's token_mean: with the denominator the trainer passes (mini-batch tokens / micro-
+    batches), the average of the micro-batch losses is the mean over all the mini-batch's tokens;
+    seq_mean_token_mean weighs each response equally instead."""
+    from apo.losses import aggregate
+
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0], [7.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    tokens = mask.sum().item() / 2  # 7 tokens in 2 micro-batches
+    micro = [aggregate(values[i : i + 2], mask[i : i + 2], "token_mean", tokens) for i in (0, 2)]
+    assert ((micro[0] + micro[1]) / 2).item() == pytest.approx(28 / 7)
+    assert aggregate(values, mask, "token_mean").item() == pytest.approx(28 / 7)
+    assert aggregate(values, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4 + 5.5 + 7) / 4)
+    with pytest.raises(ValueError, match="train.loss_agg"):
+        aggregate(values, mask, "sum")
+
+
+def test_grpo_loss_aggregation_modes_differ_on_unequal_lengths():
+    logp = torch.zeros(2, 2)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])  # ratio 1: per-token loss -A
+    tok, _ = grpo_loss(logp, logp, logp, mask, adv, loss_agg="token_mean")
+    seq, _ = grpo_loss(logp, logp, logp, mask, adv, loss_agg="seq_mean_token_mean")
+    assert tok.item() == pytest.approx((-1 - 1 + 1) / 3)
+    assert seq.item() == pytest.approx((-1 + 1) / 2)
 
 
 # --------------------------------------------------------------------------- PPO

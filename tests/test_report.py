@@ -85,7 +85,7 @@ def test_phase_times_sum_each_phase_and_count_untimed_phases_as_zero(tmp_path):
         runs.append({"label": label, "dir": str(d)})
     phases = phase_times(runs)
     assert list(phases.index) == ["apo", "ppo"]
-    assert phases.loc["apo"].tolist() == pytest.approx([3.0, 0.2, 0.5, 0.0, 7.0, 0.03])
+    assert phases.loc["apo"].tolist() == pytest.approx([3.0, 0.2, 0.5, 0.0, 0.0, 7.0, 0.03])  # no pi_old, no critic
     assert phases.loc["ppo", "critic values"] == pytest.approx(0.75)
     plot_phases(phases, tmp_path / "phases.png")
     assert (tmp_path / "phases.png").stat().st_size > 1000

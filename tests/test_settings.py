@@ -105,7 +105,7 @@ TABLE = {"path": "Cornell-AGI/math_size_qwen2.5_1.5b_eval", "prompt_field": "ext
 
 
 def test_published_table_replaces_sampling(demo_config):
-    p = plan(demo_config, vstar__source="table", vstar__table=TABLE)
+    p = plan(demo_config, vstar__source="table", vstar__table=TABLE, prompt__template="raw")
     assert p.sample is None and p.hashes("sample") == []
     m = p.vstar.manifest()
     assert m["inputs"] == {"table": f"external:{TABLE['path']}", "prompts": f"data/{p.train_data.hash}"}
@@ -114,8 +114,8 @@ def test_published_table_replaces_sampling(demo_config):
 
 
 def test_table_settings_are_part_of_the_vstar_address(demo_config):
-    base = plan(demo_config, vstar__source="table", vstar__table=TABLE)
-    other = plan(demo_config, vstar__source="table", vstar__table={**TABLE, "split": "test"})
+    base = plan(demo_config, vstar__source="table", vstar__table=TABLE, prompt__template="raw")
+    other = plan(demo_config, vstar__source="table", vstar__table={**TABLE, "split": "test"}, prompt__template="raw")
     assert base.vstar.hash != other.vstar.hash
     assert base.trains["apo"].hash != other.trains["apo"].hash
 
@@ -129,5 +129,5 @@ def test_resources_and_gradient_checkpointing_are_not_part_of_any_address(demo_c
     assert changed(plan(demo_config), other) == set()
 
 
-def test_training_dtype_moves_only_training_and_its_evaluation(demo_config):
-    assert changed(plan(demo_config), plan(demo_config, train__dtype="bfloat16")) == {"train:apo", "eval:apo:demo_test"}
+def test_training_compute_dtype_moves_only_training_and_its_evaluation(demo_config):
+    assert changed(plan(demo_config), plan(demo_config, train__compute_dtype="bfloat16")) == {"train:apo", "eval:apo:demo_test"}

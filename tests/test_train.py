@@ -1,10 +1,13 @@
 """Trainer pieces: log-prob alignment, data order, collapse detection, run and resume."""
 
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from apo import methods
 from apo import train as T
 from apo.config import vllm_available
 from apo.data import prepare
@@ -15,7 +18,8 @@ SETTINGS = {
     "micro_batch_size": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0,
     "checkpoint_every": 2, "keep_checkpoints": 2, "stop_on_collapse": False,
     "collapse": {"window": 20, "reward_ratio": 0.5, "length_ratio": 0.3}, "backend": "hf",
-    "dtype": "float32",
+    "compute_dtype": "float32", "reference_dtype": "float32", "mini_batch_size": None, "entropy_coef": 0.0,
+    "loss_agg": "token_mean", "require_eos": False,
 }
 RUNTIME = ({"batch_size": 64}, {"timeout_s": 5, "workers": 1})
 
@@ -57,7 +61,7 @@ def train_inputs(tiny_demo, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_demo / "model")
     spec = {"path": "demo", "split": "train", "prompt_field": "question", "answer_field": "answer",
             "id_field": "id", "answer_format": "plain", "limit": 16, "subset": None}
-    prompts, _ = prepare(spec, {"instruction": "", "max_prompt_tokens": 256}, tok, str(tiny_demo))
+    prompts, _ = prepare(spec, {"instruction": "", "max_prompt_tokens": 256, "template": "chat"}, tok, str(tiny_demo))
     prompts.to_parquet(tmp_path / "prompts.parquet")
     pd.DataFrame({"id": prompts["id"], "vstar": 0.5}).to_parquet(tmp_path / "vstar.parquet")
     return str(tiny_demo / "model"), str(tmp_path / "prompts.parquet"), str(tmp_path / "vstar.parquet")
@@ -83,14 +87,14 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     train_inputs, tmp_path, monkeypatch
 ):
     calls = {"n": 0}
-    real = T.LOSSES["apo"]
+    real = methods.METHODS["apo"]
 
     def nan_from_step_3(*args, **kwargs):  # 2 micro-batches per step
         calls["n"] += 1
-        loss, stats = real(*args, **kwargs)
+        loss, stats = real.loss(*args, **kwargs)
         return (loss * float("nan") if calls["n"] > 4 else loss), stats
 
-    monkeypatch.setitem(T.LOSSES, "apo", nan_from_step_3)
+    monkeypatch.setitem(methods.METHODS, "apo", dataclasses.replace(real, loss=nan_from_step_3))
     with pytest.raises(T.NonFiniteLossError, match="non-finite loss .* at optimizer step 3; the last good checkpoint is .*step-000002"):
         T.train(SETTINGS, *train_inputs, tmp_path / "run", *RUNTIME)
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json").exists()
@@ -167,12 +171,137 @@ def test_token_values_read_the_state_before_each_response_token(tiny_demo):
         assert values[b, : len(r)].tolist() == pytest.approx(full[len(p) - 1 : len(p) - 1 + len(r)].tolist(), abs=1e-5)
 
 
-def test_bfloat16_with_gradient_checkpointing(train_inputs, tmp_path):
-    """train.dtype and train.gradient_checkpointing: the policy trains in bf16 with
-    recomputed activations, is generated from in eval mode, and is saved in bf16."""
-    res = T.train({**SETTINGS, "dtype": "bfloat16", "steps": 2}, *train_inputs, tmp_path / "bf16", *RUNTIME,
-                  gradient_checkpointing=True)
-    assert res["history"]["loss"].notna().all()
-    assert res["summary"]["dtype"] == "bfloat16" and res["summary"]["gradient_checkpointing"] is True
+def test_bfloat16_compute_keeps_float32_master_weights(train_inputs, tmp_path):
+    """train.compute_dtype bfloat16 with gradient checkpointing: at lr 1e-6 one optimizer step
+    moves almost every weight (bf16 weights would round nearly all such updates away), the
+    checkpoint holds float32 master weights, the log-ratio to a float32 reference scored under
+    the same autocast is exactly 0 before the first update, and the saved model is bf16."""
+    from safetensors.torch import load_file
+
+    settings = {**SETTINGS, "compute_dtype": "bfloat16", "lr": 1e-6, "steps": 1, "checkpoint_every": 1}
+    res = T.train(settings, *train_inputs, tmp_path / "bf16", *RUNTIME, gradient_checkpointing=True)
+    assert res["history"]["kl"].tolist() == [0.0]
+    assert res["summary"]["compute_dtype"] == "bfloat16" and res["summary"]["gradient_checkpointing"] is True
+    before = AutoModelForCausalLM.from_pretrained(train_inputs[0], dtype=torch.float32).state_dict()
+    after = load_file(tmp_path / "bf16" / "checkpoints" / "step-000001" / "model.safetensors")
+    assert {v.dtype for v in after.values()} == {torch.float32}
+    changed = sum(int((after[k] != before[k]).sum()) for k in after)
+    total = sum(after[k].numel() for k in after)
+    assert changed / total >= 0.9, f"only {changed / total:.1%} of the weights moved"
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "model", dtype="auto")
     assert saved.dtype == torch.bfloat16
+
+
+def test_old_dtype_key_is_rejected():
+    """Training in bf16 weights cannot be configured by accident: the old key is unknown."""
+    from apo.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="unknown config key 'train.dtype'"):
+        validate_config({"experiment": "x", "model": "demo", "data": {
+            "train": {"path": "demo", "split": "train", "prompt_field": "q", "answer_field": "a"},
+            "benchmarks": [{"name": "b", "path": "demo", "split": "test", "prompt_field": "q", "answer_field": "a"}]},
+            "train": {"dtype": "bfloat16"}})
+
+
+class _FakeGrader:
+    """Rewards by position instead of by answer: every response right (`pattern` [1.0]), or
+    alternating right and wrong ([1.0, 0.0]) so that every GRPO group has an advantage."""
+
+    pattern = [1.0]
+
+    def __init__(self, *args):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def grade(self, golds, responses):
+        from apo.reward import Grades
+
+        rewards = [self.pattern[i % len(self.pattern)] for i in range(len(responses))]
+        return Grades(rewards, ["ok"] * len(responses), [""] * len(responses))
+
+
+class _Alternating(_FakeGrader):
+    pattern = [1.0, 0.0]
+
+
+GRPO = {"grpo": {"group_size": 4, "clip_eps": 0.01, "kl_coef": 0.0}}
+
+
+def _grpo_settings(**kw):
+    return {**{k: v for k, v in SETTINGS.items() if k != "beta2"}, **GRPO, "method": "grpo", "lr": 1e-2, **kw}
+
+
+def test_mini_batches_take_several_optimizer_steps_with_live_ratios(train_inputs, tmp_path, monkeypatch):
+    """train.mini_batch_size: batch 8 / mini-batch 4 = two optimizer steps per generation step;
+    pi_old is scored before the first, so GRPO's ratio and clip act on the second. With one
+    mini-batch the ratio is exactly 1 and nothing is clipped."""
+    monkeypatch.setattr(T, "Grader", _Alternating)
+    model, prompts, _ = train_inputs
+    one = T.train(_grpo_settings(steps=1), model, prompts, None, tmp_path / "one", *RUNTIME)
+    two = T.train(_grpo_settings(steps=1, mini_batch_size=4), model, prompts, None, tmp_path / "two", *RUNTIME)
+    assert one["summary"]["optimizer_steps"] == 1 and two["summary"]["optimizer_steps"] == 2
+    assert one["history"]["ratio_dev"].iloc[0] == 0 and one["history"]["clip_frac"].iloc[0] == 0
+    assert two["history"]["ratio_dev"].iloc[0] > 0 and two["history"]["clip_frac"].iloc[0] > 0
+    assert two["history"]["time_old_logprobs_s"].iloc[0] > 0
+
+
+def test_only_methods_with_a_ratio_score_pi_old(train_inputs, tmp_path, monkeypatch):
+    scored = []
+    real = T.score_batch
+
+    def spy(fn, model, *args):
+        scored.append("reference" if model is getattr(spy, "reference", None) else "other")
+        return real(fn, model, *args)
+
+    real_setup = T.setup
+
+    def setup(*args, **kwargs):
+        t = real_setup(*args, **kwargs)
+        spy.reference = t.reference
+        return t
+
+    monkeypatch.setattr(T, "score_batch", spy)
+    monkeypatch.setattr(T, "setup", setup)
+    T.train({**SETTINGS, "steps": 1, "mini_batch_size": 4}, *train_inputs, tmp_path / "apo", *RUNTIME)
+    assert scored == ["reference"]  # A*-PO regresses on pi_ref only
+    scored.clear()
+    model, prompts, _ = train_inputs
+    T.train(_grpo_settings(steps=1, mini_batch_size=4), model, prompts, None, tmp_path / "grpo", *RUNTIME)
+    assert scored == ["reference", "other"]
+
+
+def test_entropy_bonus_is_subtracted_from_the_loss(train_inputs, tmp_path):
+    """Same weights and draws at step 1: the loss with entropy_coef c is the loss without it
+    minus c x the logged entropy."""
+    plain = T.train({**SETTINGS, "steps": 1}, *train_inputs, tmp_path / "plain", *RUNTIME)["history"]
+    bonus = T.train({**SETTINGS, "steps": 1, "entropy_coef": 0.5}, *train_inputs, tmp_path / "bonus", *RUNTIME)["history"]
+    assert "entropy" not in plain and bonus["entropy"].iloc[0] > 0
+    assert bonus["loss"].iloc[0] == pytest.approx(plain["loss"].iloc[0] - 0.5 * bonus["entropy"].iloc[0], abs=1e-5)
+
+
+def test_entropy_matches_the_full_softmax(tiny_demo):
+    from apo.scoring import token_logprobs_and_entropy
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_demo / "model").eval()
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    logp, ent, mask = token_logprobs_and_entropy(model, prompts, responses, pad_id=0, temperature=0.7)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        full = (model(input_ids=torch.tensor([p + r])).logits[0] / 0.7).log_softmax(-1)
+        rows = full[len(p) - 1 : len(p) - 1 + len(r)]
+        assert ent[b, : len(r)].tolist() == pytest.approx((-(rows.exp() * rows).sum(-1)).tolist(), abs=1e-5)
+        assert logp[b, : len(r)].tolist() == pytest.approx([rows[t, tok].item() for t, tok in enumerate(r)], abs=1e-5)
+
+
+def test_require_eos_zeroes_the_reward_of_truncated_responses(train_inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "Grader", _FakeGrader)
+    short = {**SETTINGS, "steps": 1, "max_new_tokens": 2}
+    kept = T.train(short, *train_inputs, tmp_path / "kept", *RUNTIME)["history"]
+    cut = T.train({**short, "require_eos": True}, *train_inputs, tmp_path / "cut", *RUNTIME)["history"]
+    assert kept["truncated"].iloc[0] > 0.5
+    assert kept["reward"].iloc[0] == 1.0
+    assert cut["reward"].iloc[0] == pytest.approx(1 - cut["truncated"].iloc[0])

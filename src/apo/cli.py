@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -136,17 +137,17 @@ def cmd_train(args):
 
     s = args.manifest["settings"]
     out = Path(args.stage_dir)
+    run = functools.partial(
+        train.train, s, args.model, args.prompts, args.vstar, out, args.runtime["generation"],
+        args.runtime["grading"], gradient_checkpointing=args.runtime.get("train", {}).get("gradient_checkpointing", False),
+    )
     if int(os.environ.get("RANK", 0)) != 0:
         # Under `accelerate launch` with several GPUs the other processes train their share of
         # each batch; the main process alone tracks and writes the outputs.
-        train.train(s, args.model, args.prompts, args.vstar, out, args.runtime["generation"], args.runtime["grading"])
+        run()
         return
     with stage_job(args, run_id_file=str(out / "checkpoints" / "mlflow_run_id")) as tracker:
-        result = train.train(
-            s, args.model, args.prompts, args.vstar, out,
-            args.runtime["generation"], args.runtime["grading"], tracker,
-            gradient_checkpointing=args.runtime.get("train", {}).get("gradient_checkpointing", False),
-        )
+        result = run(tracker=tracker)
         tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items()
                              if isinstance(v, (int, float))})
         write_json(out / "summary.json", result["summary"])

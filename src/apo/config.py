@@ -128,17 +128,31 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
 
 def _check_consistency(config: dict, source: str) -> None:
     """Rules that span keys, which JSON schema cannot say."""
-    t = config["train"]
-    if t["batch_size"] % t["micro_batch_size"]:
-        raise ConfigError(
-            f"invalid {source}: config key 'train.batch_size' ({t['batch_size']}) must be a "
-            f"multiple of 'train.micro_batch_size' ({t['micro_batch_size']})"
-        )
+    _check_batch_sizes(config["train"], source)
     _check_vstar_table(config["vstar"], source)
+    if config["vstar"]["source"] == "table" and config["prompt"]["template"] != "raw":
+        # The published stage-1 rewards were sampled from raw prompts: V* of a chat prompt
+        # would be the value of another input.
+        raise ConfigError(
+            f"invalid {source}: config key 'prompt.template' is {config['prompt']['template']!r}, but the "
+            "published stage-1 table (vstar.source: table) was sampled from raw prompts; set prompt.template: raw"
+        )
     names = [b["name"] for b in config["data"]["benchmarks"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"invalid {source}: config key 'data.benchmarks': duplicate name(s) {sorted(dup)}")
+
+
+def _check_batch_sizes(t: dict, source: str) -> None:
+    """batch (prompts per generation step) = k x mini-batch (per optimizer step) = j x micro-batch."""
+    mini = t["mini_batch_size"] or t["batch_size"]
+    mini_key = "mini_batch_size" if t["mini_batch_size"] else "batch_size"  # null: one update per batch
+    for big, small, a, b in [(t["batch_size"], mini, "batch_size", "mini_batch_size"),
+                             (mini, t["micro_batch_size"], mini_key, "micro_batch_size")]:
+        if big % small:
+            raise ConfigError(
+                f"invalid {source}: config key 'train.{a}' ({big}) must be a multiple of 'train.{b}' ({small})"
+            )
 
 
 def load_config(path: str | Path) -> dict:

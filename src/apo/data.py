@@ -1,6 +1,6 @@
 """Prepare a prompt set (training prompts or a benchmark) into one parquet schema.
 
-Output columns: id (str, unique), prompt (chat-formatted, ready for generation), question
+Output columns: id (str, unique), prompt (formatted per prompt.template, ready for generation), question
 (the raw problem text), answer (gold answer as a string), source (where it came from).
 
 Loading always goes through `datasets.load_dataset`: a hub id, a local dataset directory, or
@@ -68,6 +68,18 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+def format_prompt(question: str, prompt_cfg: dict, tokenizer) -> str:
+    """The text the model is prompted with. raw: the problem, a space and the instruction, as
+    the authors build it (ZhaolinGao/A-PO, preprocess/data_preprocess/math_dataset.py) and feed
+    it to the base model; chat: the same text as one user turn of the chat template."""
+    instruction = prompt_cfg["instruction"]
+    if prompt_cfg["template"] == "raw":
+        return f"{question} {instruction}" if instruction else question
+    content = f"{question.strip()} {instruction}".strip()
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def prepare(
     spec: dict, prompt_cfg: dict, tokenizer, demo_dir: str | None = None, grader=None
 ) -> tuple[pd.DataFrame, dict]:
@@ -102,10 +114,7 @@ def prepare(
         answer = normalize_answer(a, spec["answer_format"])
         if not answer:
             raise DataError(f"{where}, row {i} (id {rid}): no gold answer in {a!r} (answer_format {spec['answer_format']})")
-        content = f"{q.strip()} {prompt_cfg['instruction']}".strip()
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        prompt = format_prompt(q, prompt_cfg, tokenizer)
         if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > prompt_cfg["max_prompt_tokens"]:
             too_long += 1  # dropped, as the paper's max prompt length does; counted
             continue

@@ -238,10 +238,11 @@ class VLLMGenerator:
 
 def make_generator(
     backend: str, tokenizer, *, model=None, model_path: str | None = None, batch_size: int = 64,
-    seed: int = 0, max_model_len: int = 2048, vllm: VLLMSettings = VLLMSettings(),
+    seed: int = 0, max_model_len: int = 2048, vllm: VLLMSettings = VLLMSettings(), dtype: str | None = None,
 ) -> Generator:
     """The configured backend. hf samples from `model` itself; vLLM loads its own copy of
-    `model_path` (in `model`'s dtype when given, so that a synced policy fits it exactly)."""
+    `model_path`, in `dtype` if given, else in `model`'s dtype (so that a synced policy fits it
+    exactly); a trainer with float32 master weights and bfloat16 compute passes "bfloat16"."""
     backend = resolve_backend(backend)
     if backend == "hf":
         if model is None:
@@ -258,14 +259,14 @@ def make_generator(
 
     if model is not None:
         gen_config, p = model.generation_config, next(model.parameters())
-        dtype, device = str(p.dtype).removeprefix("torch."), p.device.type
+        dtype, device = dtype or str(p.dtype).removeprefix("torch."), p.device.type
     else:
         try:
             gen_config = GenerationConfig.from_pretrained(model_path)
         except OSError:  # no generation_config.json: the tokenizer's EOS is the stop token
             gen_config = None
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = "bfloat16" if device == "cuda" else "float32"
+        dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
     return VLLMGenerator(
         model_path, tokenizer, seed=seed, max_model_len=max_model_len, dtype=dtype,
         stop_ids=stop_token_ids(tokenizer, gen_config), settings=vllm, device=device,

@@ -25,7 +25,10 @@ def apo_loss(
     """A*-PO stage 2: least-squares regression onto the optimal advantage.
 
         L = mean_b ( beta2 * sum_t [log pi(y_t|x,y_<t) - log pi_ref(y_t|x,y_<t)]
-                     - (r(x,y) - V*(x)) )^2                  (apo-method.md, stage 2)
+                     - (r(x,y) - V*(x)) )^2
+
+    (Lee et al. 2025, arXiv 2505.20686, stage 2; the authors' code: ZhaolinGao/A-PO,
+    verl/trainer/apo/core_algos.py, compute_policy_loss, lines 163-177.)
 
     The log-ratio is summed over response tokens (a sequence log-ratio), not averaged.
 
@@ -48,7 +51,7 @@ def apo_loss(
 
 
 # --------------------------------------------------------------------------- baselines
-# The paper's comparison (apo-method.md, "Baselines"): GRPO, REBEL and PPO, each pinned by
+# The paper's comparison (arXiv 2505.20686, section 5): GRPO, REBEL and PPO, each pinned by
 # unit tests on hand-computed values.
 
 
@@ -72,10 +75,39 @@ def seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (masked_sum(values, mask) / mask.sum(dim=-1).clamp(min=1)).mean()
 
 
+def token_mean(values: torch.Tensor, mask: torch.Tensor, tokens: float | None = None) -> torch.Tensor:
+    """Sum over every response token of the micro-batch, divided by `tokens`.
+
+    verl's default aggregation is the mean over all tokens of a mini-batch. A micro-batch is
+    one of several whose losses are averaged (gradient accumulation, data parallel), so the
+    trainer passes `tokens` = the mini-batch's response tokens / number of micro-batches in
+    it; the average of the micro-batch losses is then exactly the mini-batch token mean.
+    Without `tokens`, the micro-batch's own token count.
+    """
+    denom = mask.sum().clamp(min=1) if tokens is None else tokens
+    return masked_sum(values, mask).sum() / denom
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, tokens: float | None = None) -> torch.Tensor:
+    """Per-token losses [B, T] to a scalar: "token_mean" (verl's default) or
+    "seq_mean_token_mean" (each response's token mean, then the mean over responses)."""
+    if mode == "token_mean":
+        return token_mean(values, mask, tokens)
+    if mode == "seq_mean_token_mean":
+        return seq_mean_token_mean(values, mask)
+    raise ValueError(f"unknown loss aggregation {mode!r} (train.loss_agg)")
+
+
 def clip_fraction(ratio: torch.Tensor, mask: torch.Tensor, clip_eps: float) -> float:
     """Share of response tokens whose ratio lies outside [1 - eps, 1 + eps]."""
     clipped = ((ratio.detach() - 1).abs() > clip_eps).float()
     return (masked_sum(clipped, mask).sum() / mask.sum().clamp(min=1)).item()
+
+
+def ratio_deviation(ratio: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |rho_t - 1| over response tokens: 0 on the first mini-batch of a batch (pi = pi_old),
+    how far the policy has moved from pi_old on the later ones."""
+    return (masked_sum((ratio.detach() - 1).abs(), mask).sum() / mask.sum().clamp(min=1)).item()
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -96,21 +128,27 @@ def grpo_loss(
     advantages: torch.Tensor,
     clip_eps: float = 0.2,
     kl_coef: float = 0.0,
+    loss_agg: str = "token_mean",
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """GRPO: clipped importance-ratio objective with a group-normalised advantage, plus an
     optional KL penalty to the reference (the k3 estimator, exp(q) - q - 1 with
-    q = log pi_ref - log pi), averaged over each response's tokens, then over responses.
+    q = log pi_ref - log pi), aggregated over tokens by `loss_agg` (see `aggregate`):
 
-        L = mean_b [ (1/|y_b|) sum_t ( -min(rho_t A_b, clip(rho_t, 1-eps, 1+eps) A_b)
-                                       + kl_coef * k3_t ) ],   rho_t = pi / pi_old
+        L = agg_{b,t} [ -min(rho_t A_b, clip(rho_t, 1-eps, 1+eps) A_b) + kl_coef * k3_t ],
+        rho_t = pi(y_t) / pi_old(y_t)
 
     Args: logp, old_logp, ref_logp, mask [B, T]; advantages [B] (one per response).
     """
     pg, ratio = clipped_surrogate(logp, old_logp, advantages.unsqueeze(-1), clip_eps)
     q = ref_logp - logp
     k3 = torch.exp(q) - q - 1
-    loss = seq_mean_token_mean(pg + kl_coef * k3, mask)
-    stats = {"clip_frac": clip_fraction(ratio, mask, clip_eps), "kl_k3": seq_mean_token_mean(k3.detach(), mask).item()}
+    loss = aggregate(pg + kl_coef * k3, mask, loss_agg, tokens)
+    stats = {
+        "clip_frac": clip_fraction(ratio, mask, clip_eps),
+        "ratio_dev": ratio_deviation(ratio, mask),
+        "kl_k3": seq_mean_token_mean(k3.detach(), mask).item(),
+    }
     return loss, stats
 
 
@@ -121,18 +159,20 @@ def rebel_loss(
     rewards: torch.Tensor,
     eta: float,
 ) -> tuple[torch.Tensor, dict]:
-    """REBEL: two responses per prompt, regress the scaled difference of their sequence
-    log-ratios to the previous policy onto their reward difference.
+    """REBEL (Gao et al. 2024): two responses per prompt; regress the difference of their
+    sequence log-ratios to the policy that sampled them onto eta times their reward difference,
+    in the form of the REBEL authors' code (ZhaolinGao/REBEL, src/tldr/rebel.py, line 776):
 
-        L = mean_x ( (1/eta) * [ log pi(y1)/pi_old(y1) - log pi(y2)/pi_old(y2) ]
-                     - (r(y1) - r(y2)) )^2
+        L = mean_x ( [ log pi(y1)/pi_old(y1) - log pi(y2)/pi_old(y2) ] - eta * (r(y1) - r(y2)) )^2
+
+    eta is a step size: each iteration moves pi towards pi_old * exp(eta * r).
 
     Args: logp, old_logp, mask [2P, T] with the pair of prompt p in rows 2p and 2p+1;
     rewards [2P].
     """
     seq = masked_sum(logp - old_logp, mask).view(-1, 2)
     r = rewards.view(-1, 2)
-    residual = (seq[:, 0] - seq[:, 1]) / eta - (r[:, 0] - r[:, 1])
+    residual = (seq[:, 0] - seq[:, 1]) - eta * (r[:, 0] - r[:, 1])
     loss = residual.pow(2).mean()
     return loss, {"residual_abs": residual.detach().abs().mean().item()}
 
@@ -197,13 +237,15 @@ def ppo_loss(
     returns: torch.Tensor,
     clip_eps: float = 0.2,
     value_clip: float = 0.5,
+    loss_agg: str = "token_mean",
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO with a learned critic: the clipped policy objective on per-token GAE advantages
-    plus the clipped value regression onto the returns, each averaged over a response's
-    tokens, then over responses:
+    plus the clipped value regression onto the returns, each aggregated over tokens by
+    `loss_agg` (see `aggregate`):
 
-        L = mean_b (1/|y_b|) sum_t [ -min(rho_t A_t, clip(rho_t, 1 +- eps) A_t)
-               + 1/2 max((V_t - R_t)^2, (clip(V_t, V_old_t +- value_clip) - R_t)^2) ]
+        L = agg_{b,t} [ -min(rho_t A_t, clip(rho_t, 1 +- eps) A_t) ]
+            + agg_{b,t} [ 1/2 max((V_t - R_t)^2, (clip(V_t, V_old_t +- value_clip) - R_t)^2) ]
 
     The policy and the critic are separate networks, so each term only moves its own.
     Args: all [B, T]; values with grad from the critic, the rest detached.
@@ -211,9 +253,10 @@ def ppo_loss(
     pg, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
     clipped_values = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
     vf = 0.5 * torch.maximum((values - returns).pow(2), (clipped_values - returns).pow(2))
-    policy_loss, value_loss = seq_mean_token_mean(pg, mask), seq_mean_token_mean(vf, mask)
+    policy_loss, value_loss = aggregate(pg, mask, loss_agg, tokens), aggregate(vf, mask, loss_agg, tokens)
     stats = {
         "clip_frac": clip_fraction(ratio, mask, clip_eps),
+        "ratio_dev": ratio_deviation(ratio, mask),
         "value_loss": value_loss.item(),
         "value_mean": (masked_sum(values.detach(), mask).sum() / mask.sum().clamp(min=1)).item(),
     }

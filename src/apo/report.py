@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from apo.io import atomic_path, read_json, write_text
+from apo.methods import METHODS
 
 CURVES = [
     ("reward", "mean reward (on-policy samples)"),
@@ -45,7 +46,7 @@ def summary_table(evals: list[dict]) -> pd.DataFrame:
 
 
 # Row order and display names of the paper's table (Lee et al. 2025, Tables 1-2).
-METHOD_NAMES = {"reference": "reference", "apo": "A*-PO", "grpo": "GRPO", "rebel": "REBEL", "ppo": "PPO"}
+METHOD_NAMES = {"reference": "reference", **{m.name: m.display for m in METHODS.values()}}
 COST_COLUMNS = ["train_hours", "peak_memory_gb", "time_ratio", "memory_ratio"]
 
 
@@ -98,6 +99,7 @@ PHASES = [
     ("time_generate_s", "generation"),
     ("time_grade_s", "grading"),
     ("time_ref_logprobs_s", "reference log-probs"),
+    ("time_old_logprobs_s", "pi_old log-probs"),
     ("time_values_s", "critic values"),
     ("time_update_s", "update"),
     ("time_sync_s", "weight sync"),

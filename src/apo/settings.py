@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from apo import __version__
+from apo import __version__, methods
 
 # Bump a stage's format version when its code changes what it writes for the same settings;
 # every downstream address changes with it.
@@ -30,7 +30,6 @@ FORMAT_VERSION = {
     "eval": 1,
 }
 
-METHOD_BLOCKS = ("grpo", "rebel", "ppo")  # train.<method> settings, read only by that method
 # train.* keys that change speed and memory, not results: passed to the job, not addressed
 RUNTIME_TRAIN_KEYS = ("gradient_checkpointing",)
 DEMO = "demo"  # the value of `model` / a dataset `path` that means "the embedded demo"
@@ -162,13 +161,12 @@ class Plan:
                 )
 
     def _train(self, method: str, seed: int) -> Stage:
-        """A training stage reads the shared train settings and its own method's block only;
-        A*-PO reads V* (and so the reference samples), the baselines do not."""
-        settings = {k: v for k, v in self.config["train"].items() if k not in METHOD_BLOCKS + RUNTIME_TRAIN_KEYS}
-        if method != "apo":
-            del settings["beta2"]
-        if method in METHOD_BLOCKS:
-            settings[method] = self.config["train"][method]
+        """A training stage reads the shared train settings and its own method's keys only
+        (apo.methods); A*-PO reads V* (and so the reference samples), the baselines do not."""
+        train, spec = self.config["train"], methods.get(method)
+        skip = methods.method_only_keys() | set(RUNTIME_TRAIN_KEYS)
+        settings = {k: v for k, v in train.items() if k not in skip}
+        settings.update({k: train[k] for k in spec.settings})
         settings.update(
             method=method,
             seed=seed,
@@ -176,7 +174,7 @@ class Plan:
             grading_timeout_s=self.config["grading"]["timeout_s"],
         )
         inputs = {"model": self.model, "prompts": self.train_data}
-        if method == "apo":
+        if spec.reads_vstar:
             inputs["vstar"] = self.vstar
         return self._add("train", settings, inputs)
 
