@@ -1,6 +1,7 @@
 """Trainer pieces: log-prob alignment, data order, collapse detection, run and resume."""
 
 import dataclasses
+import shutil
 
 import pandas as pd
 import pytest
@@ -305,3 +306,19 @@ def test_require_eos_zeroes_the_reward_of_truncated_responses(train_inputs, tmp_
     assert kept["truncated"].iloc[0] > 0.5
     assert kept["reward"].iloc[0] == 1.0
     assert cut["reward"].iloc[0] == pytest.approx(1 - cut["truncated"].iloc[0])
+
+
+def test_corrupt_last_checkpoint_is_set_aside_and_the_previous_one_used(train_inputs, tmp_path, caplog):
+    """A damaged newest checkpoint must not block training forever: the rerun warns, moves it
+    to corrupt-step-N and resumes from the one before."""
+    out = tmp_path / "run"
+    T.train({**SETTINGS, "steps": 4, "checkpoint_every": 2}, *train_inputs, out, *RUNTIME)
+    shutil.rmtree(out / "model")
+    weights = out / "checkpoints" / "step-000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING"):
+        res = T.train({**SETTINGS, "steps": 4, "checkpoint_every": 2}, *train_inputs, out, *RUNTIME)
+    assert "step-000004 does not load" in caplog.text and "corrupt-step-000004" in caplog.text
+    assert (out / "checkpoints" / "corrupt-step-000004").is_dir()
+    assert res["history"]["step"].tolist() == [1, 2, 3, 4]  # steps 3 and 4 trained again
+    assert (out / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size > 1000

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apo.config import vllm_available
 from apo.generation import HFGenerator, SamplingSettings, VLLMSettings, make_generator
-from apo.train import token_logprobs
+from apo.scoring import token_logprobs
 
 pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (envs/cpu.txt has it)")
 
