@@ -36,6 +36,7 @@ def test_shipped_configs_are_valid(config_file):
         (("train", "dtype"), "bfloat16", "unknown config key 'train.dtype'"),
         (("train", "compute_dtype"), "float16", "config key 'train.compute_dtype'"),
         (("train", "loss_agg"), "sum", "config key 'train.loss_agg'"),
+        (("methods",), ["apo", "dpo"], "config key 'methods': unknown method(s) ['dpo']"),
         (("prompt", "template"), "alpaca", "config key 'prompt.template'"),
         (("resources",), {"train": {"gpu": -1}}, "config key 'resources.train.gpu'"),
         (("resources",), {"trian": {"gpu": 1}}, "unknown config key 'resources.trian'"),

@@ -131,3 +131,19 @@ def test_resources_and_gradient_checkpointing_are_not_part_of_any_address(demo_c
 
 def test_training_compute_dtype_moves_only_training_and_its_evaluation(demo_config):
     assert changed(plan(demo_config), plan(demo_config, train__compute_dtype="bfloat16")) == {"train:apo", "eval:apo:demo_test"}
+
+
+def test_a_registered_method_is_planned_with_its_own_settings_only(demo_config, monkeypatch):
+    """Adding a method is one registry entry: config validation, the plan and its address read
+    the registry (here a copy of A*-PO under another name, reading train.grpo instead of beta2)."""
+    import dataclasses
+
+    from apo import methods
+
+    twin = dataclasses.replace(methods.METHODS["apo"], name="apo_twin", settings=("grpo",))
+    monkeypatch.setitem(methods.METHODS, "apo_twin", twin)
+    p = plan(demo_config, methods=["apo", "apo_twin"])
+    assert set(p.trains) == {"apo", "apo_twin"}
+    settings = p.trains["apo_twin"].settings
+    assert "grpo" in settings and "beta2" not in settings and settings["method"] == "apo_twin"
+    assert p.trains["apo_twin"].inputs["vstar"] is p.vstar  # reads_vstar, as A*-PO

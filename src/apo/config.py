@@ -15,6 +15,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from apo import methods
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -128,6 +130,10 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
 
 def _check_consistency(config: dict, source: str) -> None:
     """Rules that span keys, which JSON schema cannot say."""
+    unknown = [m for m in config["methods"] if m not in methods.METHODS]
+    if unknown:
+        raise ConfigError(f"invalid {source}: config key 'methods': unknown method(s) {unknown} "
+                          f"(known: {sorted(methods.METHODS)})")
     _check_batch_sizes(config["train"], source)
     _check_vstar_table(config["vstar"], source)
     if config["vstar"]["source"] == "table" and config["prompt"]["template"] != "raw":
