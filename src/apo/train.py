@@ -114,12 +114,10 @@ def make_accelerator(s: dict, accum: int):
     keep float32 parameters (the master weights) and AdamW keeps float32 state, as the
     authors' FSDP mixed precision does."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedType
+    from accelerate.utils import DistributedType
 
     accelerator = Accelerator(
-        gradient_accumulation_steps=accum,
-        mixed_precision="bf16" if s["compute_dtype"] == "bfloat16" else "no",
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        gradient_accumulation_steps=accum, mixed_precision="bf16" if s["compute_dtype"] == "bfloat16" else "no"
     )
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP and s["backend"] == "hf":
