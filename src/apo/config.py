@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 from pathlib import Path
 
 import jsonschema
@@ -41,10 +42,15 @@ def _coerce(value, schema: dict):
     Nested values given with `snakemake --config key="{a: 1e-4}"` arrive as strings, and
     YAML reads `1e-4` (no dot) as a string too.
     """
-    if not isinstance(value, str):
-        return value
     types = schema.get("type", [])
     types = [types] if isinstance(types, str) else types
+    if "integer" in types and "number" not in types:
+        # JSON schema counts 2.0 as an integer, but range(2.0) and friends do not: store an int.
+        number = value if isinstance(value, float) else _parse_number(value)
+        if number is not None and math.isfinite(number) and number == int(number):
+            return int(number)
+    if not isinstance(value, str):
+        return value
     for t, parse in [("integer", int), ("number", float), ("boolean", _parse_bool), ("null", _parse_null)]:
         if t in types:
             try:
@@ -52,6 +58,15 @@ def _coerce(value, schema: dict):
             except ValueError:
                 pass
     return value
+
+
+def _parse_number(value) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _parse_bool(text: str) -> bool:
@@ -109,8 +124,10 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
     config = fill_defaults(copy.deepcopy(dict(config)), schema, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
-    if errors:
-        lines = []
+    # NaN passes every bound (it compares false) and inf passes the open ones: neither is a
+    # usable setting anywhere, so they are rejected before the schema's own checks.
+    lines = [f"config key '{_key(path)}': {value} is not a finite number" for path, value in _non_finite(config)]
+    if errors or lines:
         for e in errors[:10]:
             if e.validator == "additionalProperties":
                 extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
@@ -126,6 +143,18 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
     return config
 
 
+def _non_finite(node, path=()):
+    """(key path, value) of every NaN or infinite number in a config."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield path, node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _non_finite(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _non_finite(v, (*path, i))
+
+
 def _check_consistency(config: dict, source: str) -> None:
     """Rules that span keys, which JSON schema cannot say."""
     t = config["train"]
@@ -135,10 +164,27 @@ def _check_consistency(config: dict, source: str) -> None:
             f"multiple of 'train.micro_batch_size' ({t['micro_batch_size']})"
         )
     _check_vstar_table(config["vstar"], source)
+    _check_shards(config, source)
     names = [b["name"] for b in config["data"]["benchmarks"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"invalid {source}: config key 'data.benchmarks': duplicate name(s) {sorted(dup)}")
+
+
+def _check_shards(config: dict, source: str) -> None:
+    """A shard job needs at least one prompt. The prompt count is known here only where a
+    `limit` bounds it; the stage checks the rest (`apo.rollout.shard_rows`)."""
+    pairs = [("sample.shards", config["sample"]["shards"], "data.train", config["data"]["train"])]
+    if config["vstar"]["source"] == "table":
+        pairs = []
+    pairs += [("evaluate.shards", config["evaluate"]["shards"], f"data.benchmarks[{i}]", b)
+              for i, b in enumerate(config["data"]["benchmarks"])]
+    for key, shards, where, spec in pairs:
+        if spec["limit"] is not None and shards > spec["limit"]:
+            raise ConfigError(
+                f"invalid {source}: config key '{key}' ({shards}) is larger than "
+                f"'{where}.limit' ({spec['limit']}): a shard would have no prompts"
+            )
 
 
 def load_config(path: str | Path) -> dict:
