@@ -33,6 +33,10 @@ def test_shipped_configs_are_valid(config_file):
         (("train", "lernrate"), 1.0, "unknown config key 'train.lernrate'"),
         (("data", "benchmarks"), [], "config key 'data.benchmarks'"),
         (("experiment",), "train", "config key 'experiment'"),
+        (("experiment",), "..", "config key 'experiment'"),
+        (("experiment",), ".hidden", "config key 'experiment'"),
+        (("experiment",), "smoke\n", "config key 'experiment': 'smoke\\n' is not a name"),
+        (("experiment",), "a/b", "config key 'experiment'"),
         (("train", "dtype"), "float16", "config key 'train.dtype'"),
         (("resources",), {"train": {"gpu": -1}}, "config key 'resources.train.gpu'"),
         (("resources",), {"trian": {"gpu": 1}}, "unknown config key 'resources.trian'"),
@@ -181,3 +185,9 @@ def test_a_shard_without_prompts_is_a_clear_error():
     assert [len(shard_rows(prompts, i, 3)) for i in range(3)] == [1, 1, 1]
     with pytest.raises(ValueError, match="p.parquet: 3 prompts cannot fill 4 shards: set config key 'sample.shards' to at most 3"):
         shard_rows(prompts, 3, 4, "p.parquet", "sample.shards")
+
+
+def test_a_benchmark_name_must_be_a_whole_name(demo_config):
+    demo_config["data"]["benchmarks"][0]["name"] = "test\n"
+    with pytest.raises(ConfigError, match=r"config key 'data.benchmarks\[0\].name': 'test\\n' is not a name"):
+        validate_config(demo_config, SCHEMA)

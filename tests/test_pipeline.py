@@ -192,3 +192,31 @@ def test_lint_is_clean():
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(ROOT / "Snakefile")],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_path_in_a_shell_command_is_quoted(tmp_path):
+    """A checkout and a working directory whose paths hold a space and a command substitution:
+    every job's command still splits into the intended arguments, and nothing is run."""
+    import shlex
+
+    checkout = tmp_path / "a b $(touch pwned)"
+    checkout.mkdir()
+    for part in ("Snakefile", "workflow", "config"):
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, checkout / part)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(checkout / "Snakefile"), "--directory",
+           str(checkout), "-n", "-p", "--configfile", str(SMOKE), "--config", "resources={train: {gpu: 2}}"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    prefix = "Shell command: "
+    commands = [line[len(prefix):] for line in proc.stdout.splitlines()
+                if line.startswith(prefix) and line != prefix + "None"]  # rule all: no command
+    assert len(commands) >= 8
+    (train,) = [shlex.split(c) for c in commands if c.startswith("accelerate ")]
+    assert train[train.index("--config_file") + 1] == str(checkout / "workflow/accelerate/ddp.yaml")
+    assert "--main_process_port" in train
+    for c in commands:
+        args = shlex.split(c)
+        out = args[args.index("--stage-dir" if "--stage-dir" in args else "--out-dir") + 1]
+        assert out.startswith("results/")
+    assert not list(tmp_path.rglob("pwned"))

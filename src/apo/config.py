@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import jsonschema
@@ -165,10 +166,28 @@ def _check_consistency(config: dict, source: str) -> None:
         )
     _check_vstar_table(config["vstar"], source)
     _check_shards(config, source)
+    _check_names(config, source)
     names = [b["name"] for b in config["data"]["benchmarks"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"invalid {source}: config key 'data.benchmarks': duplicate name(s) {sorted(dup)}")
+
+
+# Names that become paths (results/<experiment>/, a benchmark's files): the whole name must
+# match. The schema's pattern alone lets "smoke\n" through: a regex `$` also matches before a
+# trailing newline.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _check_names(config: dict, source: str) -> None:
+    named = [("experiment", config["experiment"])]
+    named += [(f"data.benchmarks[{i}].name", b["name"]) for i, b in enumerate(config["data"]["benchmarks"])]
+    for key, name in named:
+        if not NAME.fullmatch(name):
+            raise ConfigError(
+                f"invalid {source}: config key '{key}': {name!r} is not a name (letters, digits, "
+                "'_', '.', '-', starting with a letter or digit)"
+            )
 
 
 def _check_shards(config: dict, source: str) -> None:

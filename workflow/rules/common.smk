@@ -131,13 +131,23 @@ ACCELERATE_CONFIGS = Path(workflow.basedir) / "workflow" / "accelerate"
 
 
 def accelerate_args(wildcards, resources):
-    """params: `accelerate launch` options, one training process per GPU of the job."""
+    """params: `accelerate launch` options, one training process per GPU of the job (a list,
+    each item quoted in the shell command)."""
     if resources.gpu <= 1:
         # One process (one GPU, or CPU): nothing distributed to set up.
-        return "--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+        return "--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no".split()
     mode = config["resources"]["train"]["distributed"]
-    # A port per Slurm job, so two training jobs on one node do not collide.
-    return (
-        f"--config_file {ACCELERATE_CONFIGS}/{mode}.yaml --num_processes {resources.gpu} "
-        "--main_process_port $((20000 + ${SLURM_JOB_ID:-$$} % 20000))"
-    )
+    return [
+        "--config_file",
+        str(ACCELERATE_CONFIGS / f"{mode}.yaml"),
+        "--num_processes",
+        str(resources.gpu),
+    ]
+
+
+def accelerate_port(wildcards, resources):
+    """params: a port per Slurm job, so two training jobs on one node do not collide. A fixed
+    shell expression (no path or config value in it), expanded by the job's shell."""
+    if resources.gpu <= 1:
+        return ""
+    return "--main_process_port $((20000 + ${SLURM_JOB_ID:-$$} % 20000))"

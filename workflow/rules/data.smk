@@ -19,9 +19,9 @@ rule prepare_data:
         runtime=RUNTIME,
         tokenizer=upstream_model_path("data", role="tokenizer"),
         demo=lambda w, input: (
-            f"--demo-dir {Path(input.source).parent}" if input.source else ""
+            ["--demo-dir", Path(input.source).parent] if input.source else []
         ),
     shell:
-        "apo data --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --tokenizer {params.tokenizer:q} {params.demo} "
-        "--out {output} 2> {log}"
+        "apo data --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} --tokenizer {params.tokenizer:q} {params.demo:q} "
+        "--out {output:q} 2> {log:q}"

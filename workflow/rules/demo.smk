@@ -19,5 +19,5 @@ rule demo_model:
         runtime=RUNTIME,
         instruction=config["prompt"]["instruction"],
     shell:
-        "apo demo --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --instruction {params.instruction:q} 2> {log}"
+        "apo demo --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} --instruction {params.instruction:q} 2> {log:q}"

@@ -22,6 +22,6 @@ rule sample_reference:
         runtime=RUNTIME,
         model=upstream_model_path("sample"),
     shell:
-        "apo sample --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
-        "--shard {wildcards.shard} --out {output} 2> {log}"
+        "apo sample --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts:q} "
+        "--shard {wildcards.shard} --out {output:q} 2> {log:q}"

@@ -19,10 +19,10 @@ rule vstar:
         dir=stage_dir("vstar"),
         runtime=RUNTIME,
         source=lambda w, input: (
-            f"--samples {input.samples}"
+            ["--samples", *input.samples]
             if input.samples
-            else f"--prompts {input.prompts}"
+            else ["--prompts", input.prompts]
         ),
     shell:
-        "apo vstar --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} {params.source} --out {output} 2> {log}"
+        "apo vstar --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} {params.source:q} --out {output:q} 2> {log:q}"
