@@ -48,3 +48,25 @@ def test_a_failing_job_exits_non_zero_and_writes_nothing(tmp_path):
     stage_dir = tmp_path / "results" / "vstar" / "0123456789ab"
     assert not (stage_dir / "vstar.parquet").exists()
     assert not (stage_dir / "manifest.json").exists()
+
+
+def test_a_pinned_hub_model_is_loaded_from_its_revision(monkeypatch):
+    """Every loader gets the local snapshot of the pinned revision, not the hub id."""
+    import huggingface_hub
+
+    from apo.cli import build_parser, pin_model_revision
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision: calls.append((repo, revision)) or f"/snap/{revision}")
+    common = ["--manifest", "{}", "--stage-dir", "d", "--prompts", "p"]
+    args = build_parser().parse_args(["train", *common, "--model", "Qwen/Q", "--model-revision", "abc"])
+    pin_model_revision(args)
+    assert args.model == "/snap/abc" and calls == [("Qwen/Q", "abc")]
+    args = build_parser().parse_args(["data", "--manifest", "{}", "--stage-dir", "d", "--tokenizer", "Qwen/Q",
+                                      "--model-revision", "v2", "--out", "o"])
+    pin_model_revision(args)
+    assert args.tokenizer == "/snap/v2"
+    args = build_parser().parse_args(["train", *common, "--model", "Qwen/Q"])
+    pin_model_revision(args)
+    assert args.model == "Qwen/Q" and len(calls) == 2

@@ -220,3 +220,65 @@ def test_every_path_in_a_shell_command_is_quoted(tmp_path):
         out = args[args.index("--stage-dir" if "--stage-dir" in args else "--out-dir") + 1]
         assert out.startswith("results/")
     assert not list(tmp_path.rglob("pwned"))
+
+
+# A stand-in for `apo` and `accelerate`: writes a job's outputs (empty) and nothing else, so
+# Snakemake records a finished run, with its metadata, in a second.
+STUB = """#!/usr/bin/env python3
+import sys
+from pathlib import Path
+args = sys.argv[1:]
+cmd = "train" if args[0] == "launch" else args[0]
+opt = lambda name: Path(args[args.index(name) + 1]) if name in args else None
+d = opt("--stage-dir")
+names = {"demo": ["train.jsonl", "test.jsonl", "model"], "scores": ["scores.json", "samples.parquet"],
+         "train": ["metrics.parquet", "summary.json", "model"],
+         "report": ["report.md", "summary.csv", "paper_table.csv", "paper_table.tex",
+                    "training_curves.png", "training_phases.png"]}
+base = opt("--out-dir") if cmd == "report" else d
+files = [base / n for n in names[cmd]] if cmd in names else [opt("--out")]
+for f in files:
+    f.mkdir(parents=True, exist_ok=True) if str(f).endswith("model") else (f.parent.mkdir(parents=True, exist_ok=True), f.touch())
+"""
+
+
+def stub_run(workdir: Path, *args: str) -> None:
+    """Run the workflow with every stage job replaced by STUB."""
+    bin_dir = workdir / "stub-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("apo", "accelerate"):
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--cores", "1", *args]
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_editing_a_local_train_file_replans_data_prep_and_after_only(tmp_path):
+    """Local files take part in addresses by content: one edited line moves the training
+    prompts and everything downstream of them; the demo model, the benchmark and the
+    reference model's evaluation stay. A touched file with the same bytes moves nothing."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(
+        f'{{"id": "p{i}", "question": "Mia has {i} pens. She finds 2 more. How many pens does Mia have now?", '
+        f'"answer": "{i + 2}"}}\n' for i in range(8)))
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["data"]["train"] = {"path": "train.jsonl", "split": "train", "prompt_field": "question",
+                            "answer_field": "answer", "id_field": "id"}
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(cfg))
+    args = ("--configfile", str(tmp_path / "local.yaml"))
+    stub_run(tmp_path, *args)
+    assert planned_jobs(tmp_path, *args) == {}
+
+    os.utime(train)  # newer, same content
+    assert planned_jobs(tmp_path, *args) == {}
+
+    lines = train.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace("finds 2 more", "finds 2 more today")
+    train.write_text("".join(lines))
+    assert planned_jobs(tmp_path, *args) == {
+        "prepare_data": 1, "sample_reference": 2, "vstar": 1, "train": 1, "evaluate": 2,
+        "scores": 1, "report": 1, "all": 1}

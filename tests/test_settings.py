@@ -131,3 +131,70 @@ def test_resources_and_gradient_checkpointing_are_not_part_of_any_address(demo_c
 
 def test_training_dtype_moves_only_training_and_its_evaluation(demo_config):
     assert changed(plan(demo_config), plan(demo_config, train__dtype="bfloat16")) == {"train:apo", "eval:apo:demo_test"}
+
+
+def local_plan(cfg, results, **changes) -> Plan:
+    p = plan(cfg, **changes)
+    return Plan(p.config, str(results))
+
+
+def test_a_local_model_is_addressed_by_its_content(demo_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "my-model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "sub" / "weights.bin").write_bytes(b"\0" * 100)
+    base = local_plan(demo_config, "results", model="./my-model")
+    assert base.trains["apo"].manifest()["inputs"]["model"].startswith("local:sha256:")
+    (model / ".cache").mkdir()
+    (model / ".cache" / "lock").write_text("x")  # dot-files are not the model
+    assert stage_dirs(local_plan(demo_config, "results", model="./my-model")) == stage_dirs(base)
+    (model / "sub" / "weights.bin").write_bytes(b"\1" + b"\0" * 99)
+    moved = changed(base, local_plan(demo_config, "results", model="./my-model"))
+    assert moved == set(stage_dirs(base)) - {"demo"}  # the demo datasets do not read the model
+
+
+def test_file_digests_are_cached_by_size_and_mtime(demo_config, tmp_path, monkeypatch):
+    """A large model is not read again at every plan: an unchanged (size, mtime) reuses the
+    recorded digest; a changed mtime reads the file again."""
+    import json
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    weights = tmp_path / "m" / "w.bin"
+    weights.write_bytes(b"abc")
+    first = local_plan(demo_config, "results", model="./m").trains["apo"].hash
+    cache_file = tmp_path / "results" / ".content-digests.json"
+    cache = json.loads(cache_file.read_text())
+    cache[str(weights)][2] = "0" * 64  # what a re-read could never produce
+    cache_file.write_text(json.dumps(cache))
+    assert local_plan(demo_config, "results", model="./m").trains["apo"].hash != first  # the cached digest was used
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert local_plan(demo_config, "results", model="./m").trains["apo"].hash == first  # read again
+
+
+def test_a_local_dataset_and_table_are_addressed_by_content(demo_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text('{"q": "x", "a": "1"}\n')
+    (tmp_path / "table.parquet").write_bytes(b"one")
+    table = {"path": "table.parquet", "id_field": "id", "reward_fields": ["r"]}
+    cfg = dict(data__train={**demo_config["data"]["train"], "path": "t.jsonl"}, vstar__source="table", vstar__table=table)
+    base = local_plan(demo_config, "results", **cfg)
+    assert base.train_data.manifest()["inputs"]["source"].startswith("local:sha256:")
+    assert base.vstar.manifest()["inputs"]["table"].startswith("local:sha256:")
+    (tmp_path / "table.parquet").write_bytes(b"two")
+    other = local_plan(demo_config, "results", **cfg)
+    assert other.train_data.hash == base.train_data.hash and other.vstar.hash != base.vstar.hash
+    (tmp_path / "t.jsonl").write_text('{"q": "y", "a": "1"}\n')
+    assert local_plan(demo_config, "results", **cfg).train_data.hash != base.train_data.hash
+
+
+def test_a_hub_revision_is_part_of_the_address(demo_config):
+    hub = plan(demo_config, model="Qwen/Qwen2.5-1.5B")
+    pinned = plan(demo_config, model="Qwen/Qwen2.5-1.5B", model_revision="8faed761d45a263340a0528343f099c05c9a4323")
+    assert pinned.trains["apo"].manifest()["inputs"]["model"] == "external:Qwen/Qwen2.5-1.5B@8faed761d45a263340a0528343f099c05c9a4323"
+    assert changed(hub, pinned) == set(stage_dirs(hub)) - {"demo"}
+    table = plan(demo_config, vstar__source="table", vstar__table={**TABLE, "revision": "v1"})
+    assert table.vstar.manifest()["inputs"]["table"] == f"external:{TABLE['path']}@v1"
+    assert plan(demo_config, data__train={**demo_config["data"]["train"], "revision": "v1"}).train_data.settings["revision"] == "v1"

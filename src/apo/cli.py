@@ -205,6 +205,20 @@ def cmd_bench_generation(args):
     bench.run(args.config, args.prompts, args.repeats, args.model, scale)
 
 
+def pin_model_revision(args) -> None:
+    """A hub model pinned by `model_revision`: every loader (transformers, vLLM) gets the local
+    snapshot of exactly that revision, so none of them can load another one."""
+    revision = getattr(args, "model_revision", None)
+    if not revision:
+        return
+    from huggingface_hub import snapshot_download
+
+    attr = "tokenizer" if args.command == "data" else "model"
+    ref = getattr(args, attr)
+    setattr(args, attr, snapshot_download(ref, revision=revision))
+    log.info("model %s at revision %s: %s", ref, revision, getattr(args, attr))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -221,10 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--instruction", required=True)
     sp = stage("data", cmd_data, "prepare a prompt set into parquet")
     sp.add_argument("--tokenizer", required=True)
+    sp.add_argument("--model-revision", help="hub revision of the tokenizer's model (model_revision)")
     sp.add_argument("--demo-dir")
     sp.add_argument("--out", required=True)
     sp = stage("sample", cmd_sample, "sample and grade reference responses (one shard)")
     sp.add_argument("--model", required=True)
+    sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--shard", type=int, required=True)
     sp.add_argument("--out", required=True)
@@ -234,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp = stage("train", cmd_train, "A*-PO stage 2 training")
     sp.add_argument("--model", required=True)
+    sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--vstar", help="V* table (A*-PO only)")
     sp = stage("evaluate", cmd_evaluate, "sample and grade k responses per problem (one shard of a benchmark)")
     sp.add_argument("--model", required=True)
+    sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--shard", type=int, required=True)
     sp.add_argument("--out", required=True)
@@ -269,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    pin_model_revision(args)
     args.fn(args)
     return 0
 

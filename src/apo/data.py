@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from apo.settings import looks_local
+
 log = logging.getLogger(__name__)
 
 SCHEMA = ["id", "prompt", "question", "answer", "source"]
@@ -55,19 +57,6 @@ def load_rows(spec: dict, demo_dir: str | None = None):
     except (ConnectionError, OSError) as e:
         where = "a local dataset directory" if local.is_dir() else "not a local path, and the hub"
         raise DataError(f"{path}: {where} could not be read: {type(e).__name__}: {e}") from e
-
-
-def looks_local(path: str) -> bool:
-    """Whether a path that does not exist was meant as a local file or directory rather than a
-    hub id (`name` or `owner/name`): a file suffix, an explicit relative or absolute path, more
-    than one `/`, or a first component that is a local directory."""
-    local = Path(path)
-    return (
-        local.suffix in BUILDERS
-        or path.startswith(("/", "./", "../", "~"))
-        or path.count("/") > 1
-        or (len(local.parts) > 1 and Path(local.parts[0]).is_dir())
-    )
 
 
 def check_file(path: Path, builder: str) -> None:

@@ -174,7 +174,8 @@ def samples_from_table(spec: dict, prompts: pd.DataFrame) -> tuple[pd.DataFrame,
     from apo.data import load_rows
 
     name = f"{spec['path']!r} split {spec['split']!r}"
-    ds = load_rows({"path": spec["path"], "split": spec["split"], "subset": spec.get("subset")})
+    ds = load_rows({"path": spec["path"], "split": spec["split"], "subset": spec.get("subset"),
+                    "revision": spec.get("revision")})
     # Only the join and reward columns: the published tables also hold 8 response texts per row.
     fields = [spec["id_field"] or spec["prompt_field"], *(spec["reward_fields"] or [spec["reward_list_field"]])]
     top = sorted({f.split(".")[0] for f in fields})

@@ -2,7 +2,7 @@ import json
 from pathlib import Path
 
 from apo.config import validate_config
-from apo.settings import Plan, Stage, model_path
+from apo.settings import External, Plan, Stage, model_path
 
 # Validate before any job is planned: a bad key stops the run here, naming the key.
 config.update(
@@ -45,9 +45,17 @@ def stage_dir(kind):
     return lambda w: stage(kind, w).dir
 
 
+def external_input(ref):
+    """A local file or directory as an input, so Snakemake reports a missing one before any
+    job. Its content is in the stage's address, so its modification time must not trigger a
+    rerun (`ancient`): a touched file with the same bytes redoes nothing."""
+    return [ancient(ref.ref)] if isinstance(ref, External) and ref.local else []
+
+
 def model_input(model):
-    """Input files for a model: a stage's saved model, or nothing for a hub id."""
-    return [model_path(model)] if isinstance(model, Stage) else []
+    """Input files for a model: a stage's saved model, a local model directory, or nothing
+    for a hub id."""
+    return [model_path(model)] if isinstance(model, Stage) else external_input(model)
 
 
 def shard_files(s):
@@ -70,7 +78,7 @@ def upstream(kind, role, filename=None):
             return []
         if isinstance(up, Stage):
             return f"{up.dir}/{filename}" if filename else up.dir
-        return []  # hub id: nothing for Snakemake to wait for
+        return external_input(up)  # nothing for a hub id
 
     return files
 
@@ -83,6 +91,27 @@ def upstream_model(kind, role="model"):
 def upstream_model_path(kind, role="model"):
     """params: what `from_pretrained` loads: a stage's model directory or a hub id / path."""
     return lambda w: model_path(stage(kind, w).inputs[role])
+
+
+def upstream_model_revision(kind, role="model"):
+    """params: `--model-revision <rev>` for a hub model pinned by `model_revision`, else none."""
+
+    def args(w):
+        model = stage(kind, w).inputs[role]
+        revision = getattr(model, "revision", None)
+        return ["--model-revision", revision] if revision else []
+
+    return args
+
+
+def demo_dir(kind):
+    """params: `--demo-dir <dir>` where a dataset is the embedded demo's, else none."""
+
+    def args(w):
+        source = stage(kind, w).inputs.get("source")
+        return ["--demo-dir", source.dir] if isinstance(source, Stage) else []
+
+    return args
 
 
 def report_spec():

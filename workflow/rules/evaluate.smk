@@ -21,9 +21,10 @@ rule evaluate:
         dir=stage_dir("eval"),
         runtime=RUNTIME,
         model=upstream_model_path("eval"),
+        revision=upstream_model_revision("eval"),
     shell:
         "apo evaluate --manifest {params.manifest:q} --stage-dir {params.dir:q} "
-        "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts:q} "
+        "--runtime {params.runtime:q} --model {params.model:q} {params.revision:q} --prompts {input.prompts:q} "
         "--shard {wildcards.shard} --out {output:q} 2> {log:q}"
 
 

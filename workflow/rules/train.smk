@@ -24,11 +24,12 @@ rule train:
         dir=stage_dir("train"),
         runtime=RUNTIME,
         model=upstream_model_path("train"),
+        revision=upstream_model_revision("train"),
         vstar=lambda w, input: ["--vstar", input.vstar] if input.vstar else [],
         launch=accelerate_args,
         port=accelerate_port,
     shell:
         "accelerate launch {params.launch:q} {params.port} --module apo.cli train "
         "--manifest {params.manifest:q} --stage-dir {params.dir:q} "
-        "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts:q} "
+        "--runtime {params.runtime:q} --model {params.model:q} {params.revision:q} --prompts {input.prompts:q} "
         "{params.vstar:q} 2>> {log:q}"

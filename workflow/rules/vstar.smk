@@ -4,6 +4,7 @@ rule vstar:
     input:
         samples=lambda w: vstar_samples(stage("vstar", w)),
         prompts=upstream("vstar", "prompts", "prompts.parquet"),
+        table=upstream("vstar", "table"),
     output:
         f"{RESULTS}/vstar/{{h}}/vstar.parquet",
     log:
