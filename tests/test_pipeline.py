@@ -282,3 +282,35 @@ def test_editing_a_local_train_file_replans_data_prep_and_after_only(tmp_path):
     assert planned_jobs(tmp_path, *args) == {
         "prepare_data": 1, "sample_reference": 2, "vstar": 1, "train": 1, "evaluate": 2,
         "scores": 1, "report": 1, "all": 1}
+
+
+# What a stage job may receive besides its manifest: paths of its inputs and outputs (all
+# addressed), its shard index, and the runtime knobs that change speed, not results.
+JOB_OPTIONS = {"--manifest", "--stage-dir", "--runtime", "--model", "--model-revision", "--tokenizer",
+               "--prompts", "--samples", "--shard", "--shards", "--out", "--demo-dir", "--vstar"}
+RUNTIME_KEYS = {"generation": {"batch_size", "vllm"}, "grading": {"timeout_s", "workers"},
+                "tracking_uri": None, "train": {"gradient_checkpointing"}}
+
+
+def test_jobs_receive_settings_only_through_their_manifest(tmp_path):
+    """Every job of the smoke plan (all four methods): no option carries a config value past
+    the stage's address, the manifest is the one its directory is named after, and `--runtime`
+    holds only the declared runtime knobs."""
+    import json
+    import shlex
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    out = snakemake(tmp_path, "-n", "-p", "--configfile", str(SMOKE), "--config",
+                    "methods=['apo', 'grpo', 'rebel', 'ppo']").stdout
+    prefix = "Shell command: "
+    commands = [shlex.split(line[len(prefix):]) for line in out.splitlines()
+                if line.startswith(prefix) and line != prefix + "None"]
+    stage_jobs = [c for c in commands if "--stage-dir" in c]
+    assert len(stage_jobs) >= 15
+    for args in stage_jobs:
+        options = {a for a in args[args.index("--manifest"):] if a.startswith("--")}
+        assert options <= JOB_OPTIONS, (args[:3], options - JOB_OPTIONS)
+        manifest = json.loads(args[args.index("--manifest") + 1])
+        assert args[args.index("--stage-dir") + 1] == f"results/{manifest['kind']}/{manifest['hash']}"
+        runtime = json.loads(args[args.index("--runtime") + 1])
+        assert {k: set(v) if isinstance(v, dict) else None for k, v in runtime.items()} == RUNTIME_KEYS

@@ -4,7 +4,7 @@ import copy
 
 from apo.config import validate_config
 from apo.settings import Plan, digest
-from conftest import SCHEMA
+from conftest import ROOT, SCHEMA
 
 
 def plan(cfg, **changes) -> Plan:
@@ -198,3 +198,80 @@ def test_a_hub_revision_is_part_of_the_address(demo_config):
     table = plan(demo_config, vstar__source="table", vstar__table={**TABLE, "revision": "v1"})
     assert table.vstar.manifest()["inputs"]["table"] == f"external:{TABLE['path']}@v1"
     assert plan(demo_config, data__train={**demo_config["data"]["train"], "revision": "v1"}).train_data.settings["revision"] == "v1"
+
+
+def test_the_demo_model_is_addressed_by_the_prompt_instruction(demo_config):
+    """Its tokenizer and warm start are trained on prompts that end with the instruction."""
+    other = plan(demo_config, prompt__instruction="Answer in \\boxed{}.")
+    assert changed(plan(demo_config), other) == set(stage_dirs(other))
+    assert other.demo.manifest()["settings"]["instruction"] == "Answer in \\boxed{}."
+
+
+# Keys that are in no stage's address, on purpose: names, and knobs of speed and placement
+# that jobs receive as `--runtime` (common.smk RUNTIME) or as scheduler resources.
+UNADDRESSED = (
+    "experiment", "data.benchmarks.*.name", "generation.batch_size", "generation.vllm.*",
+    "grading.workers", "train.gradient_checkpointing", "tracking_uri", "resources.*",
+)
+
+
+def config_leaves(node, path=()):
+    """(dotted path, value) of every setting; list items of objects by index, other lists whole."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from config_leaves(v, (*path, k))
+    elif isinstance(node, list) and node and isinstance(node[0], dict):
+        for i, v in enumerate(node):
+            yield from config_leaves(v, (*path, i))
+    else:
+        yield path, node
+
+
+def perturbed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    return 7 if value is None else [*value, *value[:1]]
+
+
+def shipped_configs() -> list[dict]:
+    """Every shipped experiment config, and a paper config reading a published stage-1 table
+    (so the table's keys are walked too)."""
+    import yaml
+
+    files = [ROOT / "config/config.yaml", ROOT / "config/compare.yaml", *sorted((ROOT / "config/paper").glob("*.yaml"))]
+    cfgs = [yaml.safe_load(f.read_text()) for f in files]
+    table = copy.deepcopy(cfgs[-1])
+    table["vstar"].update(source="table", table={**TABLE, "revision": "main", "subset": "s"})
+    return [*cfgs, table]
+
+
+def test_every_setting_is_in_an_address_or_declared_unaddressed():
+    """Walk every setting of the shipped configs: changing it must move some stage's address,
+    unless it is declared in UNADDRESSED. A key read by a job but left out of every address
+    (as prompt.instruction was for the demo model) fails here or in test_pipeline's
+    test_jobs_receive_settings_only_through_their_manifest."""
+    import fnmatch
+
+    cfgs = [validate_config(c, SCHEMA) for c in shipped_configs()]
+    moved, seen = set(), set()
+    for cfg in cfgs:
+        base = set(Plan(cfg).stages)
+        for path, value in config_leaves(cfg):
+            if path[0] in ("methods", "seeds"):  # which stages exist, not their settings
+                continue
+            key = ".".join("*" if isinstance(p, int) else str(p) for p in path)
+            seen.add(key)
+            c = copy.deepcopy(cfg)
+            node = c
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = perturbed(value)
+            if set(Plan(c).stages) != base:
+                moved.add(key)
+    unaddressed = {k for k in seen - moved if not any(fnmatch.fnmatch(k, pat) for pat in UNADDRESSED)}
+    assert unaddressed == set()
+    assert not {k for k in moved if any(fnmatch.fnmatch(k, pat) for pat in UNADDRESSED)}

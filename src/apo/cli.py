@@ -61,7 +61,8 @@ def cmd_demo(args):
 
     out = Path(args.stage_dir)
     with stage_job(args) as tracker, tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
-        info = demo.build(args.manifest["settings"], tmp, args.instruction)
+        settings = args.manifest["settings"]
+        info = demo.build(settings, tmp, settings["instruction"])
         tracker.log_metrics(info)
         for name in ("train.jsonl", "test.jsonl", "model"):  # the model last: rules wait for it
             move_into_place(Path(tmp) / name, out / name)
@@ -231,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = stage("demo", cmd_demo, "build the demo task and reference model")
-    sp.add_argument("--instruction", required=True)
+    stage("demo", cmd_demo, "build the demo task and reference model")
     sp = stage("data", cmd_data, "prepare a prompt set into parquet")
     sp.add_argument("--tokenizer", required=True)
     sp.add_argument("--model-revision", help="hub revision of the tokenizer's model (model_revision)")

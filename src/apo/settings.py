@@ -28,7 +28,7 @@ from apo.fingerprint import DigestCache, content_digest
 # Bump a stage's format version when its code changes what it writes for the same settings;
 # every downstream address changes with it.
 FORMAT_VERSION = {
-    "demo_model": 1,
+    "demo_model": 2,  # the prompt instruction (its tokenizer and warm start read it)
     "data": 2,  # local dataset files addressed by content; `revision` of hub datasets
     "sample": 1,
     "vstar": 2,  # a local stage-1 table addressed by content; `revision` of a hub table
@@ -153,7 +153,9 @@ class Plan:
         uses_demo = config["model"] == DEMO or any(
             d["path"] == DEMO for d in [config["data"]["train"], *config["data"]["benchmarks"]]
         )
-        self.demo = self._add("demo_model", config["demo"], {}) if uses_demo else None
+        # The demo's tokenizer and warm start are trained on prompts with the instruction.
+        demo = {**config["demo"], "instruction": config["prompt"]["instruction"]}
+        self.demo = self._add("demo_model", demo, {}) if uses_demo else None
         self.model = self.demo if config["model"] == DEMO else self.external(config["model"], config["model_revision"])
 
         grading = config["grading"]
