@@ -13,14 +13,19 @@ import pandas as pd
 APO = Path(sys.executable).with_name("apo")
 
 
-def vstar_job(tmp_path: Path, samples: Path) -> subprocess.CompletedProcess:
+def vstar_job(tmp_path: Path, samples: Path, prompts: Path | None = None) -> subprocess.CompletedProcess:
     stage_dir = tmp_path / "results" / "vstar" / "0123456789ab"
     manifest = {"kind": "vstar", "hash": "0123456789ab", "settings": {"beta1": 0.0, "filter": "keep_all"},
                 "inputs": {"samples": "sample/ba9876543210"}}
     runtime = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    if prompts is None:
+        prompts = tmp_path / "prompts.parquet"
+        pd.DataFrame({"id": ["a", "b"]}).to_parquet(prompts)
+    (samples.parent / "manifest.json").write_text(json.dumps({"settings": {"n": 2, "shards": 1}}))
     return subprocess.run(
         [str(APO), "vstar", "--manifest", json.dumps(manifest), "--stage-dir", str(stage_dir),
-         "--runtime", json.dumps(runtime), "--samples", str(samples), "--out", str(stage_dir / "vstar.parquet")],
+         "--runtime", json.dumps(runtime), "--samples", str(samples), "--prompts", str(prompts),
+         "--out", str(stage_dir / "vstar.parquet")],
         capture_output=True, text=True, timeout=300,
     )
 
@@ -34,7 +39,9 @@ def test_a_finished_job_has_written_everything(tmp_path):
     stage_dir = tmp_path / "results" / "vstar" / "0123456789ab"
     table = pd.read_parquet(stage_dir / "vstar.parquet")
     assert table.set_index("id")["vstar"].to_dict() == {"a": 0.5, "b": 0.0}
-    assert json.loads((stage_dir / "manifest.json").read_text())["hash"] == "0123456789ab"
+    written = json.loads((stage_dir / "manifest.json").read_text())
+    assert written["hash"] == "0123456789ab"
+    assert set(written["outputs"]) == {"vstar.parquet", "counts.json"}  # their checksums
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
@@ -70,3 +77,13 @@ def test_a_pinned_hub_model_is_loaded_from_its_revision(monkeypatch):
     args = build_parser().parse_args(["train", *common, "--model", "Qwen/Q"])
     pin_model_revision(args)
     assert args.model == "Qwen/Q" and len(calls) == 2
+
+
+def test_a_partial_shard_fails_the_vstar_job_naming_it(tmp_path):
+    """A shard replaced by a valid file with fewer prompts: no V* table for fewer prompts."""
+    samples = tmp_path / "shard-0.parquet"
+    pd.DataFrame({"id": ["a", "a"], "reward": [1.0, 0.0]}).to_parquet(samples)  # prompt b is missing
+    proc = vstar_job(tmp_path, samples)
+    assert proc.returncode == 1
+    assert f"{tmp_path}/shard-0.parquet: prompt 'b' has 0 graded samples, expected sample.n = 2" in proc.stderr
+    assert not (tmp_path / "results" / "vstar" / "0123456789ab" / "vstar.parquet").exists()

@@ -26,10 +26,24 @@ def _json(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
 
 
+def job_outputs(args) -> list[Path]:
+    """The files and directories one stage job writes: its rule's outputs (and counts)."""
+    d = Path(args.stage_dir)
+    named = {
+        "demo": ["train.jsonl", "test.jsonl", "model"],
+        "data": ["counts.json"],
+        "vstar": ["counts.json"],
+        "train": ["metrics.parquet", "summary.json", "model"],
+        "scores": ["scores.json", "samples.parquet"],
+    }.get(args.command, [])
+    return [d / name for name in named] + ([Path(args.out)] if getattr(args, "out", None) else [])
+
+
 @contextlib.contextmanager
 def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
-    """Tracking and bookkeeping around one stage job; yields the MLflow tracker."""
-    from apo.io import write_json
+    """Tracking and bookkeeping around one stage job; yields the MLflow tracker. When the job
+    succeeds, its manifest records the checksums of its outputs (`apo.io.record_outputs`)."""
+    from apo.io import record_outputs
     from apo.tracking import Tracker, default_tracking_uri
 
     m = args.manifest
@@ -50,7 +64,7 @@ def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    write_json(stage_dir / "manifest.json", m)
+    record_outputs(stage_dir, m, job_outputs(args))
 
 
 def cmd_demo(args):
@@ -72,12 +86,14 @@ def cmd_data(args):
     from transformers import AutoTokenizer
 
     from apo import data
-    from apo.io import write_json, write_parquet
+    from apo.io import verify_stage_file, write_json, write_parquet
     from apo.reward import Grader
 
     s = args.manifest["settings"]
     grading = args.runtime["grading"]
     with stage_job(args) as tracker, Grader(grading["timeout_s"], grading["workers"]) as grader:
+        if args.demo_dir:
+            verify_stage_file(Path(args.demo_dir) / f"{s['split']}.jsonl")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         df, counts = data.prepare(s, s["prompt"], tokenizer, args.demo_dir, grader)
         tracker.log_metrics(counts)
@@ -104,30 +120,33 @@ def cmd_vstar(args):
     import pandas as pd
 
     from apo import vstar
-    from apo.io import write_parquet
-
-    from apo.io import write_json
+    from apo.io import read_json, read_stage_parquet, write_json, write_parquet
 
     s = args.manifest["settings"]
     with stage_job(args) as tracker:
+        prompts = read_stage_parquet(args.prompts)
         if s.get("source") == "table":  # a published stage-1 table joined to the prompts
-            samples, counts = vstar.samples_from_table(s["table"], pd.read_parquet(args.prompts))
-            tracker.log_metrics(counts)
-            write_json(Path(args.stage_dir) / "counts.json", counts)
+            samples, counts = vstar.samples_from_table(s["table"], prompts)
             if counts["prompts_unmatched"]:
                 log.warning("%d of %d training prompts are not in the stage-1 table %s: no V*, not trained on",
                             counts["prompts_unmatched"], counts["prompts"], s["table"]["path"])
         else:
-            samples = pd.concat([pd.read_parquet(p) for p in args.samples], ignore_index=True)
+            samples = pd.concat([read_stage_parquet(p) for p in args.samples], ignore_index=True)
+            sample_dir = Path(args.samples[0]).parent
+            sampled = read_json(sample_dir / "manifest.json")["settings"]
+            vstar.check_samples(samples, prompts, sampled["n"], sampled["shards"], str(sample_dir))
+            counts = {"prompts": len(prompts)}
         table = vstar.vstar_table(samples, s["beta1"])
         kept = vstar.filter_prompts(table, s["filter"])
+        counts.update(prompts_kept=len(kept), dropped_by_filter=len(table) - len(kept))
         tracker.log_metrics(
-            {"prompts": len(table), "prompts_kept": len(kept), "vstar_mean": table["vstar"].mean(),
+            {**counts, "vstar_mean": table["vstar"].mean(),
              "mean_reward": table["mean_reward"].mean(),
              "unsolved": int((table["n_correct"] == 0).sum()),
              "always_solved": int((table["n_correct"] == table["n_samples"]).sum())}
         )
         log.info("V* for %d prompts; %d kept by filter %s", len(table), len(kept), s["filter"])
+        write_json(Path(args.stage_dir) / "counts.json", counts)
         write_parquet(args.out, kept)
 
 
@@ -168,13 +187,13 @@ def cmd_scores(args):
     import pandas as pd
 
     from apo import evaluate
-    from apo.io import write_json, write_parquet
+    from apo.io import read_stage_parquet, write_json, write_parquet
 
     s = args.manifest["settings"]
     out = Path(args.stage_dir)
     with stage_job(args) as tracker:
-        samples = pd.concat([pd.read_parquet(f) for f in args.shards], ignore_index=True)
-        scores = evaluate.scores(s, pd.read_parquet(args.prompts), samples)
+        samples = pd.concat([read_stage_parquet(f) for f in args.shards], ignore_index=True)
+        scores = evaluate.scores(s, read_stage_parquet(args.prompts), samples)
         tracker.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
         write_parquet(out / "samples.parquet", samples)
         write_json(out / "scores.json", scores)
@@ -246,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp = stage("vstar", cmd_vstar, "V* table from graded reference samples")
     sp.add_argument("--samples", nargs="+", help="graded reference samples (vstar.source: sample)")
-    sp.add_argument("--prompts", help="training prompts to join the table to (vstar.source: table)")
+    sp.add_argument("--prompts", required=True, help="the prepared training prompts")
     sp.add_argument("--out", required=True)
     sp = stage("train", cmd_train, "A*-PO stage 2 training")
     sp.add_argument("--model", required=True)

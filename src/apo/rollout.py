@@ -86,7 +86,9 @@ def sample_shard(
     """Graded samples for the prompts of one shard of a sharded stage (reference sampling,
     evaluation). Seeded per shard: shards are independent jobs and must not repeat each
     other's draws."""
-    prompts = shard_rows(pd.read_parquet(prompts_path), shard, settings["shards"], str(prompts_path), shards_key)
+    from apo.io import read_stage_parquet
+
+    prompts = shard_rows(read_stage_parquet(prompts_path), shard, settings["shards"], str(prompts_path), shards_key)
     seed = settings["seed"] * 10_007 + shard
     generator = open_generator(settings["backend"], model_path, generation, prompts, sampling.max_new_tokens, seed)
     with Grader(grading["timeout_s"], grading["workers"]) as grader:

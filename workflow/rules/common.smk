@@ -69,6 +69,14 @@ def vstar_samples(vstar):
     return shard_files(samples) if samples is not None else []
 
 
+def vstar_prompts(w):
+    """The prepared prompts V* is for: those its samples were drawn for, or those a published
+    table is joined to."""
+    v = stage("vstar", w)
+    source = v.inputs.get("samples", v)
+    return f"{source.inputs['prompts'].dir}/prompts.parquet"
+
+
 def upstream(kind, role, filename=None):
     """Input function: a file of the stage that `kind`'s stage reads as `role`."""
 
