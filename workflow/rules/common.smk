@@ -3,6 +3,7 @@ from pathlib import Path
 
 from apo.config import validate_config
 from apo.settings import External, Plan, Stage, model_path
+from apo.tracking import check_reachable
 
 # Validate before any job is planned: a bad key stops the run here, naming the key.
 config.update(
@@ -10,6 +11,9 @@ config.update(
         config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
     )
 )
+
+# Once per plan rather than minutes of retries in every job.
+check_reachable(config["tracking_uri"])
 
 RESULTS = "results"
 PLAN = Plan(config, RESULTS)
