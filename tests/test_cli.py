@@ -3,8 +3,10 @@
 failing job must still exit non-zero with its error."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -87,3 +89,56 @@ def test_a_partial_shard_fails_the_vstar_job_naming_it(tmp_path):
     assert proc.returncode == 1
     assert f"{tmp_path}/shard-0.parquet: prompt 'b' has 0 graded samples, expected sample.n = 2" in proc.stderr
     assert not (tmp_path / "results" / "vstar" / "0123456789ab" / "vstar.parquet").exists()
+
+
+def test_a_second_job_for_the_same_outputs_waits_and_then_finds_them(tmp_path):
+    """The job lock: while another process holds it, the job waits, naming the holder; once
+    the holder has written the outputs, the job stops without redoing (or rewriting) them."""
+    from apo.cli import job_lock
+    from apo.io import record_outputs
+
+    samples = tmp_path / "shard-0.parquet"
+    pd.DataFrame({"id": ["a", "a", "b", "b"], "reward": [1.0, 0.0, 0.0, 0.0]}).to_parquet(samples)
+    stage_dir = tmp_path / "results" / "vstar" / "0123456789ab"
+    with job_lock(stage_dir / ".vstar.lock", "the first job"):
+        second = subprocess.Popen(
+            [str(APO), "vstar", "--manifest", json.dumps({"kind": "vstar", "hash": "0123456789ab",
+             "settings": {"beta1": 0.0, "filter": "keep_all"}, "inputs": {}}), "--stage-dir", str(stage_dir),
+             "--runtime", json.dumps({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}), "--samples", str(samples),
+             "--prompts", str(samples), "--out", str(stage_dir / "vstar.parquet")],
+            stderr=subprocess.PIPE, text=True)
+        (samples.parent / "manifest.json").write_text(json.dumps({"settings": {"n": 2, "shards": 1}}))
+        time.sleep(8)
+        assert second.poll() is None  # waiting
+        # what the first job leaves when it finishes
+        pd.DataFrame({"id": ["first"], "vstar": [0.0]}).to_parquet(stage_dir / "vstar.parquet")
+        (stage_dir / "counts.json").write_text("{}")
+        record_outputs(stage_dir, {"kind": "vstar", "hash": "0123456789ab"},
+                       [stage_dir / "vstar.parquet", stage_dir / "counts.json"])
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err[-3000:]
+    assert f"another job is writing these outputs (pid {os.getpid()} on " in err and "the first job" in err
+    assert pd.read_parquet(stage_dir / "vstar.parquet")["id"].tolist() == ["first"]  # not redone
+
+
+def test_the_training_launcher_holds_the_lock_until_killed(tmp_path):
+    """`apo lock FILE -- CMD` keeps the lock across exec, for as long as CMD runs; a SIGKILL
+    releases it (the kernel does), so nothing needs unlocking after a kill."""
+    lock = tmp_path / "results" / "train" / "0123456789ab" / ".train.lock"
+    first = subprocess.Popen([str(APO), "lock", str(lock), "--", "sleep", "60"])
+    for _ in range(100):
+        if lock.exists() and "sleep 60" in lock.read_text():
+            break
+        time.sleep(0.1)
+    second = subprocess.Popen([str(APO), "lock", str(lock), "--", "echo", "ran"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        second.wait(timeout=5)
+        raise AssertionError("the second job did not wait for the lock")
+    except subprocess.TimeoutExpired:
+        pass
+    first.kill()
+    first.wait()
+    out, err = second.communicate(timeout=30)
+    assert second.returncode == 0 and out == "ran\n"
+    assert f"pid {first.pid} on " in err and "sleep 60" in err

@@ -212,7 +212,8 @@ def test_every_path_in_a_shell_command_is_quoted(tmp_path):
     commands = [line[len(prefix):] for line in proc.stdout.splitlines()
                 if line.startswith(prefix) and line != prefix + "None"]  # rule all: no command
     assert len(commands) >= 8
-    (train,) = [shlex.split(c) for c in commands if c.startswith("accelerate ")]
+    (train,) = [shlex.split(c) for c in commands if "accelerate launch" in c]
+    assert train[:2] == ["apo", "lock"] and train[2] == train[train.index("--stage-dir") + 1] + "/.train.lock"
     assert train[train.index("--config_file") + 1] == str(checkout / "workflow/accelerate/ddp.yaml")
     assert "--main_process_port" in train
     for c in commands:
@@ -228,6 +229,8 @@ STUB = """#!/usr/bin/env python3
 import sys
 from pathlib import Path
 args = sys.argv[1:]
+if args[0] == "lock":  # apo lock FILE -- accelerate launch ...
+    args = args[args.index("--") + 2:]
 cmd = "train" if args[0] == "launch" else args[0]
 opt = lambda name: Path(args[args.index(name) + 1]) if name in args else None
 d = opt("--stage-dir")
@@ -314,3 +317,28 @@ def test_jobs_receive_settings_only_through_their_manifest(tmp_path):
         assert args[args.index("--stage-dir") + 1] == f"results/{manifest['kind']}/{manifest['hash']}"
         runtime = json.loads(args[args.index("--runtime") + 1])
         assert {k: set(v) if isinstance(v, dict) else None for k, v in runtime.items()} == RUNTIME_KEYS
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_share_each_job(tmp_path):
+    """Two snakemake runs of one experiment at once (the profile's `nolock` lets them): both
+    finish, and a job the second starts while the first runs it waits for it and then finds
+    its outputs instead of redoing them."""
+    import mlflow
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+           "--cores", "1", "--configfile", str(SMOKE)]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for _ in range(2)]
+    outs = [r.communicate(timeout=1800)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    results = tmp_path / "results"
+    assert set(pd.read_csv(results / "smoke" / "summary.csv")["model"]) == {"reference", "apo"}
+    logs = [f.read_text() for f in results.glob("*/*/log/*.log")]
+    assert any("another job is writing these outputs" in text for text in logs)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{results}/mlflow.db")
+    names = [r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    trainings = [n for n in names if n.startswith("train-")]
+    assert len(trainings) == 1, names  # trained once, although both runs started the job

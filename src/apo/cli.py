@@ -67,6 +67,70 @@ def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
     record_outputs(stage_dir, m, job_outputs(args))
 
 
+# Two snakemake runs of overlapping experiments may start the same job at once (the workflow
+# profile sets `nolock`, so a killed run needs no `--unlock`). Each job holds an OS lock on a
+# file in its stage directory, which the kernel releases when the process dies: a second job
+# for the same outputs waits for the first, then finds them written and stops.
+
+
+def lock_path(args) -> Path:
+    shard = f"-{args.shard}" if getattr(args, "shard", None) is not None else ""
+    return Path(args.stage_dir) / f".{args.command}{shard}.lock"
+
+
+@contextlib.contextmanager
+def job_lock(path: Path, what: str):
+    """Hold an exclusive lock on `path`, waiting (with a message naming the holder) while
+    another process holds it. The lock file says who holds it."""
+    import fcntl
+    import socket
+    import time
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "a process"
+            log.warning("%s: another job is writing these outputs (%s); waiting for it", path.parent, holder)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {what}\n")
+        fh.flush()
+        yield fh
+
+
+def outputs_done(args) -> bool:
+    """Whether this job's outputs are complete: present, and their checksums recorded in the
+    stage manifest under this address (what a finished job leaves, and the only way a job
+    that waited for the lock finds them: Snakemake removes a job's outputs before it starts)."""
+    from apo.io import file_sha256, read_json
+
+    manifest, outputs = Path(args.stage_dir) / "manifest.json", job_outputs(args)
+    if not manifest.exists() or not all(p.exists() for p in outputs):
+        return False
+    m = read_json(manifest)
+    recorded = m.get("outputs", {})
+    return m.get("hash") == args.manifest.get("hash") and all(
+        recorded.get(p.name) == file_sha256(p) for p in outputs if p.is_file()
+    )
+
+
+def cmd_lock(args):
+    """`apo lock FILE -- COMMAND...`: run COMMAND holding the job lock FILE. The lock is
+    inherited across exec, so it is held until COMMAND (e.g. `accelerate launch`, which starts
+    one process per GPU, all after the lock is taken) ends or dies."""
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise SystemExit("apo lock: no command given after --")
+    with job_lock(Path(args.file), " ".join(command)) as fh:
+        os.set_inheritable(fh.fileno(), True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvp(command[0], command)
+
+
 def cmd_demo(args):
     import tempfile
 
@@ -282,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--shards", nargs="+", required=True)
 
+    sp = sub.add_parser("lock", help="run a command holding a stage job's lock (the training rule's launcher)")
+    sp.add_argument("file")
+    sp.add_argument("command_line", nargs=argparse.REMAINDER)
+    sp.set_defaults(fn=cmd_lock)
+
     sp = sub.add_parser("report", help="tables and plots of one experiment")
     sp.add_argument("--spec", type=_json, required=True)
     sp.add_argument("--out-dir", required=True)
@@ -306,8 +375,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    pin_model_revision(args)
-    args.fn(args)
+    if getattr(args, "stage_dir", None) is None:
+        args.fn(args)
+        return 0
+    if args.command == "train":
+        # Locked by `apo lock` around `accelerate launch`: every process checks, none waits.
+        if not outputs_done(args):
+            pin_model_revision(args)
+            args.fn(args)
+        return 0
+    with job_lock(lock_path(args), f"apo {args.command} {args.stage_dir}"):
+        if outputs_done(args):
+            log.info("%s: outputs already written by the job that held the lock; nothing to do", args.stage_dir)
+            return 0
+        pin_model_revision(args)
+        args.fn(args)
     return 0
 
 

@@ -28,10 +28,10 @@ from apo.fingerprint import DigestCache, content_digest
 # Bump a stage's format version when its code changes what it writes for the same settings;
 # every downstream address changes with it.
 FORMAT_VERSION = {
-    "demo_model": 2,  # the prompt instruction (its tokenizer and warm start read it)
-    "data": 2,  # local dataset files addressed by content; `revision` of hub datasets
+    "demo_model": 2,
+    "data": 2,
     "sample": 1,
-    "vstar": 2,  # a local stage-1 table addressed by content; `revision` of a hub table
+    "vstar": 2,
     "train": 1,
     "eval": 1,
 }

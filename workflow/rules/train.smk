@@ -29,6 +29,7 @@ rule train:
         launch=accelerate_args,
         port=accelerate_port,
     shell:
+        "apo lock {params.dir:q}/.train.lock -- "
         "accelerate launch {params.launch:q} {params.port} --module apo.cli train "
         "--manifest {params.manifest:q} --stage-dir {params.dir:q} "
         "--runtime {params.runtime:q} --model {params.model:q} {params.revision:q} --prompts {input.prompts:q} "
