@@ -38,6 +38,10 @@ def test_shipped_configs_are_valid(config_file):
         (("train", "loss_agg"), "sum", "config key 'train.loss_agg'"),
         (("methods",), ["apo", "dpo"], "config key 'methods': unknown method(s) ['dpo']"),
         (("prompt", "template"), "alpaca", "config key 'prompt.template'"),
+        (("experiment",), "..", "config key 'experiment'"),
+        (("experiment",), ".hidden", "config key 'experiment'"),
+        (("experiment",), "smoke\n", "config key 'experiment': 'smoke\\n' is not a name"),
+        (("experiment",), "a/b", "config key 'experiment'"),
         (("resources",), {"train": {"gpu": -1}}, "config key 'resources.train.gpu'"),
         (("resources",), {"trian": {"gpu": 1}}, "unknown config key 'resources.trian'"),
         (("vstar", "source"), "table", "config key 'vstar.table' is required"),
@@ -151,3 +155,64 @@ def test_backend_auto_resolves_to_the_installed_engine(demo_config):
     assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == ("vllm" if vllm_available() else "hf")
     demo_config["generation"]["backend"] = "hf"
     assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == "hf"
+
+
+@pytest.mark.parametrize("path, value", [
+    (("grading", "timeout_s"), float("nan")),
+    (("vstar", "beta1"), float("nan")),
+    (("train", "lr"), float("inf")),
+    (("train", "max_grad_norm"), "nan"),  # as `--config` delivers it
+    (("evaluate", "temperature"), float("-inf")),
+])
+def test_non_finite_numbers_are_rejected(demo_config, path, value):
+    """NaN compares false with every bound, so the schema alone lets it through."""
+    demo_config[path[0]][path[1]] = value
+    with pytest.raises(ConfigError, match=rf"config key '{'.'.join(path)}': -?(nan|inf) is not a finite number"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_integral_floats_of_integer_keys_become_ints(demo_config):
+    demo_config["sample"]["shards"] = 2.0
+    demo_config["train"]["steps"] = "3.0"
+    demo_config["data"]["train"]["limit"] = 1e3
+    cfg = validate_config(demo_config, SCHEMA)
+    assert type(cfg["sample"]["shards"]) is int and cfg["sample"]["shards"] == 2
+    assert type(cfg["train"]["steps"]) is int and cfg["train"]["steps"] == 3
+    assert type(cfg["data"]["train"]["limit"]) is int
+    assert type(cfg["vstar"]["beta1"]) is float  # a number key keeps its float
+
+
+@pytest.mark.parametrize("path, value", [(("sample", "shards"), 2.5), (("train", "steps"), "3.5")])
+def test_non_integral_values_of_integer_keys_are_rejected(demo_config, path, value):
+    demo_config[path[0]][path[1]] = value
+    with pytest.raises(ConfigError, match=rf"config key '{'.'.join(path)}'.*not of type 'integer'"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_more_shards_than_limited_prompts_is_rejected(demo_config):
+    demo_config["data"]["train"]["limit"] = 4
+    demo_config["sample"]["shards"] = 5
+    with pytest.raises(ConfigError, match=r"'sample.shards' \(5\) is larger than 'data.train.limit' \(4\)"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["sample"]["shards"] = 1
+    demo_config["data"]["benchmarks"][0]["limit"] = 1
+    demo_config["evaluate"]["shards"] = 2
+    with pytest.raises(ConfigError, match=r"'evaluate.shards' \(2\) is larger than 'data.benchmarks\[0\].limit'"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_a_shard_without_prompts_is_a_clear_error():
+    import pandas as pd
+
+    from apo.rollout import shard_rows
+
+    prompts = pd.DataFrame({"id": ["a", "b", "c"]})
+    assert [len(shard_rows(prompts, i, 3)) for i in range(3)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="p.parquet: 3 prompts cannot fill 4 shards: set config key 'sample.shards' to at most 3"):
+        shard_rows(prompts, 3, 4, "p.parquet", "sample.shards")
+
+
+def test_a_benchmark_name_must_be_a_whole_name(demo_config):
+    demo_config["data"]["benchmarks"][0]["name"] = "test\n"
+    with pytest.raises(ConfigError, match=r"config key 'data.benchmarks\[0\].name': 'test\\n' is not a name"):
+        validate_config(demo_config, SCHEMA)

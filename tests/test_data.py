@@ -114,3 +114,43 @@ def test_raw_template_is_the_authors_problem_space_instruction(tiny_demo):
     assert raw == "What is 2+3?  Think step by step."
     chat = format_prompt("What is 2+3? ", {**cfg, "template": "chat"}, tok)
     assert chat != raw and "What is 2+3? Think step by step." in chat
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", b"", "the file is empty"),
+        ("empty.csv", b"", "the file is empty"),
+        ("header.csv", b"q,a\n", "the file has a header line and no rows"),
+        ("latin1.jsonl", b'{"q": "x", "a": "1"}\n{"q": "caf\xe9", "a": "2"}\n', "line 2: not UTF-8 text (byte 0xe9 at column 11)"),
+        ("latin1.csv", b"q,a\ncaf\xe9,1\n", "line 2: not UTF-8 text"),
+        ("garbage.jsonl", b'{"q": "x", "a": "1"}\n{"q": "y", "a": "2"} trailing\n', "line 2: not valid JSON (Extra data at column 22)"),
+        ("list.jsonl", b'[1, 2]\n', "line 1: a JSON line must be an object"),
+    ],
+)
+def test_unreadable_files_are_named(tmp_path, tokenizer, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        prepare(spec(path), PROMPT, tokenizer)
+    assert f"{path}: {message}" in str(err.value) or f"{path}, {message}" in str(err.value)
+
+
+def test_a_missing_directory_is_not_tried_as_a_hub_id(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for path in ["data/mytrain", "data/sets/mytrain", "./mytrain", "/nonexistent/prompts"]:
+        with pytest.raises(DataError, match=f"{path}: no such file or directory"):
+            prepare(spec(path), PROMPT, tokenizer)
+
+
+def test_a_huge_prompt_is_dropped_without_tokenizing(tmp_path, tokenizer, monkeypatch):
+    import time
+
+    path = write(tmp_path, [{"q": "short", "a": "1"}, {"q": "x" * 10_000_000, "a": "2"}])
+    calls = []
+    real = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, **kw: calls.append(len(text)) or real(self, text, **kw))
+    start = time.monotonic()
+    df, counts = prepare(spec(path), PROMPT, tokenizer)
+    assert len(df) == 1 and counts["dropped_too_long"] == 1
+    assert max(calls) < 10_000  # the long row never reached the tokenizer
+    assert time.monotonic() - start < 20

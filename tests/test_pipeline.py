@@ -192,3 +192,153 @@ def test_lint_is_clean():
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(ROOT / "Snakefile")],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_path_in_a_shell_command_is_quoted(tmp_path):
+    """A checkout and a working directory whose paths hold a space and a command substitution:
+    every job's command still splits into the intended arguments, and nothing is run."""
+    import shlex
+
+    checkout = tmp_path / "a b $(touch pwned)"
+    checkout.mkdir()
+    for part in ("Snakefile", "workflow", "config"):
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, checkout / part)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(checkout / "Snakefile"), "--directory",
+           str(checkout), "-n", "-p", "--configfile", str(SMOKE), "--config", "resources={train: {gpu: 2}}"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    prefix = "Shell command: "
+    commands = [line[len(prefix):] for line in proc.stdout.splitlines()
+                if line.startswith(prefix) and line != prefix + "None"]  # rule all: no command
+    assert len(commands) >= 8
+    (train,) = [shlex.split(c) for c in commands if "accelerate launch" in c]
+    assert train[:2] == ["apo", "lock"] and train[2] == train[train.index("--stage-dir") + 1] + "/.train.lock"
+    assert train[train.index("--config_file") + 1] == str(checkout / "workflow/accelerate/ddp.yaml")
+    assert "--main_process_port" in train
+    for c in commands:
+        args = shlex.split(c)
+        out = args[args.index("--stage-dir" if "--stage-dir" in args else "--out-dir") + 1]
+        assert out.startswith("results/")
+    assert not list(tmp_path.rglob("pwned"))
+
+
+# A stand-in for `apo` and `accelerate`: writes a job's outputs (empty) and nothing else, so
+# Snakemake records a finished run, with its metadata, in a second.
+STUB = """#!/usr/bin/env python3
+import sys
+from pathlib import Path
+args = sys.argv[1:]
+if args[0] == "lock":  # apo lock FILE -- accelerate launch ...
+    args = args[args.index("--") + 2:]
+cmd = "train" if args[0] == "launch" else args[0]
+opt = lambda name: Path(args[args.index(name) + 1]) if name in args else None
+d = opt("--stage-dir")
+names = {"demo": ["train.jsonl", "test.jsonl", "model"], "scores": ["scores.json", "samples.parquet"],
+         "train": ["metrics.parquet", "summary.json", "model"],
+         "report": ["report.md", "summary.csv", "paper_table.csv", "paper_table.tex",
+                    "training_curves.png", "training_phases.png"]}
+base = opt("--out-dir") if cmd == "report" else d
+files = [base / n for n in names[cmd]] if cmd in names else [opt("--out")]
+for f in files:
+    f.mkdir(parents=True, exist_ok=True) if str(f).endswith("model") else (f.parent.mkdir(parents=True, exist_ok=True), f.touch())
+"""
+
+
+def stub_run(workdir: Path, *args: str) -> None:
+    """Run the workflow with every stage job replaced by STUB."""
+    bin_dir = workdir / "stub-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("apo", "accelerate"):
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--cores", "1", *args]
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_editing_a_local_train_file_replans_data_prep_and_after_only(tmp_path):
+    """Local files take part in addresses by content: one edited line moves the training
+    prompts and everything downstream of them; the demo model, the benchmark and the
+    reference model's evaluation stay. A touched file with the same bytes moves nothing."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(
+        f'{{"id": "p{i}", "question": "Mia has {i} pens. She finds 2 more. How many pens does Mia have now?", '
+        f'"answer": "{i + 2}"}}\n' for i in range(8)))
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["data"]["train"] = {"path": "train.jsonl", "split": "train", "prompt_field": "question",
+                            "answer_field": "answer", "id_field": "id"}
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(cfg))
+    args = ("--configfile", str(tmp_path / "local.yaml"))
+    stub_run(tmp_path, *args)
+    assert planned_jobs(tmp_path, *args) == {}
+
+    os.utime(train)  # newer, same content
+    assert planned_jobs(tmp_path, *args) == {}
+
+    lines = train.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace("finds 2 more", "finds 2 more today")
+    train.write_text("".join(lines))
+    assert planned_jobs(tmp_path, *args) == {
+        "prepare_data": 1, "sample_reference": 2, "vstar": 1, "train": 1, "evaluate": 2,
+        "scores": 1, "report": 1, "all": 1}
+
+
+# What a stage job may receive besides its manifest: paths of its inputs and outputs (all
+# addressed), its shard index, and the runtime knobs that change speed, not results.
+JOB_OPTIONS = {"--manifest", "--stage-dir", "--runtime", "--model", "--model-revision", "--tokenizer",
+               "--prompts", "--samples", "--shard", "--shards", "--out", "--demo-dir", "--vstar"}
+RUNTIME_KEYS = {"generation": {"batch_size", "vllm"}, "grading": {"timeout_s", "workers"},
+                "tracking_uri": None, "train": {"gradient_checkpointing"}}
+
+
+def test_jobs_receive_settings_only_through_their_manifest(tmp_path):
+    """Every job of the smoke plan (all four methods): no option carries a config value past
+    the stage's address, the manifest is the one its directory is named after, and `--runtime`
+    holds only the declared runtime knobs."""
+    import json
+    import shlex
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    out = snakemake(tmp_path, "-n", "-p", "--configfile", str(SMOKE), "--config",
+                    "methods=['apo', 'grpo', 'rebel', 'ppo']").stdout
+    prefix = "Shell command: "
+    commands = [shlex.split(line[len(prefix):]) for line in out.splitlines()
+                if line.startswith(prefix) and line != prefix + "None"]
+    stage_jobs = [c for c in commands if "--stage-dir" in c]
+    assert len(stage_jobs) >= 15
+    for args in stage_jobs:
+        options = {a for a in args[args.index("--manifest"):] if a.startswith("--")}
+        assert options <= JOB_OPTIONS, (args[:3], options - JOB_OPTIONS)
+        manifest = json.loads(args[args.index("--manifest") + 1])
+        assert args[args.index("--stage-dir") + 1] == f"results/{manifest['kind']}/{manifest['hash']}"
+        runtime = json.loads(args[args.index("--runtime") + 1])
+        assert {k: set(v) if isinstance(v, dict) else None for k, v in runtime.items()} == RUNTIME_KEYS
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_share_each_job(tmp_path):
+    """Two snakemake runs of one experiment at once (the profile's `nolock` lets them): both
+    finish, and a job the second starts while the first runs it waits for it and then finds
+    its outputs instead of redoing them."""
+    import mlflow
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+           "--cores", "1", "--configfile", str(SMOKE)]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for _ in range(2)]
+    outs = [r.communicate(timeout=1800)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    results = tmp_path / "results"
+    assert set(pd.read_csv(results / "smoke" / "summary.csv")["model"]) == {"reference", "apo"}
+    logs = [f.read_text() for f in results.glob("*/*/log/*.log")]
+    assert any("another job is writing these outputs" in text for text in logs)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{results}/mlflow.db")
+    names = [r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    trainings = [n for n in names if n.startswith("train-")]
+    assert len(trainings) == 1, names  # trained once, although both runs started the job

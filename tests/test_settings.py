@@ -4,7 +4,7 @@ import copy
 
 from apo.config import validate_config
 from apo.settings import Plan, digest
-from conftest import SCHEMA
+from conftest import ROOT, SCHEMA
 
 
 def plan(cfg, **changes) -> Plan:
@@ -147,3 +147,149 @@ def test_a_registered_method_is_planned_with_its_own_settings_only(demo_config, 
     settings = p.trains["apo_twin"].settings
     assert "grpo" in settings and "beta2" not in settings and settings["method"] == "apo_twin"
     assert p.trains["apo_twin"].inputs["vstar"] is p.vstar  # reads_vstar, as A*-PO
+def test_training_dtype_moves_only_training_and_its_evaluation(demo_config):
+    assert changed(plan(demo_config), plan(demo_config, train__dtype="bfloat16")) == {"train:apo", "eval:apo:demo_test"}
+
+
+def local_plan(cfg, results, **changes) -> Plan:
+    p = plan(cfg, **changes)
+    return Plan(p.config, str(results))
+
+
+def test_a_local_model_is_addressed_by_its_content(demo_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "my-model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "sub" / "weights.bin").write_bytes(b"\0" * 100)
+    base = local_plan(demo_config, "results", model="./my-model")
+    assert base.trains["apo"].manifest()["inputs"]["model"].startswith("local:sha256:")
+    (model / ".cache").mkdir()
+    (model / ".cache" / "lock").write_text("x")  # dot-files are not the model
+    assert stage_dirs(local_plan(demo_config, "results", model="./my-model")) == stage_dirs(base)
+    (model / "sub" / "weights.bin").write_bytes(b"\1" + b"\0" * 99)
+    moved = changed(base, local_plan(demo_config, "results", model="./my-model"))
+    assert moved == set(stage_dirs(base)) - {"demo"}  # the demo datasets do not read the model
+
+
+def test_file_digests_are_cached_by_size_and_mtime(demo_config, tmp_path, monkeypatch):
+    """A large model is not read again at every plan: an unchanged (size, mtime) reuses the
+    recorded digest; a changed mtime reads the file again."""
+    import json
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    weights = tmp_path / "m" / "w.bin"
+    weights.write_bytes(b"abc")
+    first = local_plan(demo_config, "results", model="./m").trains["apo"].hash
+    cache_file = tmp_path / "results" / ".content-digests.json"
+    cache = json.loads(cache_file.read_text())
+    cache[str(weights)][2] = "0" * 64  # what a re-read could never produce
+    cache_file.write_text(json.dumps(cache))
+    assert local_plan(demo_config, "results", model="./m").trains["apo"].hash != first  # the cached digest was used
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert local_plan(demo_config, "results", model="./m").trains["apo"].hash == first  # read again
+
+
+def test_a_local_dataset_and_table_are_addressed_by_content(demo_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text('{"q": "x", "a": "1"}\n')
+    (tmp_path / "table.parquet").write_bytes(b"one")
+    table = {"path": "table.parquet", "id_field": "id", "reward_fields": ["r"]}
+    cfg = dict(data__train={**demo_config["data"]["train"], "path": "t.jsonl"}, vstar__source="table", vstar__table=table)
+    base = local_plan(demo_config, "results", **cfg)
+    assert base.train_data.manifest()["inputs"]["source"].startswith("local:sha256:")
+    assert base.vstar.manifest()["inputs"]["table"].startswith("local:sha256:")
+    (tmp_path / "table.parquet").write_bytes(b"two")
+    other = local_plan(demo_config, "results", **cfg)
+    assert other.train_data.hash == base.train_data.hash and other.vstar.hash != base.vstar.hash
+    (tmp_path / "t.jsonl").write_text('{"q": "y", "a": "1"}\n')
+    assert local_plan(demo_config, "results", **cfg).train_data.hash != base.train_data.hash
+
+
+def test_a_hub_revision_is_part_of_the_address(demo_config):
+    hub = plan(demo_config, model="Qwen/Qwen2.5-1.5B")
+    pinned = plan(demo_config, model="Qwen/Qwen2.5-1.5B", model_revision="8faed761d45a263340a0528343f099c05c9a4323")
+    assert pinned.trains["apo"].manifest()["inputs"]["model"] == "external:Qwen/Qwen2.5-1.5B@8faed761d45a263340a0528343f099c05c9a4323"
+    assert changed(hub, pinned) == set(stage_dirs(hub)) - {"demo"}
+    table = plan(demo_config, vstar__source="table", vstar__table={**TABLE, "revision": "v1"})
+    assert table.vstar.manifest()["inputs"]["table"] == f"external:{TABLE['path']}@v1"
+    assert plan(demo_config, data__train={**demo_config["data"]["train"], "revision": "v1"}).train_data.settings["revision"] == "v1"
+
+
+def test_the_demo_model_is_addressed_by_the_prompt_instruction(demo_config):
+    """Its tokenizer and warm start are trained on prompts that end with the instruction."""
+    other = plan(demo_config, prompt__instruction="Answer in \\boxed{}.")
+    assert changed(plan(demo_config), other) == set(stage_dirs(other))
+    assert other.demo.manifest()["settings"]["instruction"] == "Answer in \\boxed{}."
+
+
+# Keys that are in no stage's address, on purpose: names, and knobs of speed and placement
+# that jobs receive as `--runtime` (common.smk RUNTIME) or as scheduler resources.
+UNADDRESSED = (
+    "experiment", "data.benchmarks.*.name", "generation.batch_size", "generation.vllm.*",
+    "grading.workers", "train.gradient_checkpointing", "tracking_uri", "resources.*",
+)
+
+
+def config_leaves(node, path=()):
+    """(dotted path, value) of every setting; list items of objects by index, other lists whole."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from config_leaves(v, (*path, k))
+    elif isinstance(node, list) and node and isinstance(node[0], dict):
+        for i, v in enumerate(node):
+            yield from config_leaves(v, (*path, i))
+    else:
+        yield path, node
+
+
+def perturbed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    return 7 if value is None else [*value, *value[:1]]
+
+
+def shipped_configs() -> list[dict]:
+    """Every shipped experiment config, and a paper config reading a published stage-1 table
+    (so the table's keys are walked too)."""
+    import yaml
+
+    files = [ROOT / "config/config.yaml", ROOT / "config/compare.yaml", *sorted((ROOT / "config/paper").glob("*.yaml"))]
+    cfgs = [yaml.safe_load(f.read_text()) for f in files]
+    table = copy.deepcopy(cfgs[-1])
+    table["vstar"].update(source="table", table={**TABLE, "revision": "main", "subset": "s"})
+    return [*cfgs, table]
+
+
+def test_every_setting_is_in_an_address_or_declared_unaddressed():
+    """Walk every setting of the shipped configs: changing it must move some stage's address,
+    unless it is declared in UNADDRESSED. A key read by a job but left out of every address
+    (as prompt.instruction was for the demo model) fails here or in test_pipeline's
+    test_jobs_receive_settings_only_through_their_manifest."""
+    import fnmatch
+
+    cfgs = [validate_config(c, SCHEMA) for c in shipped_configs()]
+    moved, seen = set(), set()
+    for cfg in cfgs:
+        base = set(Plan(cfg).stages)
+        for path, value in config_leaves(cfg):
+            if path[0] in ("methods", "seeds"):  # which stages exist, not their settings
+                continue
+            key = ".".join("*" if isinstance(p, int) else str(p) for p in path)
+            seen.add(key)
+            c = copy.deepcopy(cfg)
+            node = c
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = perturbed(value)
+            if set(Plan(c).stages) != base:
+                moved.add(key)
+    unaddressed = {k for k in seen - moved if not any(fnmatch.fnmatch(k, pat) for pat in UNADDRESSED)}
+    assert unaddressed == set()
+    assert not {k for k in moved if any(fnmatch.fnmatch(k, pat) for pat in UNADDRESSED)}

@@ -46,3 +46,40 @@ def test_parallel_jobs_lose_nothing(tmp_path):
     for i, run_id in enumerate(run_ids):
         assert client.get_run(run_id).data.params["i"] == str(i)
         assert len(client.get_metric_history(run_id, "m")) == 30
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_tracking_server_fails_at_once():
+    import time
+
+    import pytest
+
+    from apo.tracking import TrackingError, check_reachable
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=f"no tracking server answers at {uri}"):
+        check_reachable(uri)
+    assert time.monotonic() - start < 10
+    check_reachable(None)
+    check_reachable("sqlite:///somewhere/mlflow.db")
+
+
+def test_the_plan_stops_on_an_unreachable_tracking_server(tmp_path):
+    """Before any job: not minutes of retries in each."""
+    import time
+
+    from test_pipeline import SMOKE, snakemake
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    proc = snakemake(tmp_path, "-n", "--configfile", str(SMOKE), "--config", f"tracking_uri={uri}", check=False)
+    assert proc.returncode != 0 and f"no tracking server answers at {uri}" in proc.stdout + proc.stderr
+    assert time.monotonic() - start < 60

@@ -1,6 +1,7 @@
 """Trainer pieces: log-prob alignment, data order, collapse detection, run and resume."""
 
 import dataclasses
+import json
 import shutil
 
 import pandas as pd
@@ -65,6 +66,7 @@ def train_inputs(tiny_demo, tmp_path):
     prompts, _ = prepare(spec, {"instruction": "", "max_prompt_tokens": 256, "template": "chat"}, tok, str(tiny_demo))
     prompts.to_parquet(tmp_path / "prompts.parquet")
     pd.DataFrame({"id": prompts["id"], "vstar": 0.5}).to_parquet(tmp_path / "vstar.parquet")
+    (tmp_path / "counts.json").write_text(json.dumps({"prompts": len(prompts), "dropped_by_filter": 0}))
     return str(tiny_demo / "model"), str(tmp_path / "prompts.parquet"), str(tmp_path / "vstar.parquet")
 
 

@@ -1,5 +1,6 @@
 """V* = beta1 * log mean exp(r / beta1), its limits and the table built from samples."""
 
+import json
 import math
 
 import pandas as pd
@@ -70,3 +71,70 @@ def test_prompt_filters():
     assert filter_prompts(t, "drop_unsolved_and_solved")["id"].tolist() == ["b"]
     with pytest.raises(ValueError, match="vstar.filter"):
         filter_prompts(t, "drop_easy")
+
+
+# ----------------------------------------------------------------- partial and changed inputs
+from apo.io import StageFileError, read_stage_parquet, record_outputs  # noqa: E402
+from apo.vstar import CoverageError, check_samples, training_data  # noqa: E402
+
+PREPARED = pd.DataFrame({"id": ["a", "b", "c", "d"]})
+
+
+def graded(ids_and_counts):
+    return pd.DataFrame([{"id": i, "reward": 1.0} for i, n in ids_and_counts for _ in range(n)])
+
+
+def test_every_prepared_prompt_needs_exactly_n_samples():
+    check_samples(graded([("a", 2), ("b", 2), ("c", 2), ("d", 2)]), PREPARED, 2, 2, "results/sample/h")
+    # shard 1 (prompts c, d) replaced by a valid file with fewer prompts
+    with pytest.raises(CoverageError, match=r"results/sample/h/shard-1.parquet: prompt 'd' has 0 graded samples, "
+                                            r"expected sample.n = 2 \(1 of 4 prompts differ\)"):
+        check_samples(graded([("a", 2), ("b", 2), ("c", 2)]), PREPARED, 2, 2, "results/sample/h")
+    with pytest.raises(CoverageError, match="shard-0.parquet: prompt 'a' has 1 graded samples"):
+        check_samples(graded([("a", 1), ("b", 2), ("c", 2), ("d", 2)]), PREPARED, 2, 2, "results/sample/h")
+    with pytest.raises(CoverageError, match=r"samples of 1 ids that are not among the prepared prompts, e.g. \['z'\]"):
+        check_samples(graded([("a", 2), ("b", 2), ("c", 2), ("d", 2), ("z", 2)]), PREPARED, 2, 2, "d")
+
+
+def stage_file(tmp_path, kind, name, df, counts=None):
+    d = tmp_path / "results" / kind / "0123456789ab"
+    d.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(d / name)
+    files = [d / name]
+    if counts is not None:
+        (d / "counts.json").write_text(json.dumps(counts))
+        files.append(d / "counts.json")
+    record_outputs(d, {"kind": kind, "hash": "0123456789ab"}, files)
+    return d / name
+
+
+def test_training_errs_when_vstar_misses_prompts_beyond_those_counted_out(tmp_path):
+    prompts = stage_file(tmp_path, "data", "prompts.parquet", PREPARED)
+    table = pd.DataFrame({"id": ["a", "b", "c"], "vstar": [0.1, 0.2, 0.3]})
+    vstar = stage_file(tmp_path, "vstar", "vstar.parquet", table, {"prompts": 4, "dropped_by_filter": 1})
+    assert training_data(str(prompts), str(vstar))["id"].tolist() == ["a", "b", "c"]  # d filtered, counted
+    vstar = stage_file(tmp_path, "vstar", "vstar.parquet", table, {"prompts": 4, "dropped_by_filter": 0})
+    with pytest.raises(CoverageError, match=r"vstar.parquet: V\* for 3 of the 4 prompts .* counted 0 left out"):
+        training_data(str(prompts), str(vstar))
+    assert training_data(str(prompts), None)["vstar"].isna().all()  # methods without V*
+
+
+def test_a_changed_or_truncated_stage_file_names_the_file_and_rule(tmp_path):
+    shard = stage_file(tmp_path, "sample", "shard-0.parquet", graded([("a", 2)]))
+    assert len(read_stage_parquet(shard)) == 2
+    graded([("a", 1)]).to_parquet(shard)  # a valid parquet file, not the one its job wrote
+    with pytest.raises(StageFileError, match=rf"{shard}: its content does not match the checksum .*\(rule sample_reference"):
+        read_stage_parquet(shard)
+    shard.write_bytes(b"PAR1 truncated")
+    (shard.parent / "manifest.json").write_text(json.dumps({"hash": "0123456789ab"}))  # results without checksums
+    with pytest.raises(StageFileError, match=rf"{shard}: not a readable parquet file .*\(rule sample_reference"):
+        read_stage_parquet(shard)
+
+
+def test_shard_jobs_of_one_stage_record_their_checksums_side_by_side(tmp_path):
+    d = tmp_path / "results" / "eval" / "0123456789ab"
+    d.mkdir(parents=True)
+    for i in range(2):
+        graded([("a", i + 1)]).to_parquet(d / f"shard-{i}.parquet")
+        record_outputs(d, {"kind": "eval", "hash": "0123456789ab"}, [d / f"shard-{i}.parquet"])
+    assert set(json.loads((d / "manifest.json").read_text())["outputs"]) == {"shard-0.parquet", "shard-1.parquet"}

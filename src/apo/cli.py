@@ -27,10 +27,24 @@ def _json(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
 
 
+def job_outputs(args) -> list[Path]:
+    """The files and directories one stage job writes: its rule's outputs (and counts)."""
+    d = Path(args.stage_dir)
+    named = {
+        "demo": ["train.jsonl", "test.jsonl", "model"],
+        "data": ["counts.json"],
+        "vstar": ["counts.json"],
+        "train": ["metrics.parquet", "summary.json", "model"],
+        "scores": ["scores.json", "samples.parquet"],
+    }.get(args.command, [])
+    return [d / name for name in named] + ([Path(args.out)] if getattr(args, "out", None) else [])
+
+
 @contextlib.contextmanager
 def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
-    """Tracking and bookkeeping around one stage job; yields the MLflow tracker."""
-    from apo.io import write_json
+    """Tracking and bookkeeping around one stage job; yields the MLflow tracker. When the job
+    succeeds, its manifest records the checksums of its outputs (`apo.io.record_outputs`)."""
+    from apo.io import record_outputs
     from apo.tracking import Tracker, default_tracking_uri
 
     m = args.manifest
@@ -51,7 +65,71 @@ def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    write_json(stage_dir / "manifest.json", m)
+    record_outputs(stage_dir, m, job_outputs(args))
+
+
+# Two snakemake runs of overlapping experiments may start the same job at once (the workflow
+# profile sets `nolock`, so a killed run needs no `--unlock`). Each job holds an OS lock on a
+# file in its stage directory, which the kernel releases when the process dies: a second job
+# for the same outputs waits for the first, then finds them written and stops.
+
+
+def lock_path(args) -> Path:
+    shard = f"-{args.shard}" if getattr(args, "shard", None) is not None else ""
+    return Path(args.stage_dir) / f".{args.command}{shard}.lock"
+
+
+@contextlib.contextmanager
+def job_lock(path: Path, what: str):
+    """Hold an exclusive lock on `path`, waiting (with a message naming the holder) while
+    another process holds it. The lock file says who holds it."""
+    import fcntl
+    import socket
+    import time
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "a process"
+            log.warning("%s: another job is writing these outputs (%s); waiting for it", path.parent, holder)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {what}\n")
+        fh.flush()
+        yield fh
+
+
+def outputs_done(args) -> bool:
+    """Whether this job's outputs are complete: present, and their checksums recorded in the
+    stage manifest under this address (what a finished job leaves, and the only way a job
+    that waited for the lock finds them: Snakemake removes a job's outputs before it starts)."""
+    from apo.io import file_sha256, read_json
+
+    manifest, outputs = Path(args.stage_dir) / "manifest.json", job_outputs(args)
+    if not manifest.exists() or not all(p.exists() for p in outputs):
+        return False
+    m = read_json(manifest)
+    recorded = m.get("outputs", {})
+    return m.get("hash") == args.manifest.get("hash") and all(
+        recorded.get(p.name) == file_sha256(p) for p in outputs if p.is_file()
+    )
+
+
+def cmd_lock(args):
+    """`apo lock FILE -- COMMAND...`: run COMMAND holding the job lock FILE. The lock is
+    inherited across exec, so it is held until COMMAND (e.g. `accelerate launch`, which starts
+    one process per GPU, all after the lock is taken) ends or dies."""
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise SystemExit("apo lock: no command given after --")
+    with job_lock(Path(args.file), " ".join(command)) as fh:
+        os.set_inheritable(fh.fileno(), True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvp(command[0], command)
 
 
 def cmd_demo(args):
@@ -62,7 +140,8 @@ def cmd_demo(args):
 
     out = Path(args.stage_dir)
     with stage_job(args) as tracker, tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
-        info = demo.build(args.manifest["settings"], tmp, args.instruction)
+        settings = args.manifest["settings"]
+        info = demo.build(settings, tmp, settings["instruction"])
         tracker.log_metrics(info)
         for name in ("train.jsonl", "test.jsonl", "model"):  # the model last: rules wait for it
             move_into_place(Path(tmp) / name, out / name)
@@ -72,12 +151,14 @@ def cmd_data(args):
     from transformers import AutoTokenizer
 
     from apo import data
-    from apo.io import write_json, write_parquet
+    from apo.io import verify_stage_file, write_json, write_parquet
     from apo.reward import Grader
 
     s = args.manifest["settings"]
     grading = args.runtime["grading"]
     with stage_job(args) as tracker, Grader(grading["timeout_s"], grading["workers"]) as grader:
+        if args.demo_dir:
+            verify_stage_file(Path(args.demo_dir) / f"{s['split']}.jsonl")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         df, counts = data.prepare(s, s["prompt"], tokenizer, args.demo_dir, grader)
         tracker.log_metrics(counts)
@@ -104,30 +185,33 @@ def cmd_vstar(args):
     import pandas as pd
 
     from apo import vstar
-    from apo.io import write_parquet
-
-    from apo.io import write_json
+    from apo.io import read_json, read_stage_parquet, write_json, write_parquet
 
     s = args.manifest["settings"]
     with stage_job(args) as tracker:
+        prompts = read_stage_parquet(args.prompts)
         if s.get("source") == "table":  # a published stage-1 table joined to the prompts
-            samples, counts = vstar.samples_from_table(s["table"], pd.read_parquet(args.prompts))
-            tracker.log_metrics(counts)
-            write_json(Path(args.stage_dir) / "counts.json", counts)
+            samples, counts = vstar.samples_from_table(s["table"], prompts)
             if counts["prompts_unmatched"]:
                 log.warning("%d of %d training prompts are not in the stage-1 table %s: no V*, not trained on",
                             counts["prompts_unmatched"], counts["prompts"], s["table"]["path"])
         else:
-            samples = pd.concat([pd.read_parquet(p) for p in args.samples], ignore_index=True)
+            samples = pd.concat([read_stage_parquet(p) for p in args.samples], ignore_index=True)
+            sample_dir = Path(args.samples[0]).parent
+            sampled = read_json(sample_dir / "manifest.json")["settings"]
+            vstar.check_samples(samples, prompts, sampled["n"], sampled["shards"], str(sample_dir))
+            counts = {"prompts": len(prompts)}
         table = vstar.vstar_table(samples, s["beta1"])
         kept = vstar.filter_prompts(table, s["filter"])
+        counts.update(prompts_kept=len(kept), dropped_by_filter=len(table) - len(kept))
         tracker.log_metrics(
-            {"prompts": len(table), "prompts_kept": len(kept), "vstar_mean": table["vstar"].mean(),
+            {**counts, "vstar_mean": table["vstar"].mean(),
              "mean_reward": table["mean_reward"].mean(),
              "unsolved": int((table["n_correct"] == 0).sum()),
              "always_solved": int((table["n_correct"] == table["n_samples"]).sum())}
         )
         log.info("V* for %d prompts; %d kept by filter %s", len(table), len(kept), s["filter"])
+        write_json(Path(args.stage_dir) / "counts.json", counts)
         write_parquet(args.out, kept)
 
 
@@ -168,13 +252,13 @@ def cmd_scores(args):
     import pandas as pd
 
     from apo import evaluate
-    from apo.io import write_json, write_parquet
+    from apo.io import read_stage_parquet, write_json, write_parquet
 
     s = args.manifest["settings"]
     out = Path(args.stage_dir)
     with stage_job(args) as tracker:
-        samples = pd.concat([pd.read_parquet(f) for f in args.shards], ignore_index=True)
-        scores = evaluate.scores(s, pd.read_parquet(args.prompts), samples)
+        samples = pd.concat([read_stage_parquet(f) for f in args.shards], ignore_index=True)
+        scores = evaluate.scores(s, read_stage_parquet(args.prompts), samples)
         tracker.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
         write_parquet(out / "samples.parquet", samples)
         write_json(out / "scores.json", scores)
@@ -206,6 +290,20 @@ def cmd_bench_generation(args):
     bench.run(args.config, args.prompts, args.repeats, args.model, scale)
 
 
+def pin_model_revision(args) -> None:
+    """A hub model pinned by `model_revision`: every loader (transformers, vLLM) gets the local
+    snapshot of exactly that revision, so none of them can load another one."""
+    revision = getattr(args, "model_revision", None)
+    if not revision:
+        return
+    from huggingface_hub import snapshot_download
+
+    attr = "tokenizer" if args.command == "data" else "model"
+    ref = getattr(args, attr)
+    setattr(args, attr, snapshot_download(ref, revision=revision))
+    log.info("model %s at revision %s: %s", ref, revision, getattr(args, attr))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -218,33 +316,41 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = stage("demo", cmd_demo, "build the demo task and reference model")
-    sp.add_argument("--instruction", required=True)
+    stage("demo", cmd_demo, "build the demo task and reference model")
     sp = stage("data", cmd_data, "prepare a prompt set into parquet")
     sp.add_argument("--tokenizer", required=True)
+    sp.add_argument("--model-revision", help="hub revision of the tokenizer's model (model_revision)")
     sp.add_argument("--demo-dir")
     sp.add_argument("--out", required=True)
     sp = stage("sample", cmd_sample, "sample and grade reference responses (one shard)")
     sp.add_argument("--model", required=True)
+    sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--shard", type=int, required=True)
     sp.add_argument("--out", required=True)
     sp = stage("vstar", cmd_vstar, "V* table from graded reference samples")
     sp.add_argument("--samples", nargs="+", help="graded reference samples (vstar.source: sample)")
-    sp.add_argument("--prompts", help="training prompts to join the table to (vstar.source: table)")
+    sp.add_argument("--prompts", required=True, help="the prepared training prompts")
     sp.add_argument("--out", required=True)
     sp = stage("train", cmd_train, "A*-PO stage 2 training")
     sp.add_argument("--model", required=True)
+    sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--vstar", help="V* table (A*-PO only)")
     sp = stage("evaluate", cmd_evaluate, "sample and grade k responses per problem (one shard of a benchmark)")
     sp.add_argument("--model", required=True)
+    sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--shard", type=int, required=True)
     sp.add_argument("--out", required=True)
     sp = stage("scores", cmd_scores, "a benchmark's avg@k from its evaluation shards")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--shards", nargs="+", required=True)
+
+    sp = sub.add_parser("lock", help="run a command holding a stage job's lock (the training rule's launcher)")
+    sp.add_argument("file")
+    sp.add_argument("command_line", nargs=argparse.REMAINDER)
+    sp.set_defaults(fn=cmd_lock)
 
     sp = sub.add_parser("report", help="tables and plots of one experiment")
     sp.add_argument("--spec", type=_json, required=True)
@@ -270,7 +376,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args.fn(args)
+    if getattr(args, "stage_dir", None) is None:
+        args.fn(args)
+        return 0
+    if args.command == "train":
+        # Locked by `apo lock` around `accelerate launch`: every process checks, none waits.
+        if not outputs_done(args):
+            pin_model_revision(args)
+            args.fn(args)
+        return 0
+    with job_lock(lock_path(args), f"apo {args.command} {args.stage_dir}"):
+        if outputs_done(args):
+            log.info("%s: outputs already written by the job that held the lock; nothing to do", args.stage_dir)
+            return 0
+        pin_model_revision(args)
+        args.fn(args)
     return 0
 
 

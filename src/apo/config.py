@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
+import re
 from pathlib import Path
 
 import jsonschema
@@ -43,10 +45,15 @@ def _coerce(value, schema: dict):
     Nested values given with `snakemake --config key="{a: 1e-4}"` arrive as strings, and
     YAML reads `1e-4` (no dot) as a string too.
     """
-    if not isinstance(value, str):
-        return value
     types = schema.get("type", [])
     types = [types] if isinstance(types, str) else types
+    if "integer" in types and "number" not in types:
+        # JSON schema counts 2.0 as an integer, but range(2.0) and friends do not: store an int.
+        number = value if isinstance(value, float) else _parse_number(value)
+        if number is not None and math.isfinite(number) and number == int(number):
+            return int(number)
+    if not isinstance(value, str):
+        return value
     for t, parse in [("integer", int), ("number", float), ("boolean", _parse_bool), ("null", _parse_null)]:
         if t in types:
             try:
@@ -54,6 +61,15 @@ def _coerce(value, schema: dict):
             except ValueError:
                 pass
     return value
+
+
+def _parse_number(value) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _parse_bool(text: str) -> bool:
@@ -111,8 +127,10 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
     config = fill_defaults(copy.deepcopy(dict(config)), schema, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
-    if errors:
-        lines = []
+    # NaN passes every bound (it compares false) and inf passes the open ones: neither is a
+    # usable setting anywhere, so they are rejected before the schema's own checks.
+    lines = [f"config key '{_key(path)}': {value} is not a finite number" for path, value in _non_finite(config)]
+    if errors or lines:
         for e in errors[:10]:
             if e.validator == "additionalProperties":
                 extra = sorted(set(e.instance) - set(e.schema.get("properties", {})))
@@ -126,6 +144,18 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
     # Stage addresses name the engine that actually samples, never "auto".
     config["generation"]["backend"] = resolve_backend(config["generation"]["backend"])
     return config
+
+
+def _non_finite(node, path=()):
+    """(key path, value) of every NaN or infinite number in a config."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield path, node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _non_finite(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _non_finite(v, (*path, i))
 
 
 def _check_consistency(config: dict, source: str) -> None:
@@ -143,6 +173,8 @@ def _check_consistency(config: dict, source: str) -> None:
             f"invalid {source}: config key 'prompt.template' is {config['prompt']['template']!r}, but the "
             "published stage-1 table (vstar.source: table) was sampled from raw prompts; set prompt.template: raw"
         )
+    _check_shards(config, source)
+    _check_names(config, source)
     names = [b["name"] for b in config["data"]["benchmarks"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -158,6 +190,39 @@ def _check_batch_sizes(t: dict, source: str) -> None:
         if big % small:
             raise ConfigError(
                 f"invalid {source}: config key 'train.{a}' ({big}) must be a multiple of 'train.{b}' ({small})"
+            )
+
+
+# Names that become paths (results/<experiment>/, a benchmark's files): the whole name must
+# match. The schema's pattern alone lets "smoke\n" through: a regex `$` also matches before a
+# trailing newline.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _check_names(config: dict, source: str) -> None:
+    named = [("experiment", config["experiment"])]
+    named += [(f"data.benchmarks[{i}].name", b["name"]) for i, b in enumerate(config["data"]["benchmarks"])]
+    for key, name in named:
+        if not NAME.fullmatch(name):
+            raise ConfigError(
+                f"invalid {source}: config key '{key}': {name!r} is not a name (letters, digits, "
+                "'_', '.', '-', starting with a letter or digit)"
+            )
+
+
+def _check_shards(config: dict, source: str) -> None:
+    """A shard job needs at least one prompt. The prompt count is known here only where a
+    `limit` bounds it; the stage checks the rest (`apo.rollout.shard_rows`)."""
+    pairs = [("sample.shards", config["sample"]["shards"], "data.train", config["data"]["train"])]
+    if config["vstar"]["source"] == "table":
+        pairs = []
+    pairs += [("evaluate.shards", config["evaluate"]["shards"], f"data.benchmarks[{i}]", b)
+              for i, b in enumerate(config["data"]["benchmarks"])]
+    for key, shards, where, spec in pairs:
+        if spec["limit"] is not None and shards > spec["limit"]:
+            raise ConfigError(
+                f"invalid {source}: config key '{key}' ({shards}) is larger than "
+                f"'{where}.limit' ({spec['limit']}): a shard would have no prompts"
             )
 
 

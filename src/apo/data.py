@@ -9,10 +9,13 @@ local json/jsonl/parquet/csv files. The embedded demo is just local JSON lines.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pandas as pd
+
+from apo.settings import looks_local
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +37,61 @@ def load_rows(spec: dict, demo_dir: str | None = None):
             raise DataError("dataset path 'demo' needs the demo stage directory")
         return datasets.load_dataset("json", data_files=str(Path(demo_dir) / f"{split}.jsonl"), split="train")
     local = Path(path)
-    if not local.exists() and (local.suffix in BUILDERS or path.startswith(("/", "./", "../"))):
+    if not local.exists() and looks_local(path):
         raise DataError(f"{path}: no such file or directory (data.*.path)")
     if local.is_file():
         builder = BUILDERS.get(local.suffix)
         if builder is None:
             raise DataError(f"{path}: unknown file type {local.suffix!r} (use {sorted(BUILDERS)})")
-        return datasets.load_dataset(builder, data_files=str(local), split="train")
+        check_file(local, builder)
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(local), split="train")
+        except Exception as e:  # the library's own error does not name the file
+            raise DataError(f"{path}: cannot be read as {builder}: {type(e).__name__}: {e}") from e
+        if len(ds) == 0:
+            raise DataError(f"{path}: the file has no rows")
+        return ds
     # A local dataset directory or a hub id; `subset` is the hub config name.
-    return datasets.load_dataset(path, spec.get("subset"), split=split)
+    try:
+        return datasets.load_dataset(path, spec.get("subset"), split=split, revision=spec.get("revision"))
+    except (ConnectionError, OSError) as e:
+        where = "a local dataset directory" if local.is_dir() else "not a local path, and the hub"
+        raise DataError(f"{path}: {where} could not be read: {type(e).__name__}: {e}") from e
+
+
+def check_file(path: Path, builder: str) -> None:
+    """Errors that name the file and line, for what the loaders report as a bare traceback:
+    an empty file, text that is not UTF-8, a JSON line that is not one JSON object, a CSV file
+    with a header and no rows."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    if builder not in ("json", "csv"):
+        return
+    json_lines = path.suffix == ".jsonl"
+    lines = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}, line {lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                    f"{e.start + 1}); save the file as UTF-8"
+                ) from None
+            lines += bool(line.strip())
+            if json_lines and line.strip():
+                _check_json_line(path, lineno, line)
+    if builder == "csv" and lines < 2:
+        raise DataError(f"{path}: the file has a header line and no rows")
+
+
+def _check_json_line(path: Path, lineno: int, line: str) -> None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}, line {lineno}: a JSON line must be an object {{...}}, got {type(row).__name__}")
 
 
 def normalize_answer(raw, answer_format: str) -> str:
@@ -80,6 +129,13 @@ def format_prompt(question: str, prompt_cfg: dict, tokenizer) -> str:
                                          add_generation_prompt=True)
 
 
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` stands for: a text longer than
+    `n * max_token_chars` has more than `n` tokens. (A byte-level BPE token string has one
+    character per byte, a SentencePiece piece one per character; either bounds the text.)"""
+    return max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+
+
 def prepare(
     spec: dict, prompt_cfg: dict, tokenizer, demo_dir: str | None = None, grader=None
 ) -> tuple[pd.DataFrame, dict]:
@@ -101,6 +157,7 @@ def prepare(
 
     rows, seen = [], {}
     too_long = 0
+    max_chars = prompt_cfg["max_prompt_tokens"] * max_token_chars(tokenizer)
     for i, ex in enumerate(ds):
         q, a = ex[spec["prompt_field"]], ex[spec["answer_field"]]
         rid = str(ex[spec["id_field"]]) if spec.get("id_field") else f"{spec['split']}-{i:06d}"
@@ -114,6 +171,9 @@ def prepare(
         answer = normalize_answer(a, spec["answer_format"])
         if not answer:
             raise DataError(f"{where}, row {i} (id {rid}): no gold answer in {a!r} (answer_format {spec['answer_format']})")
+        if len(q) + 1 + len(prompt_cfg["instruction"]) > max_chars:
+            too_long += 1  # certainly over the token bound: not worth tokenizing (a 10 MB row took 49 s)
+            continue
         prompt = format_prompt(q, prompt_cfg, tokenizer)
         if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > prompt_cfg["max_prompt_tokens"]:
             too_long += 1  # dropped, as the paper's max prompt length does; counted

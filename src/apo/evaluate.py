@@ -20,7 +20,7 @@ def avg_at_k(samples: pd.DataFrame) -> float:
 def run_shard(settings: dict, model_path: str, prompts_path: str, shard: int, generation: dict, grading: dict):
     """k graded samples for every problem of one shard."""
     sampling = SamplingSettings.from_config(settings, n=settings["k"])
-    return sample_shard(settings, sampling, model_path, prompts_path, shard, generation, grading)
+    return sample_shard(settings, sampling, model_path, prompts_path, shard, generation, grading, "evaluate.shards")
 
 
 def scores(settings: dict, prompts: pd.DataFrame, samples: pd.DataFrame) -> dict:

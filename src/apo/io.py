@@ -7,6 +7,9 @@ Everything is written under a temporary sibling name and renamed into place when
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import fnmatch
+import hashlib
 import json
 import os
 import shutil
@@ -65,3 +68,87 @@ def move_into_place(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if dst.is_dir() and not dst.is_symlink():
         shutil.rmtree(dst)
     os.replace(src, dst)
+
+
+# --------------------------------------------------------------------------- stage outputs
+# Each job records a SHA-256 of every output file in its stage's manifest.json; a job that
+# reads a stage file checks it first, so a file replaced or truncated after its job finished
+# is an error naming the file and the rule that rewrites it, never a library traceback or a
+# silently partial input.
+
+# (stage kind, file name pattern) -> the rule that writes it
+WRITERS = [
+    ("demo_model", "*", "demo_model"),
+    ("data", "*", "prepare_data"),
+    ("sample", "shard-*", "sample_reference"),
+    ("vstar", "*", "vstar"),
+    ("eval", "shard-*", "evaluate"),
+    ("eval", "*", "scores"),
+    ("train", "*", "train"),
+]
+
+
+class StageFileError(ValueError):
+    """A stage output that is not what its job wrote; the message names the file and rule."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def writer_rule(path: Path) -> str:
+    kind = path.parent.parent.name
+    for k, pattern, rule in WRITERS:
+        if k == kind and fnmatch.fnmatch(path.name, pattern):
+            return rule
+    return "the rule that writes it"
+
+
+def record_outputs(stage_dir: str | os.PathLike, manifest: dict, outputs: list) -> None:
+    """Write `manifest.json` with the checksums of this job's output files added to those of
+    the stage's other jobs (shards share a directory and run at once, hence the lock)."""
+    stage_dir = Path(stage_dir)
+    sums = {Path(p).name: file_sha256(p) for p in outputs if Path(p).is_file()}
+    with open(stage_dir / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = stage_dir / "manifest.json"
+        known = {}
+        if path.exists():
+            with contextlib.suppress(ValueError, OSError):
+                old = read_json(path)
+                known = old.get("outputs", {}) if old.get("hash") == manifest.get("hash") else {}
+        write_json(path, {**manifest, "outputs": {**known, **sums}})
+
+
+def verify_stage_file(path: str | os.PathLike) -> None:
+    """Raise StageFileError when `path` differs from the checksum its job recorded. Files of
+    results written before checksums were recorded are not checked."""
+    path = Path(path)
+    manifest = path.parent / "manifest.json"
+    if not path.exists():
+        raise StageFileError(f"{path}: missing; rerun snakemake (rule {writer_rule(path)} writes it)")
+    if not manifest.exists():
+        return
+    expected = read_json(manifest).get("outputs", {}).get(path.name)
+    if expected is not None and file_sha256(path) != expected:
+        raise StageFileError(
+            f"{path}: its content does not match the checksum its job recorded in {manifest} "
+            f"(changed or truncated since); delete it and rerun snakemake (rule "
+            f"{writer_rule(path)} writes it again)"
+        )
+
+
+def read_stage_parquet(path: str | os.PathLike) -> pd.DataFrame:
+    """A stage's parquet output, checked against its recorded checksum."""
+    verify_stage_file(path)
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow's errors do not name the file
+        raise StageFileError(
+            f"{path}: not a readable parquet file ({type(e).__name__}: {e}); delete it and rerun "
+            f"snakemake (rule {writer_rule(Path(path))} writes it again)"
+        ) from e

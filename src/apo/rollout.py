@@ -13,10 +13,17 @@ from apo.generation import Generator, SamplingSettings, VLLMSettings, make_gener
 from apo.reward import Grader
 
 
-def shard_rows(prompts: pd.DataFrame, shard: int, shards: int) -> pd.DataFrame:
+def shard_rows(
+    prompts: pd.DataFrame, shard: int, shards: int, where: str = "prompts", key: str = "shards"
+) -> pd.DataFrame:
     """Contiguous blocks, so every prompt lands in exactly one shard."""
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} outside 0..{shards - 1}")
+    if shards > len(prompts):
+        raise ValueError(
+            f"{where}: {len(prompts)} prompts cannot fill {shards} shards: set config key "
+            f"'{key}' to at most {len(prompts)}"
+        )
     return prompts.iloc[np.array_split(np.arange(len(prompts)), shards)[shard]]
 
 
@@ -74,12 +81,14 @@ def sample_and_grade(
 
 def sample_shard(
     settings: dict, sampling: SamplingSettings, model_path: str, prompts_path: str, shard: int,
-    generation: dict, grading: dict,
+    generation: dict, grading: dict, shards_key: str = "sample.shards",
 ) -> pd.DataFrame:
     """Graded samples for the prompts of one shard of a sharded stage (reference sampling,
     evaluation). Seeded per shard: shards are independent jobs and must not repeat each
     other's draws."""
-    prompts = shard_rows(pd.read_parquet(prompts_path), shard, settings["shards"])
+    from apo.io import read_stage_parquet
+
+    prompts = shard_rows(read_stage_parquet(prompts_path), shard, settings["shards"], str(prompts_path), shards_key)
     seed = settings["seed"] * 10_007 + shard
     generator = open_generator(settings["backend"], model_path, generation, prompts, sampling.max_new_tokens, seed)
     with Grader(grading["timeout_s"], grading["workers"]) as grader:

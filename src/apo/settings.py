@@ -6,8 +6,12 @@ reads from)``.  Sharing and invalidation therefore follow from the data, not fro
 two experiments that agree on a stage's settings and inputs share its directory, and changing
 a setting moves exactly the stages downstream of it to new directories.
 
-This module is pure (no I/O beyond reading nothing at all); the Snakefile builds a `Plan`
-from the validated config and the rules ask it for paths and settings.
+What a stage reads from outside the results is addressed by what it is: a local file or
+directory by a digest of its content (`apo.fingerprint`, cached, so a large model is not
+re-read at every plan), a hub id by the id and the `revision` the config pins (a branch name
+like the default `main` can move on the hub: pin a commit to make the address exact). The
+Snakefile builds a `Plan` from the validated config and the rules ask it for paths and
+settings.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from apo import __version__, methods
+from apo.fingerprint import DigestCache, content_digest
 
 # Bump a stage's format version when its code changes what it writes for the same settings;
 # every downstream address changes with it.
 FORMAT_VERSION = {
-    "demo_model": 1,
-    "data": 1,
+    "demo_model": 2,
+    "data": 2,
     "sample": 1,
-    "vstar": 1,
+    "vstar": 2,
     "train": 1,
     "eval": 1,
 }
@@ -46,18 +52,53 @@ def digest(obj: Any) -> str:
 
 
 @dataclass(frozen=True)
+class External:
+    """Something a stage reads from outside the results: a local file or directory (`digest`
+    of its content) or a hub id (pinned by `revision`, where the config gives one)."""
+
+    ref: str
+    revision: str | None = None
+    digest: str | None = None
+    local: bool = False  # a local path: a rule input Snakemake checks (and waits for)
+
+    @property
+    def id(self) -> str:
+        if self.digest is not None:
+            return f"local:sha256:{self.digest}"
+        return f"external:{self.ref}" + (f"@{self.revision}" if self.revision else "")
+
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+def looks_local(ref: str) -> bool:
+    """Whether a reference is meant as a local file or directory, even one that does not exist,
+    rather than a hub id (`name` or `owner/name`): it exists, or has a data file suffix, is an
+    explicit relative or absolute path, has more than one `/`, or its first component is a
+    local directory."""
+    path = Path(ref)
+    return (
+        path.exists()
+        or path.suffix in LOCAL_SUFFIXES
+        or ref.startswith(("/", "./", "../", "~"))
+        or ref.count("/") > 1
+        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    )
+
+
+@dataclass(frozen=True)
 class Stage:
     """One content-addressed stage output: ``<results>/<kind>/<hash>/``."""
 
     kind: str
     settings: dict
-    # role -> upstream Stage, or an external reference (hub id / local path) as a string
+    # role -> upstream Stage, or an External (hub id / local path)
     inputs: dict = field(default_factory=dict)
     results: str = "results"
 
     def _input_ids(self) -> dict:
         return {
-            role: (f"{up.kind}/{up.hash}" if isinstance(up, Stage) else f"external:{up}")
+            role: (f"{up.kind}/{up.hash}" if isinstance(up, Stage) else up.id)
             for role, up in self.inputs.items()
         }
 
@@ -96,7 +137,7 @@ class Plan:
     """Every stage one experiment needs, keyed by (kind, hash).
 
     Attributes name the stages by role: `demo` (or None), `model` (the reference model: the
-    demo Stage or a hub id / path string), `train_data`, `benchmarks` (name -> Stage),
+    demo Stage or an External), `train_data`, `benchmarks` (name -> Stage),
     `sample` (None when V* comes from a published table), `vstar`, `trains` (label -> Stage, one per method and seed), and `evals`:
     (model label, benchmark name) -> Stage.
     """
@@ -106,12 +147,15 @@ class Plan:
         self.results = results
         self.experiment = config["experiment"]
         self.stages: dict[tuple[str, str], Stage] = {}
+        self.digests = DigestCache(f"{results}/.content-digests.json")
 
         uses_demo = config["model"] == DEMO or any(
             d["path"] == DEMO for d in [config["data"]["train"], *config["data"]["benchmarks"]]
         )
-        self.demo = self._add("demo_model", config["demo"], {}) if uses_demo else None
-        self.model = self.demo if config["model"] == DEMO else config["model"]
+        # The demo's tokenizer and warm start are trained on prompts with the instruction.
+        demo = {**config["demo"], "instruction": config["prompt"]["instruction"]}
+        self.demo = self._add("demo_model", demo, {}) if uses_demo else None
+        self.model = self.demo if config["model"] == DEMO else self.external(config["model"], config["model_revision"])
 
         grading = config["grading"]
         self.train_data = self._dataset(config["data"]["train"])
@@ -126,7 +170,7 @@ class Plan:
             self.vstar = self._add(
                 "vstar",
                 {**_pick(v, ["beta1", "filter", "source"]), "table": v["table"]},
-                {"table": v["table"]["path"], "prompts": self.train_data},
+                {"table": self.external(v["table"]["path"], v["table"]["revision"]), "prompts": self.train_data},
             )
         else:
             self.sample = self._add(
@@ -159,6 +203,7 @@ class Plan:
                     },
                     {"model": model, "prompts": bench},
                 )
+        self.digests.save()
 
     def _train(self, method: str, seed: int) -> Stage:
         """A training stage reads the shared train settings and its own method's keys only
@@ -191,7 +236,20 @@ class Plan:
         inputs = {"tokenizer": self.model}
         if spec["path"] == DEMO:
             inputs["source"] = self.demo
+        else:
+            source = self.external(spec["path"], spec["revision"])
+            if source.local:
+                inputs["source"] = source  # its path is in the settings; this is its content
         return self._add("data", settings, inputs)
+
+    def external(self, ref: str, revision: str | None) -> External:
+        """A local path by its content (when it exists; a missing one is left for Snakemake
+        to report as a missing input), anything else as a hub id at `revision`."""
+        if not looks_local(ref):
+            return External(ref, revision)
+        path = Path(ref).expanduser()
+        digest = content_digest(path, self.digests) if path.exists() else None
+        return External(ref, None, digest, local=True)
 
     def get(self, kind: str, hash_: str) -> Stage:
         try:
@@ -203,6 +261,6 @@ class Plan:
         return sorted(h for k, h in self.stages if k == kind)
 
 
-def model_path(model: Stage | str) -> str:
+def model_path(model: Stage | External) -> str:
     """Where `from_pretrained` finds a model: a stage's saved model or a hub id / path."""
-    return f"{model.dir}/model" if isinstance(model, Stage) else model
+    return f"{model.dir}/model" if isinstance(model, Stage) else model.ref

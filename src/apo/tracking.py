@@ -21,6 +21,29 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "apo"
 
 
+class TrackingError(RuntimeError):
+    """A tracking server that cannot be reached; the message names the URI."""
+
+
+def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
+    """Fail at once when `tracking_uri` names an http(s) server that does not accept a
+    connection: MLflow's client would retry for minutes in every job before giving up."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise TrackingError(
+            f"config key 'tracking_uri': no tracking server answers at {uri} ({e}); start it, "
+            "correct the URI, or leave tracking_uri null for the local store results/mlflow.db"
+        ) from None
+
+
 def default_tracking_uri(results_dir: str = "results") -> str:
     return f"sqlite:///{Path(results_dir).resolve()}/mlflow.db"
 

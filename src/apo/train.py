@@ -40,6 +40,7 @@ from apo.methods import MicroBatch
 from apo.monitor import CollapseMonitor, peak_memory_mb
 from apo.reward import Grader
 from apo.scoring import score_batch, token_logprobs, token_logprobs_and_entropy, token_values
+from apo.vstar import training_data
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,9 @@ def make_accelerator(s: dict, accum: int):
 
 
 def load_prompts(s: dict, prompts_path: str, vstar_path: str | None, tokenizer):
-    """The training prompts (joined to V* for A*-PO) and their token ids."""
-    data = pd.read_parquet(prompts_path)
-    if vstar_path is not None:  # A*-PO trains on the prompts of the (filtered) V* table
-        vstar = pd.read_parquet(vstar_path)
-        data = data.merge(vstar[["id", "vstar"]], on="id", how="inner")
-    else:
-        data = data.assign(vstar=float("nan"))
+    """The training prompts (joined to V* for A*-PO: the prompts of the filtered V* table, every
+    other one accounted for by the V* stage) and their token ids."""
+    data = training_data(prompts_path, vstar_path)
     if len(data) < s["batch_size"]:
         raise ValueError(
             f"{len(data)} training prompts (after V* filtering), fewer than train.batch_size={s['batch_size']}"

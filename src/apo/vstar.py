@@ -9,10 +9,15 @@ code.
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def vstar_estimate(rewards: torch.Tensor, beta1: float) -> torch.Tensor:
@@ -174,7 +179,8 @@ def samples_from_table(spec: dict, prompts: pd.DataFrame) -> tuple[pd.DataFrame,
     from apo.data import load_rows
 
     name = f"{spec['path']!r} split {spec['split']!r}"
-    ds = load_rows({"path": spec["path"], "split": spec["split"], "subset": spec.get("subset")})
+    ds = load_rows({"path": spec["path"], "split": spec["split"], "subset": spec.get("subset"),
+                    "revision": spec.get("revision")})
     # Only the join and reward columns: the published tables also hold 8 response texts per row.
     fields = [spec["id_field"] or spec["prompt_field"], *(spec["reward_fields"] or [spec["reward_list_field"]])]
     top = sorted({f.split(".")[0] for f in fields})
@@ -190,3 +196,67 @@ def samples_from_table(spec: dict, prompts: pd.DataFrame) -> tuple[pd.DataFrame,
             f"{counts['prompts']} training prompts by {how}"
         )
     return long, counts
+
+
+# --------------------------------------------------------------------------- completeness
+# A shard replaced by a valid but partial file, or a V* table that lacks prompts, would make
+# A*-PO train on fewer prompts without a word: both are errors, what a filter drops is counted.
+
+
+class CoverageError(ValueError):
+    """Graded samples or V* rows missing for prepared prompts; the message names the files."""
+
+
+def check_samples(samples: pd.DataFrame, prompts: pd.DataFrame, n: int, shards: int, where: str) -> None:
+    """Every prepared prompt has exactly `n` graded samples and no sample is of another prompt.
+
+    `where` is the sample stage directory; a prompt's shard file is named from its position
+    (shards are contiguous blocks, `apo.rollout.shard_rows`)."""
+    per_prompt = samples.groupby("id").size()
+    ids = prompts["id"].reset_index(drop=True)
+    blocks = np.array_split(np.arange(len(ids)), shards)
+    shard_of = {ids[i]: s for s, block in enumerate(blocks) for i in block}
+    bad = [(i, int(per_prompt.get(i, 0))) for i in ids if per_prompt.get(i, 0) != n]
+    if bad:
+        first, got = bad[0]
+        raise CoverageError(
+            f"{where}/shard-{shard_of[first]}.parquet: prompt {first!r} has {got} graded samples, "
+            f"expected sample.n = {n} ({len(bad)} of {len(ids)} prompts differ); the shard file is "
+            "partial: delete it and rerun snakemake (rule sample_reference writes it again)"
+        )
+    extra = sorted(set(per_prompt.index) - set(ids))
+    if extra:
+        raise CoverageError(
+            f"{where}: samples of {len(extra)} ids that are not among the prepared prompts, e.g. "
+            f"{extra[:3]}; delete the shard files and rerun snakemake (rule sample_reference)"
+        )
+
+
+def training_data(prompts_path: str, vstar_path: str | None) -> pd.DataFrame:
+    """The training prompts with their V* (NaN for the methods that do not read V*).
+
+    Every prepared prompt must have a V* row unless the V* stage counted it out (dropped by
+    `vstar.filter`, or not in a published table): anything else is a CoverageError. Reads are
+    checked against the checksums their jobs recorded."""
+    from apo.io import read_json, read_stage_parquet
+
+    prompts = read_stage_parquet(prompts_path)
+    if vstar_path is None:
+        return prompts.assign(vstar=float("nan"))
+    table = read_stage_parquet(vstar_path)
+    counts_file = Path(vstar_path).parent / "counts.json"
+    if not counts_file.exists():
+        raise CoverageError(f"{counts_file}: missing; delete {vstar_path} and rerun snakemake (rule vstar)")
+    counts = read_json(counts_file)
+    left_out = counts["dropped_by_filter"] + counts.get("prompts_unmatched", 0)
+    missing = prompts["id"][~prompts["id"].isin(table["id"])]
+    unknown = table["id"][~table["id"].isin(prompts["id"])]
+    if len(missing) != left_out or len(unknown):
+        raise CoverageError(
+            f"{vstar_path}: V* for {len(prompts) - len(missing)} of the {len(prompts)} prompts of "
+            f"{prompts_path} (and {len(unknown)} unknown ids); its stage counted {left_out} left out "
+            f"({counts_file}): the two do not belong together; rerun snakemake (rule vstar)"
+        )
+    log.info("training on %d of %d prompts: %d dropped by vstar.filter, %d not in the stage-1 table",
+             len(prompts) - left_out, len(prompts), counts["dropped_by_filter"], counts.get("prompts_unmatched", 0))
+    return prompts.merge(table[["id", "vstar"]], on="id", how="inner")

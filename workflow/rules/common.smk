@@ -2,7 +2,8 @@ import json
 from pathlib import Path
 
 from apo.config import validate_config
-from apo.settings import Plan, Stage, model_path
+from apo.settings import External, Plan, Stage, model_path
+from apo.tracking import check_reachable
 
 # Validate before any job is planned: a bad key stops the run here, naming the key.
 config.update(
@@ -10,6 +11,9 @@ config.update(
         config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
     )
 )
+
+# Once per plan rather than minutes of retries in every job.
+check_reachable(config["tracking_uri"])
 
 RESULTS = "results"
 PLAN = Plan(config, RESULTS)
@@ -45,9 +49,17 @@ def stage_dir(kind):
     return lambda w: stage(kind, w).dir
 
 
+def external_input(ref):
+    """A local file or directory as an input, so Snakemake reports a missing one before any
+    job. Its content is in the stage's address, so its modification time must not trigger a
+    rerun (`ancient`): a touched file with the same bytes redoes nothing."""
+    return [ancient(ref.ref)] if isinstance(ref, External) and ref.local else []
+
+
 def model_input(model):
-    """Input files for a model: a stage's saved model, or nothing for a hub id."""
-    return [model_path(model)] if isinstance(model, Stage) else []
+    """Input files for a model: a stage's saved model, a local model directory, or nothing
+    for a hub id."""
+    return [model_path(model)] if isinstance(model, Stage) else external_input(model)
 
 
 def shard_files(s):
@@ -61,6 +73,14 @@ def vstar_samples(vstar):
     return shard_files(samples) if samples is not None else []
 
 
+def vstar_prompts(w):
+    """The prepared prompts V* is for: those its samples were drawn for, or those a published
+    table is joined to."""
+    v = stage("vstar", w)
+    source = v.inputs.get("samples", v)
+    return f"{source.inputs['prompts'].dir}/prompts.parquet"
+
+
 def upstream(kind, role, filename=None):
     """Input function: a file of the stage that `kind`'s stage reads as `role`."""
 
@@ -70,7 +90,7 @@ def upstream(kind, role, filename=None):
             return []
         if isinstance(up, Stage):
             return f"{up.dir}/{filename}" if filename else up.dir
-        return []  # hub id: nothing for Snakemake to wait for
+        return external_input(up)  # nothing for a hub id
 
     return files
 
@@ -83,6 +103,27 @@ def upstream_model(kind, role="model"):
 def upstream_model_path(kind, role="model"):
     """params: what `from_pretrained` loads: a stage's model directory or a hub id / path."""
     return lambda w: model_path(stage(kind, w).inputs[role])
+
+
+def upstream_model_revision(kind, role="model"):
+    """params: `--model-revision <rev>` for a hub model pinned by `model_revision`, else none."""
+
+    def args(w):
+        model = stage(kind, w).inputs[role]
+        revision = getattr(model, "revision", None)
+        return ["--model-revision", revision] if revision else []
+
+    return args
+
+
+def demo_dir(kind):
+    """params: `--demo-dir <dir>` where a dataset is the embedded demo's, else none."""
+
+    def args(w):
+        source = stage(kind, w).inputs.get("source")
+        return ["--demo-dir", source.dir] if isinstance(source, Stage) else []
+
+    return args
 
 
 def report_spec():
@@ -131,13 +172,23 @@ ACCELERATE_CONFIGS = Path(workflow.basedir) / "workflow" / "accelerate"
 
 
 def accelerate_args(wildcards, resources):
-    """params: `accelerate launch` options, one training process per GPU of the job."""
+    """params: `accelerate launch` options, one training process per GPU of the job (a list,
+    each item quoted in the shell command)."""
     if resources.gpu <= 1:
         # One process (one GPU, or CPU): nothing distributed to set up.
-        return "--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+        return "--num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no".split()
     mode = config["resources"]["train"]["distributed"]
-    # A port per Slurm job, so two training jobs on one node do not collide.
-    return (
-        f"--config_file {ACCELERATE_CONFIGS}/{mode}.yaml --num_processes {resources.gpu} "
-        "--main_process_port $((20000 + ${SLURM_JOB_ID:-$$} % 20000))"
-    )
+    return [
+        "--config_file",
+        str(ACCELERATE_CONFIGS / f"{mode}.yaml"),
+        "--num_processes",
+        str(resources.gpu),
+    ]
+
+
+def accelerate_port(wildcards, resources):
+    """params: a port per Slurm job, so two training jobs on one node do not collide. A fixed
+    shell expression (no path or config value in it), expanded by the job's shell."""
+    if resources.gpu <= 1:
+        return ""
+    return "--main_process_port $((20000 + ${SLURM_JOB_ID:-$$} % 20000))"

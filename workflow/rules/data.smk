@@ -18,10 +18,9 @@ rule prepare_data:
         dir=stage_dir("data"),
         runtime=RUNTIME,
         tokenizer=upstream_model_path("data", role="tokenizer"),
-        demo=lambda w, input: (
-            f"--demo-dir {Path(input.source).parent}" if input.source else ""
-        ),
+        revision=upstream_model_revision("data", role="tokenizer"),
+        demo=demo_dir("data"),
     shell:
-        "apo data --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --tokenizer {params.tokenizer:q} {params.demo} "
-        "--out {output} 2> {log}"
+        "apo data --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} --tokenizer {params.tokenizer:q} {params.revision:q} {params.demo:q} "
+        "--out {output:q} 2> {log:q}"

@@ -17,7 +17,6 @@ rule demo_model:
         manifest=manifest("demo_model"),
         dir=stage_dir("demo_model"),
         runtime=RUNTIME,
-        instruction=config["prompt"]["instruction"],
     shell:
-        "apo demo --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --instruction {params.instruction:q} 2> {log}"
+        "apo demo --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} 2> {log:q}"

@@ -21,10 +21,11 @@ rule evaluate:
         dir=stage_dir("eval"),
         runtime=RUNTIME,
         model=upstream_model_path("eval"),
+        revision=upstream_model_revision("eval"),
     shell:
-        "apo evaluate --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
-        "--shard {wildcards.shard} --out {output} 2> {log}"
+        "apo evaluate --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} --model {params.model:q} {params.revision:q} --prompts {input.prompts:q} "
+        "--shard {wildcards.shard} --out {output:q} 2> {log:q}"
 
 
 rule scores:
@@ -46,5 +47,5 @@ rule scores:
         dir=stage_dir("eval"),
         runtime=RUNTIME,
     shell:
-        "apo scores --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --prompts {input.prompts} --shards {input.shards} 2> {log}"
+        "apo scores --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} --prompts {input.prompts:q} --shards {input.shards:q} 2> {log:q}"

@@ -21,7 +21,8 @@ rule sample_reference:
         dir=stage_dir("sample"),
         runtime=RUNTIME,
         model=upstream_model_path("sample"),
+        revision=upstream_model_revision("sample"),
     shell:
-        "apo sample --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
-        "--shard {wildcards.shard} --out {output} 2> {log}"
+        "apo sample --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} --model {params.model:q} {params.revision:q} --prompts {input.prompts:q} "
+        "--shard {wildcards.shard} --out {output:q} 2> {log:q}"

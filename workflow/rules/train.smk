@@ -24,9 +24,13 @@ rule train:
         dir=stage_dir("train"),
         runtime=RUNTIME,
         model=upstream_model_path("train"),
-        vstar=lambda w, input: f"--vstar {input.vstar}" if input.vstar else "",
+        revision=upstream_model_revision("train"),
+        vstar=lambda w, input: ["--vstar", input.vstar] if input.vstar else [],
         launch=accelerate_args,
+        port=accelerate_port,
     shell:
-        "accelerate launch {params.launch} --module apo.cli train --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
-        "{params.vstar} 2>> {log}"
+        "apo lock {params.dir:q}/.train.lock -- "
+        "accelerate launch {params.launch:q} {params.port} --module apo.cli train "
+        "--manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} --model {params.model:q} {params.revision:q} --prompts {input.prompts:q} "
+        "{params.vstar:q} 2>> {log:q}"

@@ -3,7 +3,8 @@ rule vstar:
     a published stage-1 table joined to the training prompts."""
     input:
         samples=lambda w: vstar_samples(stage("vstar", w)),
-        prompts=upstream("vstar", "prompts", "prompts.parquet"),
+        prompts=vstar_prompts,
+        table=upstream("vstar", "table"),
     output:
         f"{RESULTS}/vstar/{{h}}/vstar.parquet",
     log:
@@ -18,11 +19,8 @@ rule vstar:
         manifest=manifest("vstar"),
         dir=stage_dir("vstar"),
         runtime=RUNTIME,
-        source=lambda w, input: (
-            f"--samples {input.samples}"
-            if input.samples
-            else f"--prompts {input.prompts}"
-        ),
+        samples=lambda w, input: ["--samples", *input.samples] if input.samples else [],
     shell:
-        "apo vstar --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} {params.source} --out {output} 2> {log}"
+        "apo vstar --manifest {params.manifest:q} --stage-dir {params.dir:q} "
+        "--runtime {params.runtime:q} {params.samples:q} --prompts {input.prompts:q} "
+        "--out {output:q} 2> {log:q}"
