@@ -1,7 +1,9 @@
 import json
+import sys
 from pathlib import Path
 
 from apo.config import validate_config
+from apo.memory import workflow_plan
 from apo.settings import Plan, Stage, model_path
 
 # Validate before any job is planned: a bad key stops the run here, naming the key.
@@ -14,6 +16,16 @@ config.update(
 RESULTS = "results"
 PLAN = Plan(config, RESULTS)
 EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
+
+# Per-GPU memory of each training job, before anything is queued: the table goes to stderr
+# (once, not again in each cluster job) and a job that cannot fit
+# resources.train.gpu_memory_gb stops the run here, naming the settings to change.
+workflow_plan(
+    config,
+    {label: s.settings["method"] for label, s in PLAN.trains.items()},
+    model_path(PLAN.model),
+    lambda text: print(text, file=sys.stderr) if workflow.is_main_process else None,
+)
 
 # Knobs that change how fast, not what: they are not part of any stage's address.
 RUNTIME = json.dumps(
