@@ -426,6 +426,8 @@ class MemoryPlan:
             "FSDP's units in flight); engine: while generating; act+ckpt / act-ckpt: activations and logits of "
             "one micro-batch with / without gradient checkpointing (* = as configured); other: CUDA context; "
             "peak: the larger of the generation and the update phase (src/apo/memory.py)."
+            + ("" if j.gpu_memory_gb or j.backend == "hf" else
+               f" Without {GPU_MEMORY_KEY} the engine's share is not counted in the peak.")
         )
         return "\n".join(lines)
 

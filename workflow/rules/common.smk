@@ -18,14 +18,15 @@ PLAN = Plan(config, RESULTS)
 EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
 
 # Per-GPU memory of each training job, before anything is queued: the table goes to stderr
-# (once, not again in each cluster job) and a job that cannot fit
-# resources.train.gpu_memory_gb stops the run here, naming the settings to change.
-workflow_plan(
-    config,
-    {label: s.settings["method"] for label, s in PLAN.trains.items()},
-    model_path(PLAN.model),
-    lambda text: print(text, file=sys.stderr) if workflow.is_main_process else None,
-)
+# and a job that cannot fit resources.train.gpu_memory_gb stops the run here, naming the
+# settings to change. Once per run: cluster jobs, which parse this file again, skip it.
+if workflow.is_main_process:
+    workflow_plan(
+        config,
+        {label: s.settings["method"] for label, s in PLAN.trains.items()},
+        model_path(PLAN.model),
+        lambda text: print(text, file=sys.stderr),
+    )
 
 # Knobs that change how fast, not what: they are not part of any stage's address.
 RUNTIME = json.dumps(
