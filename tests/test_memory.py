@@ -19,16 +19,38 @@ from conftest import ROOT
 
 # A made-up Qwen2-style model small enough to count by hand: hidden 8, 3 layers, 2 heads of
 # width 4 with 1 key/value head (q width 8, kv width 4), intermediate 16, vocabulary 32, tied.
-TINY = ModelShape(hidden_size=8, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                  intermediate_size=16, vocab_size=32, tie_word_embeddings=True, source="made up")
+TINY = ModelShape(
+    hidden_size=8,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=16,
+    vocab_size=32,
+    tie_word_embeddings=True,
+    source="made up",
+)
 # One layer: q 8*8 + k, v 2*8*4 + o 8*8 = 192, biases 8 + 4 + 4 = 16, MLP 3*8*16 = 384,
 # norms 2*8 = 16: 608. Embeddings 32*8 = 256, final norm 8: root 264. Total 3*608 + 264.
 LAYER, ROOT_PARAMS, PARAMS = 608, 264, 2088
 CRITIC = PARAMS + 8 + 1  # tied: the embedding stays, a scalar head (weight 8, bias 1) is added
 
-JOB = Job(label="apo", method="apo", gpus=1, distributed="single", batch_size=8, micro_batch_size=2,
-          samples=1, seq_len=10, compute_bytes=2, gradient_checkpointing=True, backend="vllm",
-          engine_share=0.5, engine_sleeps=True, generation_batch=4, gpu_memory_gb=1.0)
+JOB = Job(
+    label="apo",
+    method="apo",
+    gpus=1,
+    distributed="single",
+    batch_size=8,
+    micro_batch_size=2,
+    samples=1,
+    seq_len=10,
+    compute_bytes=2,
+    gradient_checkpointing=True,
+    backend="vllm",
+    engine_share=0.5,
+    engine_sleeps=True,
+    generation_batch=4,
+    gpu_memory_gb=1.0,
+)
 TOKENS = 2 * 10
 # Bytes a token of one layer under bf16 autocast: attention 8h + 3*2h + 2(q 8 + 2 kv 4) + 2h
 # = 64 + 48 + 32 + 16 = 160; MLP 8h + 2*2h + 4*2i = 64 + 32 + 128 = 224.
@@ -36,11 +58,18 @@ PER_LAYER = 384
 FINAL = 8 * 8 + 2 * 8  # final norm 8h, lm_head input 2h
 LOGITS = 12 * TOKENS * 32
 ACT_FULL = TOKENS * (3 * PER_LAYER + FINAL) + LOGITS  # 32320
-ACT_CKPT = TOKENS * (3 * 4 * 8 + PER_LAYER + FINAL) + LOGITS  # layer inputs 4h each, one layer: 18880
+ACT_CKPT = (
+    TOKENS * (3 * 4 * 8 + PER_LAYER + FINAL) + LOGITS
+)  # layer inputs 4h each, one layer: 18880
 
 
 def test_parameter_counts_by_hand():
-    assert (TINY.layer_params, TINY.root_params, TINY.params, TINY.critic_params) == (LAYER, ROOT_PARAMS, PARAMS, CRITIC)
+    assert (TINY.layer_params, TINY.root_params, TINY.params, TINY.critic_params) == (
+        LAYER,
+        ROOT_PARAMS,
+        PARAMS,
+        CRITIC,
+    )
     untied = replace(TINY, tie_word_embeddings=False)
     assert untied.params == PARAMS + 256 and untied.critic_params == CRITIC
 
@@ -48,14 +77,23 @@ def test_parameter_counts_by_hand():
 def _qwen2_config(shape: ModelShape):
     from transformers import Qwen2Config
 
-    return Qwen2Config(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
-                       num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
-                       intermediate_size=shape.intermediate_size, vocab_size=shape.vocab_size,
-                       tie_word_embeddings=shape.tie_word_embeddings, num_labels=1)
+    return Qwen2Config(
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        intermediate_size=shape.intermediate_size,
+        vocab_size=shape.vocab_size,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        num_labels=1,
+    )
 
 
-@pytest.mark.parametrize("shape", [TINY, replace(TINY, tie_word_embeddings=False), *memory.KNOWN_MODELS.values()],
-                         ids=lambda s: f"{s.source}-tied={s.tie_word_embeddings}")
+@pytest.mark.parametrize(
+    "shape",
+    [TINY, replace(TINY, tie_word_embeddings=False), *memory.KNOWN_MODELS.values()],
+    ids=lambda s: f"{s.source}-tied={s.tie_word_embeddings}",
+)
 def test_parameter_counts_match_transformers_and_accelerate(shape):
     """Built on the meta device (no memory): transformers' Qwen2 and its token-classification
     twin (the critic) have exactly the counted parameters; accelerate's own estimate of fp32
@@ -74,14 +112,22 @@ def test_parameter_counts_match_transformers_and_accelerate(shape):
     buffers = sum(b.numel() * b.element_size() for b in policy.buffers())  # RoPE frequencies
     assert total - buffers == 4 * shape.params
     usage = estimate_training_usage(total - buffers, "float32")
-    assert memory.states(shape.params, JOB) == (usage["model"], usage["gradients"], 0, usage["optimizer"])
+    assert memory.states(shape.params, JOB) == (
+        usage["model"],
+        usage["gradients"],
+        0,
+        usage["optimizer"],
+    )
 
 
 def test_published_sizes_of_the_paper_models():
     """The counts Qwen's model cards give: 1.54B, 3.09B, 7.61B (non-embedding 1.31B, 2.77B, 6.53B)."""
     sizes = {name: s.params for name, s in memory.KNOWN_MODELS.items()}
-    assert sizes == {"Qwen/Qwen2.5-1.5B": 1_543_714_304, "Qwen/Qwen2.5-3B": 3_085_938_688,
-                     "Qwen/Qwen2.5-7B": 7_615_616_512}
+    assert sizes == {
+        "Qwen/Qwen2.5-1.5B": 1_543_714_304,
+        "Qwen/Qwen2.5-3B": 3_085_938_688,
+        "Qwen/Qwen2.5-7B": 7_615_616_512,
+    }
     body = {name: s.num_hidden_layers * s.layer_params for name, s in memory.KNOWN_MODELS.items()}
     assert [round(b / 1e9, 2) for b in body.values()] == [1.31, 2.77, 6.53]
 
@@ -90,8 +136,16 @@ def test_published_sizes_of_the_paper_models():
     "distributed, gpus, expected",
     [  # (weights, gradients, of them kept between steps, optimizer) in bytes
         ("single", 1, (4 * PARAMS, 4 * PARAMS, 0, 8 * PARAMS)),
-        ("ddp", 2, (4 * PARAMS, 8 * PARAMS, 4 * PARAMS, 8 * PARAMS)),  # DDP's buckets double the gradients
-        ("deepspeed", 2, (4 * PARAMS, 2 * PARAMS, 0, 6 * PARAMS)),  # ZeRO-2: fp32 shard copy + moments / 2
+        (
+            "ddp",
+            2,
+            (4 * PARAMS, 8 * PARAMS, 4 * PARAMS, 8 * PARAMS),
+        ),  # DDP's buckets double the gradients
+        (
+            "deepspeed",
+            2,
+            (4 * PARAMS, 2 * PARAMS, 0, 6 * PARAMS),
+        ),  # ZeRO-2: fp32 shard copy + moments / 2
         ("fsdp", 2, (2 * PARAMS, 2 * PARAMS, 0, 4 * PARAMS)),
     ],
 )
@@ -133,13 +187,22 @@ def test_engine_and_peak_by_hand():
     assert (e.engine_awake, e.engine_asleep) == (share, share)  # asleep keeps at most its share
     update = 4 * PARAMS + 4 * PARAMS + 8 * PARAMS + 2 * PARAMS + 2 * PARAMS + share + ACT_CKPT + GIB
     generate = 4 * PARAMS + 8 * PARAMS + 2 * PARAMS + share + GIB
-    assert (e.update_peak(), e.generation_peak(), e.peak(), e.peak_phase) == (update, generate, update, "update")
+    assert (e.update_peak(), e.generation_peak(), e.peak(), e.peak_phase) == (
+        update,
+        generate,
+        update,
+        "update",
+    )
     assert e.peak(checkpointing=False) == update - ACT_CKPT + ACT_FULL
     awake = estimate(TINY, replace(JOB, engine_sleeps=False, gpu_memory_gb=80.0))
     assert awake.engine_asleep == awake.engine_awake == 40 * GIB
     hf = estimate(TINY, replace(JOB, backend="hf", distributed="fsdp", gpus=2))
     # KV cache of 4 sequences of 10 tokens: 3 layers x (k, v) x width 4 x 2 bytes; FSDP gathers the weights
-    assert (hf.engine_awake, hf.engine_asleep, hf.engine_generating) == (4 * 10 * 3 * 2 * 4 * 2, 0, 2 * PARAMS)
+    assert (hf.engine_awake, hf.engine_asleep, hf.engine_generating) == (
+        4 * 10 * 3 * 2 * 4 * 2,
+        0,
+        2 * PARAMS,
+    )
 
 
 def _config(**train_resources) -> dict:
@@ -150,14 +213,21 @@ def _config(**train_resources) -> dict:
 
 
 def test_the_7b_paper_model_on_one_gpu_stops_naming_the_settings():
-    plan = memory.memory_plan(_config(gpu=1, gpu_memory_gb=80), {"apo": "apo", "grpo": "grpo"}, "nowhere")
+    plan = memory.memory_plan(
+        _config(gpu=1, gpu_memory_gb=80), {"apo": "apo", "grpo": "grpo"}, "nowhere"
+    )
     with pytest.raises(MemoryPlanError) as err:
         plan.check()
     msg = str(err.value)
-    assert "training job 'apo' needs about 147.9 GiB on each GPU, more than resources.train.gpu_memory_gb = 80" in msg
+    assert (
+        "training job 'apo' needs about 147.9 GiB on each GPU, more than resources.train.gpu_memory_gb = 80"
+        in msg
+    )
     assert "resources.train.gpu: 4 with resources.train.distributed: fsdp -> 49.8 GiB" in msg
     assert "training job 'grpo'" in msg
-    fits = memory.memory_plan(_config(gpu=4, distributed="fsdp", gpu_memory_gb=80), {"apo": "apo"}, "nowhere")
+    fits = memory.memory_plan(
+        _config(gpu=4, distributed="fsdp", gpu_memory_gb=80), {"apo": "apo"}, "nowhere"
+    )
     fits.check()
     assert "yes" in fits.table().splitlines()[-2]
 
@@ -165,15 +235,29 @@ def test_the_7b_paper_model_on_one_gpu_stops_naming_the_settings():
 def test_suggestions_name_checkpointing_and_micro_batch():
     cfg = _config(gpu=1, gpu_memory_gb=80)
     cfg["train"].update(gradient_checkpointing=False, micro_batch_size=4)
-    msg = str(pytest.raises(MemoryPlanError, memory.memory_plan(cfg, {"grpo": "grpo"}, "nowhere").check).value)
-    assert "train.gradient_checkpointing: true ->" in msg and "train.micro_batch_size: 1 (now 4) ->" in msg
+    msg = str(
+        pytest.raises(
+            MemoryPlanError, memory.memory_plan(cfg, {"grpo": "grpo"}, "nowhere").check
+        ).value
+    )
+    assert (
+        "train.gradient_checkpointing: true ->" in msg
+        and "train.micro_batch_size: 1 (now 4) ->" in msg
+    )
 
 
 def test_an_engine_share_too_small_for_the_weights():
     cfg = _config(gpu=4, distributed="fsdp", gpu_memory_gb=80)
     cfg["generation"]["vllm"]["gpu_memory_utilization"] = 0.1
-    msg = str(pytest.raises(MemoryPlanError, memory.memory_plan(cfg, {"apo": "apo"}, "nowhere").check).value)
-    assert "generation.vllm.gpu_memory_utilization = 0.1 of 80 GiB = 8.0 GiB" in msg and "raise it to at least 0.19" in msg
+    msg = str(
+        pytest.raises(
+            MemoryPlanError, memory.memory_plan(cfg, {"apo": "apo"}, "nowhere").check
+        ).value
+    )
+    assert (
+        "generation.vllm.gpu_memory_utilization = 0.1 of 80 GiB = 8.0 GiB" in msg
+        and "raise it to at least 0.19" in msg
+    )
 
 
 def test_model_size_from_local_config_override_or_error(tmp_path):
@@ -182,15 +266,36 @@ def test_model_size_from_local_config_override_or_error(tmp_path):
     with pytest.raises(MemoryPlanError, match=r"resources\.train\.model_params"):
         memory.memory_plan(cfg, {"apo": "apo"}, cfg["model"])
     cfg["resources"]["train"]["gpu_memory_gb"] = None
-    assert memory.memory_plan(cfg, {"apo": "apo"}, cfg["model"]) is None  # no limit: no plan, no error
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2,
-        "num_key_value_heads": 1, "intermediate_size": 16, "vocab_size": 32, "tie_word_embeddings": True}))
+    assert (
+        memory.memory_plan(cfg, {"apo": "apo"}, cfg["model"]) is None
+    )  # no limit: no plan, no error
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 8,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "intermediate_size": 16,
+                "vocab_size": 32,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
     local = memory.model_shape(cfg, str(tmp_path))
-    assert local.params == PARAMS - 3 * 16 and local.source.endswith("config.json")  # llama: no q/k/v biases
+    assert local.params == PARAMS - 3 * 16 and local.source.endswith(
+        "config.json"
+    )  # llama: no q/k/v biases
     cfg["resources"]["train"]["model_params"] = {
-        "hidden_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "intermediate_size": 16, "vocab_size": 32, "tie_word_embeddings": True}
+        "hidden_size": 8,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 16,
+        "vocab_size": 32,
+        "tie_word_embeddings": True,
+    }
     assert memory.model_shape(cfg, "nowhere").params == PARAMS
 
 
@@ -213,7 +318,7 @@ def test_apo_plan_command(tmp_path, capsys):
     over.write_text("resources:\n  train: {gpu: 4, distributed: fsdp, gpu_memory_gb: 80}\n")
     main(["plan", str(ROOT / "config/paper/qwen2.5-3b.yaml"), str(over)])
     out = capsys.readouterr().out
-    assert "Qwen/Qwen2.5-3B (built-in table)" in out and "4 processes (fsdp, one a GPU)" in out
+    assert "Qwen/Qwen2.5-3B (built-in table)" in out and "4 processes, one per GPU, fsdp" in out
     with pytest.raises(SystemExit, match="more than resources.train.gpu_memory_gb = 40"):
         main(["plan", str(ROOT / "config/paper/qwen2.5-3b.yaml"), "--gpu-memory-gb", "40"])
 
@@ -221,8 +326,16 @@ def test_apo_plan_command(tmp_path, capsys):
 def _dry_run(tmp_path: Path, *configfiles: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("SLURM_CONF", None)
-    cmd = [str(Path(sys.executable).parent / "snakemake"), "-n", "--profile", "slurm", "--directory", str(tmp_path),
-           "--configfile", *map(str, configfiles)]
+    cmd = [
+        str(Path(sys.executable).parent / "snakemake"),
+        "-n",
+        "--profile",
+        "slurm",
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        *map(str, configfiles),
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
 
 
@@ -232,16 +345,29 @@ def test_dry_run_prints_the_plan_of_a_paper_config(tmp_path):
     lines = proc.stderr.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Memory plan per GPU"))
     assert "Qwen/Qwen2.5-1.5B (built-in table)" in lines[start]
-    assert [line.split()[0] for line in lines[start + 2:start + 6]] == ["apo", "grpo", "rebel", "ppo"]
-    print("\n".join(lines[start:start + 7]))
+    assert [line.split()[0] for line in lines[start + 2 : start + 6]] == [
+        "apo",
+        "grpo",
+        "rebel",
+        "ppo",
+    ]
+    print("\n".join(lines[start : start + 7]))
 
 
 def test_dry_run_stops_when_a_job_cannot_fit(tmp_path):
     over = tmp_path / "small-gpu.yaml"
-    over.write_text("resources:\n  train: {gpu: 1, mem_mb: 200000, runtime: 2880, cpus_per_task: 16, gpu_memory_gb: 40}\n")
+    over.write_text(
+        "resources:\n  train: {gpu: 1, mem_mb: 200000, runtime: 2880, cpus_per_task: 16, gpu_memory_gb: 40}\n"
+    )
     proc = _dry_run(tmp_path, ROOT / "config/paper/qwen2.5-7b.yaml", over)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "training job 'apo' needs about 147.9 GiB on each GPU, more than resources.train.gpu_memory_gb = 40" in out
+    assert (
+        "training job 'apo' needs about 147.9 GiB on each GPU, more than resources.train.gpu_memory_gb = 40"
+        in out
+    )
     assert "resources.train.distributed: fsdp" in out
-    assert not (tmp_path / "results").exists() and not (tmp_path / ".snakemake" / "slurm_logs").exists()
+    assert (
+        not (tmp_path / "results").exists()
+        and not (tmp_path / ".snakemake" / "slurm_logs").exists()
+    )

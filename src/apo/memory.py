@@ -34,9 +34,9 @@ Generation engine, one per training process: vLLM takes `generation.vllm.gpu_mem
 of the GPU for its weights and KV cache while it generates; in the update, with sleep mode
 (`generation.vllm.sleep`), it keeps only ENGINE_ASLEEP_GIB (CUDA graphs, workspace), and
 without sleep mode its whole share. The backend is the one the config resolves to (auto:
-vLLM where it is installed, as in the GPU environment, envs/gpu.txt). The transformers engine generates with the policy
-itself: its KV cache for `generation.batch_size` sequences, and under FSDP the gathered full
-weights in the compute dtype.
+vLLM where it is installed, as in the GPU environment, envs/gpu.txt). The transformers
+engine generates with the policy itself: its KV cache for `generation.batch_size` sequences,
+and under FSDP the gathered full weights in the compute dtype.
 
 Activations of one micro-batch (micro_batch_size prompts x samples per prompt sequences of
 L = prompt.max_prompt_tokens + train.max_new_tokens tokens, SDPA / flash attention, so no
@@ -141,7 +141,13 @@ class ModelShape:
     def from_config(cls, cfg: dict, source: str) -> "ModelShape":
         """From a config.json's fields; raises MemoryPlanError naming a missing one."""
         cfg = cfg.get("text_config", cfg)
-        need = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"]
+        need = [
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+        ]
         missing = [k for k in need if k not in cfg]
         if missing:
             raise MemoryPlanError(f"{source}: no {', '.join(missing)}; the memory plan needs them")
@@ -157,7 +163,9 @@ class ModelShape:
 
 
 def _qwen25(hidden, layers, heads, kv_heads, inter, vocab, tied, name) -> ModelShape:
-    return ModelShape(hidden, layers, heads, kv_heads, inter, vocab, tied, source=f"{name} (built-in table)")
+    return ModelShape(
+        hidden, layers, heads, kv_heads, inter, vocab, tied, source=f"{name} (built-in table)"
+    )
 
 
 # The paper's models, from the config.json each publishes on the Hugging Face hub (Qwen2
@@ -187,8 +195,17 @@ def model_shape(config: dict, model_dir: str) -> ModelShape:
     if config["model"] == "demo":
         m = config["demo"]["model"]
         h, heads = m["hidden_size"], m["num_heads"]
-        return ModelShape(h, m["num_layers"], heads, heads, m["intermediate_size"], m["vocab_size"], True,
-                          head_dim=h // heads, source="demo.model (the vocabulary at most this size)")
+        return ModelShape(
+            h,
+            m["num_layers"],
+            heads,
+            heads,
+            m["intermediate_size"],
+            m["vocab_size"],
+            True,
+            head_dim=h // heads,
+            source="demo.model (the vocabulary at most this size)",
+        )
     if config["model"] in KNOWN_MODELS:
         return KNOWN_MODELS[config["model"]]
     raise MemoryPlanError(model_shape_error(config["model"]))
@@ -212,7 +229,7 @@ class Job:
     method: str
     gpus: int
     distributed: str  # "single" for one process
-    batch_size: int
+    batch_size: int  # prompts per optimizer step, which micro-batches must divide
     micro_batch_size: int
     samples: int  # sequences per prompt
     seq_len: int
@@ -234,7 +251,11 @@ class Job:
 
 
 def samples_per_prompt(train: dict, method: str) -> int:
-    return train["grpo"]["group_size"] if method == "grpo" else {"apo": 1, "ppo": 1, "rebel": 2}[method]
+    return (
+        train["grpo"]["group_size"]
+        if method == "grpo"
+        else {"apo": 1, "ppo": 1, "rebel": 2}[method]
+    )
 
 
 def job_from_config(config: dict, label: str, method: str) -> Job:
@@ -245,7 +266,7 @@ def job_from_config(config: dict, label: str, method: str) -> Job:
         method=method,
         gpus=gpus,
         distributed=r["distributed"] if gpus > 1 else "single",
-        batch_size=t["batch_size"],
+        batch_size=t.get("mini_batch_size") or t["batch_size"],
         micro_batch_size=t["micro_batch_size"],
         samples=samples_per_prompt(t, method),
         seq_len=config["prompt"]["max_prompt_tokens"] + t["max_new_tokens"],
@@ -286,15 +307,33 @@ class Estimate:
         return self.act_ckpt if self.job.gradient_checkpointing else self.act_full
 
     def generation_peak(self) -> float:
-        return (self.weights + self.grads_kept + self.optimizer + self.reference
-                + self.critic - self.critic_update_only + self.engine_awake + self.engine_generating + self.other)
+        return (
+            self.weights
+            + self.grads_kept
+            + self.optimizer
+            + self.reference
+            + self.critic
+            - self.critic_update_only
+            + self.engine_awake
+            + self.engine_generating
+            + self.other
+        )
 
     def update_peak(self, checkpointing: bool | None = None) -> float:
         if checkpointing is None:
             checkpointing = self.job.gradient_checkpointing
         act = self.act_ckpt if checkpointing else self.act_full
-        return (self.weights + self.grads + self.optimizer + self.compute + self.reference + self.critic
-                + self.engine_asleep + act + self.other)
+        return (
+            self.weights
+            + self.grads
+            + self.optimizer
+            + self.compute
+            + self.reference
+            + self.critic
+            + self.engine_asleep
+            + act
+            + self.other
+        )
 
     def peak(self, checkpointing: bool | None = None) -> float:
         return max(self.generation_peak(), self.update_peak(checkpointing))
@@ -332,7 +371,9 @@ def layer_activation_bytes(shape: ModelShape, c: int) -> float:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
     h, kv, i = shape.hidden_size, shape.kv_width, shape.intermediate_size
     autocast = c < 4
-    attention = 8 * h + (3 if autocast else 1) * c * h + c * (shape.q_width + 2 * kv) + c * shape.q_width
+    attention = (
+        8 * h + (3 if autocast else 1) * c * h + c * (shape.q_width + 2 * kv) + c * shape.q_width
+    )
     mlp = 8 * h + (2 if autocast else 1) * c * h + 4 * c * i
     return attention + mlp
 
@@ -342,8 +383,11 @@ def activations(shape: ModelShape, job: Job, checkpointing: bool, logits: bool =
     tokens = job.seqs * job.seq_len
     c = job.compute_bytes
     per_layer = layer_activation_bytes(shape, c)
-    layers = (shape.num_hidden_layers * 4 * shape.hidden_size + per_layer) if checkpointing else (
-        shape.num_hidden_layers * per_layer)
+    layers = (
+        (shape.num_hidden_layers * 4 * shape.hidden_size + per_layer)
+        if checkpointing
+        else (shape.num_hidden_layers * per_layer)
+    )
     final = 8 * shape.hidden_size + c * shape.hidden_size
     logit_bytes = LOGIT_BYTES * tokens * shape.vocab_size if logits else 0
     return tokens * (layers + final) + logit_bytes
@@ -368,8 +412,11 @@ def kv_bytes_per_token(shape: ModelShape, c: int = 2) -> int:
 def estimate(shape: ModelShape, job: Job) -> Estimate:
     weights, grads, kept, optimizer = states(shape.params, job)
     compute = compute_copies(shape, job)
-    ref = shape.params * job.compute_bytes / job.shards if job.distributed == "fsdp" else (
-        shape.params * job.compute_bytes)
+    ref = (
+        shape.params * job.compute_bytes / job.shards
+        if job.distributed == "fsdp"
+        else (shape.params * job.compute_bytes)
+    )
     critic = critic_update_only = 0.0
     critic_act = (0.0, 0.0)
     if job.method == "ppo":
@@ -379,9 +426,19 @@ def estimate(shape: ModelShape, job: Job) -> Estimate:
         critic_act = tuple(activations(shape, job, ckpt, logits=False) for ckpt in (True, False))
     awake, asleep, generating = engine(shape, job)
     return Estimate(
-        job=job, shape=shape, weights=weights, grads=grads, grads_kept=kept, optimizer=optimizer,
-        compute=compute, reference=ref, critic=critic, critic_update_only=critic_update_only,
-        engine_awake=awake, engine_asleep=asleep, engine_generating=generating,
+        job=job,
+        shape=shape,
+        weights=weights,
+        grads=grads,
+        grads_kept=kept,
+        optimizer=optimizer,
+        compute=compute,
+        reference=ref,
+        critic=critic,
+        critic_update_only=critic_update_only,
+        engine_awake=awake,
+        engine_asleep=asleep,
+        engine_generating=generating,
         act_ckpt=activations(shape, job, True) + critic_act[0],
         act_full=activations(shape, job, False) + critic_act[1],
     )
@@ -394,7 +451,7 @@ def gib(b: float) -> str:
 def describe(job: Job) -> str:
     if job.distributed == "single":
         return "1 process on 1 GPU"
-    return f"{job.gpus} processes ({job.distributed}, one a GPU)"
+    return f"{job.gpus} processes, one per GPU, {job.distributed}"
 
 
 @dataclass
@@ -406,28 +463,59 @@ class MemoryPlan:
     def table(self) -> str:
         e0 = self.estimates[0]
         s, j = e0.shape, e0.job
-        engine = (f"vLLM engine {j.engine_share:.0%} of the GPU"
-                  + (f", {ENGINE_ASLEEP_GIB:g} GiB asleep in the update" if j.engine_sleeps else ", awake throughout")
-                  if j.backend == "vllm" else f"transformers engine: KV cache of {j.generation_batch} sequences")
+        engine = (
+            f"vLLM engine {j.engine_share:.0%} of the GPU"
+            + (
+                f", {ENGINE_ASLEEP_GIB:g} GiB asleep in the update"
+                if j.engine_sleeps
+                else ", awake throughout"
+            )
+            if j.backend == "vllm"
+            else f"transformers engine: KV cache of {j.generation_batch} sequences"
+        )
         dtype = {4: "fp32", 2: "bf16"}[j.compute_bytes]
         lines = [
             f"Memory plan per GPU of each training job (GiB): {s.source}, {s.params:.3g} parameters; "
             f"{describe(j)}; fp32 weights, gradients and AdamW state, {dtype} compute; "
             f"sequences of {j.seq_len} tokens; {engine}.",
         ]
-        head = ["job", "seqs", "weights", "grads", "optim", "compute", "ref", "critic", "engine",
-                "act+ckpt", "act-ckpt", "other", "peak", "phase", "limit", "fits"]
+        head = [
+            "job",
+            "seqs",
+            "weights",
+            "grads",
+            "optim",
+            "compute",
+            "ref",
+            "critic",
+            "engine",
+            "act+ckpt",
+            "act-ckpt",
+            "other",
+            "peak",
+            "phase",
+            "limit",
+            "fits",
+        ]
         rows = [head] + [self._row(e) for e in self.estimates]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         for r in rows:
-            lines.append("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            lines.append(
+                "  "
+                + "  ".join(
+                    c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+                )
+            )
         lines.append(
             "  seqs: sequences per micro-batch; compute: weights in the compute dtype (autocast copies, or "
             "FSDP's units in flight); engine: while generating; act+ckpt / act-ckpt: activations and logits of "
             "one micro-batch with / without gradient checkpointing (* = as configured); other: CUDA context; "
             "peak: the larger of the generation and the update phase (src/apo/memory.py)."
-            + ("" if j.gpu_memory_gb or j.backend == "hf" else
-               f" Without {GPU_MEMORY_KEY} the engine's share is not counted in the peak.")
+            + (
+                ""
+                if j.gpu_memory_gb or j.backend == "hf"
+                else f" Without {GPU_MEMORY_KEY} the engine's share is not counted in the peak."
+            )
         )
         return "\n".join(lines)
 
@@ -435,13 +523,33 @@ class MemoryPlan:
     def _row(e: Estimate) -> list[str]:
         j = e.job
         star = ("*", "") if j.gradient_checkpointing else ("", "*")
-        engine = gib(e.engine_awake) if j.backend == "hf" or j.gpu_memory_gb else f"{j.engine_share:.0%}"
+        engine = (
+            gib(e.engine_awake) if j.backend == "hf" or j.gpu_memory_gb else f"{j.engine_share:.0%}"
+        )
         limit = "-" if j.gpu_memory_gb is None else f"{j.gpu_memory_gb:g}"
-        fits = "-" if j.gpu_memory_gb is None else ("yes" if e.peak() <= j.gpu_memory_gb * GIB else "NO")
-        return [j.label, str(j.seqs), gib(e.weights), gib(e.grads), gib(e.optimizer), gib(e.compute),
-                gib(e.reference), gib(e.critic) if e.critic else "-", engine,
-                gib(e.act_ckpt) + star[0], gib(e.act_full) + star[1], gib(e.other),
-                gib(e.peak()), e.peak_phase, limit, fits]
+        fits = (
+            "-"
+            if j.gpu_memory_gb is None
+            else ("yes" if e.peak() <= j.gpu_memory_gb * GIB else "NO")
+        )
+        return [
+            j.label,
+            str(j.seqs),
+            gib(e.weights),
+            gib(e.grads),
+            gib(e.optimizer),
+            gib(e.compute),
+            gib(e.reference),
+            gib(e.critic) if e.critic else "-",
+            engine,
+            gib(e.act_ckpt) + star[0],
+            gib(e.act_full) + star[1],
+            gib(e.other),
+            gib(e.peak()),
+            e.peak_phase,
+            limit,
+            fits,
+        ]
 
     def check(self) -> None:
         """Raises MemoryPlanError naming the settings to change when a job cannot fit."""
@@ -471,13 +579,25 @@ def fit_problem(e: Estimate) -> str | None:
     if j.gpu_memory_gb is None or e.peak() <= j.gpu_memory_gb * GIB:
         return None
     if e.peak_phase == "generate":
-        terms = [("weights", e.weights), ("kept gradients", e.grads_kept), ("optimizer", e.optimizer),
-                 ("reference", e.reference), ("critic", e.critic - e.critic_update_only),
-                 ("engine", e.engine_awake + e.engine_generating)]
+        terms = [
+            ("weights", e.weights),
+            ("kept gradients", e.grads_kept),
+            ("optimizer", e.optimizer),
+            ("reference", e.reference),
+            ("critic", e.critic - e.critic_update_only),
+            ("engine", e.engine_awake + e.engine_generating),
+        ]
     else:
-        terms = [("weights", e.weights), ("gradients", e.grads), ("optimizer", e.optimizer),
-                 ("compute copies", e.compute), ("reference", e.reference), ("critic", e.critic),
-                 ("engine", e.engine_asleep), ("activations", e.activations)]
+        terms = [
+            ("weights", e.weights),
+            ("gradients", e.grads),
+            ("optimizer", e.optimizer),
+            ("compute copies", e.compute),
+            ("reference", e.reference),
+            ("critic", e.critic),
+            ("engine", e.engine_asleep),
+            ("activations", e.activations),
+        ]
     parts = " + ".join(f"{name} {gib(b)}" for name, b in terms + [("other", e.other)] if b)
     return (
         f"memory plan: training job '{j.label}' needs about {gib(e.peak())} GiB on each GPU, more than "
@@ -494,21 +614,31 @@ def suggestions(e: Estimate) -> list[str]:
         alt = estimate(e.shape, replace(j, gpus=n, distributed="fsdp"))
         if alt.peak() <= limit or n == 8:
             tail = "" if alt.peak() <= limit else " (still too much)"
-            out.append(f"resources.train.gpu: {n} with resources.train.distributed: fsdp -> {gib(alt.peak())} GiB{tail}")
+            out.append(
+                f"resources.train.gpu: {n} with resources.train.distributed: fsdp -> {gib(alt.peak())} GiB{tail}"
+            )
             break
     if not j.gradient_checkpointing:
         out.append(f"train.gradient_checkpointing: true -> {gib(e.peak(checkpointing=True))} GiB")
-    for m in [m for m in range(j.micro_batch_size - 1, 0, -1) if j.batch_size % m == 0]:
+    for m in [
+        m for m in range(j.micro_batch_size - 1, 0, -1) if j.batch_size % (m * j.shards) == 0
+    ]:
         alt = estimate(e.shape, replace(j, micro_batch_size=m))
         if alt.peak() <= limit or m == 1:
             tail = "" if alt.peak() <= limit else " (still too much)"
-            out.append(f"train.micro_batch_size: {m} (now {j.micro_batch_size}) -> {gib(alt.peak())} GiB{tail}")
+            out.append(
+                f"train.micro_batch_size: {m} (now {j.micro_batch_size}) -> {gib(alt.peak())} GiB{tail}"
+            )
             break
     if j.backend == "vllm" and e.peak_phase == "generate":
-        out.append(f"generation.vllm.gpu_memory_utilization (now {j.engine_share:g}): the engine holds "
-                   f"{gib(e.engine_awake)} GiB while generating")
+        out.append(
+            f"generation.vllm.gpu_memory_utilization (now {j.engine_share:g}): the engine holds "
+            f"{gib(e.engine_awake)} GiB while generating"
+        )
     elif j.backend == "vllm" and not j.engine_sleeps:
-        out.append("generation.vllm.sleep: true, so that the engine frees its share during the update")
+        out.append(
+            "generation.vllm.sleep: true, so that the engine frees its share during the update"
+        )
     return out
 
 
@@ -521,7 +651,9 @@ def memory_plan(config: dict, trains: dict[str, str], model_dir: str) -> MemoryP
         if config["resources"]["train"].get("gpu_memory_gb") is None:
             return None
         raise
-    return MemoryPlan([estimate(shape, job_from_config(config, label, m)) for label, m in trains.items()])
+    return MemoryPlan(
+        [estimate(shape, job_from_config(config, label, m)) for label, m in trains.items()]
+    )
 
 
 def workflow_plan(config: dict, trains: dict[str, str], model_dir: str, show) -> MemoryPlan | None:
@@ -541,7 +673,9 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def plan_from_files(paths: list[str], results: str = "results", gpu_memory_gb: float | None = None) -> MemoryPlan:
+def plan_from_files(
+    paths: list[str], results: str = "results", gpu_memory_gb: float | None = None
+) -> MemoryPlan:
     """`apo plan`: the plan of config files (merged in order), not yet checked; raises
     MemoryPlanError when the model's size is unknown."""
     import yaml
