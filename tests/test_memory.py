@@ -280,9 +280,14 @@ def test_model_size_from_local_config_override_or_error(tmp_path):
     with pytest.raises(MemoryPlanError, match=r"resources\.train\.model_params"):
         memory.memory_plan(cfg, {"apo": "apo"}, cfg["model"])
     cfg["resources"]["train"]["gpu_memory_gb"] = None
-    assert (
-        memory.memory_plan(cfg, {"apo": "apo"}, cfg["model"]) is None
-    )  # no limit: no plan, no error
+    # No limit: no plan and no error, only a note.
+    assert memory.memory_plan(cfg, {"apo": "apo"}, cfg["model"]) is None
+    shown = []
+    memory.workflow_plan(cfg, {"apo": "apo"}, cfg["model"], shown.append)
+    assert shown == [
+        "Memory plan: none, the size of model 'org/unknown-model' is unknown here "
+        "(set resources.train.model_params to plan it)."
+    ]
     (tmp_path / "config.json").write_text(
         json.dumps(
             {

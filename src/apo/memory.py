@@ -659,9 +659,14 @@ def memory_plan(config: dict, trains: dict[str, str], model_dir: str) -> MemoryP
 def workflow_plan(config: dict, trains: dict[str, str], model_dir: str, show) -> MemoryPlan | None:
     """What the workflow runs before planning jobs: `show` the table, then check it."""
     plan = memory_plan(config, trains, model_dir)
-    if plan is not None:
-        show(plan.table())
-        plan.check()
+    if plan is None:
+        show(
+            f"Memory plan: none, the size of model '{config['model']}' is unknown here "
+            f"(set {MODEL_PARAMS_KEY} to plan it)."
+        )
+        return None
+    show(plan.table())
+    plan.check()
     return plan
 
 
