@@ -34,6 +34,7 @@ TINY = ModelShape(
 # norms 2*8 = 16: 608. Embeddings 32*8 = 256, final norm 8: root 264. Total 3*608 + 264.
 LAYER, ROOT_PARAMS, PARAMS = 608, 264, 2088
 CRITIC = PARAMS + 8 + 1  # tied: the embedding stays, a scalar head (weight 8, bias 1) is added
+CAST = 3 * LAYER + 256  # what autocast casts: the layers and the LM head, not the lookup
 
 JOB = Job(
     label="apo",
@@ -57,11 +58,11 @@ TOKENS = 2 * 10
 # = 64 + 48 + 32 + 16 = 160; MLP 8h + 2*2h + 4*2i = 64 + 32 + 128 = 224.
 PER_LAYER = 384
 FINAL = 8 * 8 + 2 * 8  # final norm 8h, lm_head input 2h
-LOGITS = 12 * TOKENS * 32
-ACT_FULL = TOKENS * (3 * PER_LAYER + FINAL) + LOGITS  # 32320
+LOGITS = 16 * TOKENS * 32
+ACT_FULL = TOKENS * (3 * PER_LAYER + FINAL) + LOGITS  # 34880
 ACT_CKPT = (
     TOKENS * (3 * 4 * 8 + PER_LAYER + FINAL) + LOGITS
-)  # layer inputs 4h each, one layer: 18880
+)  # layer inputs 4h each, one layer: 21440
 
 
 def test_parameter_counts_by_hand():
@@ -156,7 +157,8 @@ def test_states_by_sharding(distributed, gpus, expected):
 
 def test_compute_copies_and_reference():
     e = estimate(TINY, JOB)
-    assert e.compute == 2 * PARAMS and e.reference == 2 * PARAMS  # bf16 copies, whole
+    # bf16 copies of what goes through a linear layer (layers, LM head), the reference whole
+    assert e.compute == 2 * CAST and e.reference == 2 * PARAMS
     fsdp = estimate(TINY, replace(JOB, distributed="fsdp", gpus=2))
     # root unit + two of the three layers in flight, 2c + 4 = 8 bytes each; reference sharded
     assert fsdp.compute == (ROOT_PARAMS + 2 * LAYER) * 8 and fsdp.reference == PARAMS
@@ -166,7 +168,7 @@ def test_compute_copies_and_reference():
 
 def test_activations_by_hand():
     e = estimate(TINY, JOB)
-    assert (e.act_full, e.act_ckpt) == (ACT_FULL, ACT_CKPT) == (32320, 18880)
+    assert (e.act_full, e.act_ckpt) == (ACT_FULL, ACT_CKPT) == (34880, 21440)
     grpo = estimate(TINY, replace(JOB, method="grpo", samples=8))
     assert grpo.job.seqs == 16 and grpo.act_full == 8 * ACT_FULL  # linear in the sequences
     # fp32 compute: one shared linear input, every tensor 4 bytes: attention 8h + 4h + 4(8 + 8)
@@ -176,8 +178,9 @@ def test_activations_by_hand():
 
 def test_ppo_adds_the_critic_and_its_activations():
     e = estimate(TINY, replace(JOB, method="ppo"))
-    assert e.critic == 16 * CRITIC + 2 * CRITIC  # fp32 states + its bf16 copy
-    assert e.critic_update_only == 4 * CRITIC + 2 * CRITIC
+    critic_cast = 2 * (3 * LAYER + 8 + 1)  # bf16 copies of the layers and the scalar head
+    assert e.critic == 16 * CRITIC + critic_cast  # fp32 states + bf16 copies
+    assert e.critic_update_only == 4 * CRITIC + critic_cast
     critic_layers = TOKENS * (3 * PER_LAYER + FINAL)  # no logits: a scalar head
     assert e.act_full == ACT_FULL + critic_layers
 
@@ -186,7 +189,7 @@ def test_engine_and_peak_by_hand():
     e = estimate(TINY, JOB)
     share = 0.5 * GIB
     assert (e.engine_awake, e.engine_asleep) == (share, share)  # asleep keeps at most its share
-    update = 4 * PARAMS + 4 * PARAMS + 8 * PARAMS + 2 * PARAMS + 2 * PARAMS + share + ACT_CKPT + GIB
+    update = 4 * PARAMS + 4 * PARAMS + 8 * PARAMS + 2 * CAST + 2 * PARAMS + share + ACT_CKPT + GIB
     generate = 4 * PARAMS + 8 * PARAMS + 2 * PARAMS + share + GIB
     assert (e.update_peak(), e.generation_peak(), e.peak(), e.peak_phase) == (
         update,
@@ -232,12 +235,13 @@ def test_the_7b_paper_model_on_one_gpu_stops_naming_the_settings():
         plan.check()
     msg = str(err.value)
     assert (
-        "training job 'apo' needs about 147.9 GiB on each GPU, more than resources.train.gpu_memory_gb = 80"
+        "training job 'apo' needs about 147.6 GiB on each GPU, more than resources.train.gpu_memory_gb = 80"
         in msg
     )
-    # 7.616e9 parameters x (4 + 4 + 8 + 2 + 2) bytes = 141.8 GiB of states and copies, + the
-    # engine asleep 2 + activations 3.0 (logits 1280 x 152064 x 12 B = 2.2) + other 1
-    assert "resources.train.gpu: 4 with resources.train.distributed: fsdp -> 49.8 GiB" in msg
+    # 7.616e9 parameters x (4 + 4 + 8 + 2 reference) bytes = 127.7 GiB, the bf16 copies of all
+    # but the embedding lookup 13.2, the engine asleep 2, activations 3.8 (logits 1280 x
+    # 152064 x 16 B = 2.9), other 1
+    assert "resources.train.gpu: 4 with resources.train.distributed: fsdp -> 50.2 GiB" in msg
     assert "training job 'grpo'" in msg
     fits = memory.memory_plan(
         _config(gpu=4, distributed="fsdp", gpu_memory_gb=80), {"apo": "apo"}, "nowhere"
@@ -391,3 +395,99 @@ def test_dry_run_stops_when_a_job_cannot_fit(tmp_path):
         not (tmp_path / "results").exists()
         and not (tmp_path / ".snakemake" / "slurm_logs").exists()
     )
+
+
+def test_layer_activations_match_what_autograd_saves():
+    """A real Qwen2 forward (CPU, bf16 autocast over fp32 weights, and fp32): the tensors
+    autograd keeps for backward, weights and their casts aside, are the plan's per-layer
+    bytes plus the final norm, and a few small per-token extras (RoPE tables, attention
+    log-sum-exp, norm scales, token ids) the plan leaves out."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = ModelShape(64, 2, 4, 2, 160, 256, True)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            **{
+                k: getattr(shape, k)
+                for k in (
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "intermediate_size",
+                    "vocab_size",
+                )
+            },
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+        )
+    )
+    ids = torch.randint(0, 256, (2, 48))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # casts of weights, some saved transposed
+    weight_shapes = {s for p in model.parameters() for s in (tuple(p.shape), tuple(p.shape)[::-1])}
+    for c in (2, 4):
+        saved = {}
+
+        def keep(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = (
+                    t.untyped_storage().nbytes(),
+                    tuple(t.shape),
+                )
+            return t
+
+        with (
+            torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=c == 2),
+        ):
+            model.model(input_ids=ids)
+        casts = sum(n for n, s in saved.values() if s in weight_shapes)
+        acts = sum(n for n, s in saved.values() if s not in weight_shapes)
+        planned = 2 * 48 * (2 * memory.layer_activation_bytes(shape, c) + 8 * 64)
+        assert 1.0 <= acts / planned < 1.03, (c, acts, planned)
+        # bf16: a copy of each layer matrix (biases and norms, 1 % of a layer, stay fp32)
+        assert casts == (0 if c == 4 else pytest.approx(2 * 2 * shape.layer_params, rel=0.02))
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_logit_bytes_match_the_trainers_log_probs_on_cpu():
+    """The trainer's own token_logprobs, forward and backward, with a vocabulary large enough
+    that the logits dominate: the high-water mark of the process's resident memory grows by
+    LOGIT_BYTES an element of [sequences, length, vocabulary], within 15 %."""
+    import re as re_
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from apo.train import token_logprobs
+
+    def resident(field):
+        status = Path("/proc/self/status").read_text()
+        return int(re_.search(rf"{field}:\s+(\d+)", status).group(1)) * 1024
+
+    # Tensors of 131 MB: the allocator maps and unmaps them whole, so resident memory follows
+    # them (small ones are reused from the heap and do not show).
+    vocab, seqs, length = 64000, 2, 256
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            vocab_size=vocab,
+        )
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(1, vocab, (seqs, length), generator=g).tolist()
+    prompts, responses = [r[:1] for r in rows], [r[1:] for r in rows]
+    peaks = []
+    for _ in range(2):
+        base = resident("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts here
+        token_logprobs(model, prompts, responses, 0)[0].sum().backward()
+        peaks.append((resident("VmHWM") - base) / (seqs * length * vocab))
+        model.zero_grad(set_to_none=True)
+    assert max(peaks) == pytest.approx(memory.LOGIT_BYTES, rel=0.15), peaks

@@ -27,8 +27,9 @@ Sharding over the job's N = `resources.train.gpu` processes (`resources.train.di
   This assumes FSDP's mixed-precision policy does the casting (param_dtype = compute dtype).
   Autocast over fp32 unsharded weights would instead keep a bf16 copy of every weight in
   autocast's cache (the full 2 bytes a parameter on every GPU, as without sharding).
-Without FSDP, bf16 compute holds a bf16 copy of every trained weight (autocast's cache and
-the copies the linear layers save for backward): c bytes a parameter, the "compute" column.
+Without FSDP, bf16 compute holds a bf16 copy of every weight that goes through a linear layer
+(autocast's cache, and the copies the linear layers save for backward): the decoder layers
+and the LM head, c bytes a parameter, the "compute" column. The embedding lookup stays fp32.
 
 Generation engine, one per training process: vLLM takes `generation.vllm.gpu_memory_utilization`
 of the GPU for its weights and KV cache while it generates; in the update, with sleep mode
@@ -50,9 +51,10 @@ width, c the compute dtype's size. The residual stream stays fp32 (fp32 master w
 The final norm keeps 8h + ch a token. Gradient checkpointing keeps each layer's fp32 input
 (4h a token a layer) and one layer's activations while it is recomputed.
 Logits: [sequences, L, vocabulary] elements, the usual peak for a 150k vocabulary. The trainer
-casts them to fp32 and takes logsumexp: the fp32 copy is kept for backward, and logsumexp's
-backward makes two fp32 temporaries of the same shape: LOGIT_BYTES = 12 bytes an element
-(more than the c + 8 of the forward pass). PPO's critic runs in the same micro-batch and
+(train.token_logprobs) casts them to fp32, gathers the targets and takes logsumexp: the fp32
+copy is kept for backward, and the backward of logsumexp and gather adds up to three fp32
+buffers of that shape: LOGIT_BYTES = 16 bytes an element at the peak (about 8 in the forward
+pass). tests/test_memory.py measures it on CPU (the process's resident high-water mark). PPO's critic runs in the same micro-batch and
 backward as the policy, so its layer activations (no logits) add to the policy's.
 
 Also counted: OTHER_GIB a process (CUDA context, NCCL buffers). Not counted: allocator
@@ -72,7 +74,7 @@ import os
 from dataclasses import dataclass, replace
 
 GIB = 2**30
-LOGIT_BYTES = 12
+LOGIT_BYTES = 16
 ENGINE_ASLEEP_GIB = 2.0
 OTHER_GIB = 1.0
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -364,7 +366,12 @@ def compute_copies(shape: ModelShape, job: Job, critic: bool = False) -> float:
     if job.distributed == "fsdp":
         layers = shape.num_hidden_layers * shape.layer_params
         return (params - layers + 2 * shape.layer_params) * (2 * c + 4)  # the root unit, two layers
-    return c * params if c < 4 else 0.0
+    if c == 4:
+        return 0.0
+    # Autocast casts what goes through a linear layer: the decoder layers and the LM head (the
+    # critic's scalar head), not the embedding lookup.
+    head = shape.hidden_size + 1 if critic else shape.embedding_params
+    return c * (shape.num_hidden_layers * shape.layer_params + head)
 
 
 def layer_activation_bytes(shape: ModelShape, c: int) -> float:
