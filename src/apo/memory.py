@@ -54,8 +54,9 @@ Logits: [sequences, L, vocabulary] elements, the usual peak for a 150k vocabular
 (train.token_logprobs) casts them to fp32, gathers the targets and takes logsumexp: the fp32
 copy is kept for backward, and the backward of logsumexp and gather adds up to three fp32
 buffers of that shape: LOGIT_BYTES = 16 bytes an element at the peak (about 8 in the forward
-pass). tests/test_memory.py measures it on CPU (the process's resident high-water mark). PPO's critic runs in the same micro-batch and
-backward as the policy, so its layer activations (no logits) add to the policy's.
+pass); tests/test_memory.py measures it on CPU (the process's resident high-water mark), and
+the per-layer bytes against what autograd keeps. PPO's critic runs in the same micro-batch
+and backward as the policy, so its layer activations (no logits) add to the policy's.
 
 Also counted: OTHER_GIB a process (CUDA context, NCCL buffers). Not counted: allocator
 fragmentation, the rollout tensors of a batch (token ids, per-token log-probs: megabytes),
@@ -461,6 +462,33 @@ def describe(job: Job) -> str:
     return f"{job.gpus} processes, one per GPU, {job.distributed}"
 
 
+HEAD = (
+    "job seqs weights grads optim compute ref critic engine act+ckpt act-ckpt other peak phase "
+    "limit fits"
+).split()
+LEGEND = (
+    "  seqs: sequences per micro-batch; compute: weights in the compute dtype (autocast copies, "
+    "or FSDP's units in flight); engine: while generating; act+ckpt / act-ckpt: activations and "
+    "logits of one micro-batch with / without gradient checkpointing (* = as configured); other: "
+    "CUDA context; peak: the larger of the generation and the update phase (src/apo/memory.py)."
+)
+
+
+def engine_note(j: Job) -> str:
+    if j.backend == "hf":
+        return f"transformers engine: KV cache of {j.generation_batch} sequences"
+    asleep = (
+        f"{ENGINE_ASLEEP_GIB:g} GiB asleep in the update" if j.engine_sleeps else "awake throughout"
+    )
+    return f"vLLM engine {j.engine_share:.0%} of the GPU, {asleep}"
+
+
+def unplanned_engine_note(j: Job) -> str:
+    if j.gpu_memory_gb or j.backend == "hf":
+        return ""
+    return f" Without {GPU_MEMORY_KEY} the engine's share is not counted in the peak."
+
+
 @dataclass
 class MemoryPlan:
     """The estimates of every training job of one config."""
@@ -468,95 +496,36 @@ class MemoryPlan:
     estimates: list[Estimate]
 
     def table(self) -> str:
-        e0 = self.estimates[0]
-        s, j = e0.shape, e0.job
-        engine = (
-            f"vLLM engine {j.engine_share:.0%} of the GPU"
-            + (
-                f", {ENGINE_ASLEEP_GIB:g} GiB asleep in the update"
-                if j.engine_sleeps
-                else ", awake throughout"
-            )
-            if j.backend == "vllm"
-            else f"transformers engine: KV cache of {j.generation_batch} sequences"
-        )
+        s, j = self.estimates[0].shape, self.estimates[0].job
         dtype = {4: "fp32", 2: "bf16"}[j.compute_bytes]
-        lines = [
-            f"Memory plan per GPU of each training job (GiB): {s.source}, {s.params:.3g} parameters; "
-            f"{describe(j)}; fp32 weights, gradients and AdamW state, {dtype} compute; "
-            f"sequences of {j.seq_len} tokens; {engine}.",
-        ]
-        head = [
-            "job",
-            "seqs",
-            "weights",
-            "grads",
-            "optim",
-            "compute",
-            "ref",
-            "critic",
-            "engine",
-            "act+ckpt",
-            "act-ckpt",
-            "other",
-            "peak",
-            "phase",
-            "limit",
-            "fits",
-        ]
-        rows = [head] + [self._row(e) for e in self.estimates]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        for r in rows:
-            lines.append(
-                "  "
-                + "  ".join(
-                    c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
-                )
-            )
-        lines.append(
-            "  seqs: sequences per micro-batch; compute: weights in the compute dtype (autocast copies, or "
-            "FSDP's units in flight); engine: while generating; act+ckpt / act-ckpt: activations and logits of "
-            "one micro-batch with / without gradient checkpointing (* = as configured); other: CUDA context; "
-            "peak: the larger of the generation and the update phase (src/apo/memory.py)."
-            + (
-                ""
-                if j.gpu_memory_gb or j.backend == "hf"
-                else f" Without {GPU_MEMORY_KEY} the engine's share is not counted in the peak."
-            )
+        title = (
+            f"Memory plan per GPU of each training job (GiB): {s.source}, {s.params:.3g} "
+            f"parameters; {describe(j)}; fp32 weights, gradients and AdamW state, {dtype} "
+            f"compute; sequences of {j.seq_len} tokens; {engine_note(j)}."
         )
-        return "\n".join(lines)
+        rows = [HEAD] + [self._row(e) for e in self.estimates]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
+        aligned = [
+            "  "
+            + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows
+        ]
+        return "\n".join([title, *aligned, LEGEND + unplanned_engine_note(j)])
 
     @staticmethod
     def _row(e: Estimate) -> list[str]:
         j = e.job
         star = ("*", "") if j.gradient_checkpointing else ("", "*")
-        engine = (
-            gib(e.engine_awake) if j.backend == "hf" or j.gpu_memory_gb else f"{j.engine_share:.0%}"
-        )
-        limit = "-" if j.gpu_memory_gb is None else f"{j.gpu_memory_gb:g}"
-        fits = (
-            "-"
-            if j.gpu_memory_gb is None
-            else ("yes" if e.peak() <= j.gpu_memory_gb * GIB else "NO")
-        )
-        return [
-            j.label,
-            str(j.seqs),
-            gib(e.weights),
-            gib(e.grads),
-            gib(e.optimizer),
-            gib(e.compute),
-            gib(e.reference),
-            gib(e.critic) if e.critic else "-",
-            engine,
-            gib(e.act_ckpt) + star[0],
-            gib(e.act_full) + star[1],
-            gib(e.other),
-            gib(e.peak()),
-            e.peak_phase,
-            limit,
-            fits,
-        ]
+        known = j.backend == "hf" or j.gpu_memory_gb
+        engine = gib(e.engine_awake) if known else f"{j.engine_share:.0%}"
+        limit = fits = "-"
+        if j.gpu_memory_gb is not None:
+            limit = f"{j.gpu_memory_gb:g}"
+            fits = "yes" if e.peak() <= j.gpu_memory_gb * GIB else "NO"
+        sizes = [e.weights, e.grads, e.optimizer, e.compute, e.reference]
+        return [j.label, str(j.seqs), *map(gib, sizes), gib(e.critic) if e.critic else "-", engine,
+                gib(e.act_ckpt) + star[0], gib(e.act_full) + star[1], gib(e.other), gib(e.peak()),
+                e.peak_phase, limit, fits]  # fmt: skip
 
     def check(self) -> None:
         """Raises MemoryPlanError naming the settings to change when a job cannot fit."""
