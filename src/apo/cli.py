@@ -304,6 +304,17 @@ def pin_model_revision(args) -> None:
     log.info("model %s at revision %s: %s", ref, revision, getattr(args, attr))
 
 
+def cmd_plan(args):
+    from apo.memory import MemoryPlanError, plan_from_files
+
+    try:
+        plan = plan_from_files(args.configfile, args.results, args.gpu_memory_gb)
+        print(plan.table())
+        plan.check()
+    except MemoryPlanError as e:
+        raise SystemExit(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -366,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hidden-size", type=int, default=None, help="time a random-weight model of this width ...")
     sp.add_argument("--num-layers", type=int, default=None, help="... and depth (demo architecture and tokenizer)")
     sp.set_defaults(fn=cmd_bench_generation)
+
+    sp = sub.add_parser("plan", help="per-GPU memory plan of each training job of a config")
+    sp.add_argument("configfile", nargs="+", help="config files, merged in order as snakemake --configfile does")
+    sp.add_argument("--results", default="results", help="where a built demo or local model is looked for")
+    sp.add_argument("--gpu-memory-gb", type=float, default=None,
+                    help="check against this GPU memory (GiB) instead of resources.train.gpu_memory_gb")
+    sp.set_defaults(fn=cmd_plan)
     return p
 
 

@@ -64,8 +64,10 @@ def token_logprobs_and_entropy(
     logits = output.logits[:, :-1].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
+    # the target first: the other order keeps one more [B, L, V] buffer alive in the backward
+    target = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     lse = logits.logsumexp(-1)
-    logp = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - lse
+    logp = target - lse
     logp, mask = _response_positions(logp, prompts, responses)
     if not entropy:
         return logp, None, mask

@@ -1,7 +1,9 @@
 import json
+import sys
 from pathlib import Path
 
 from apo.config import validate_config
+from apo.memory import workflow_plan
 from apo.settings import External, Plan, Stage, model_path
 from apo.tracking import check_reachable
 
@@ -18,6 +20,17 @@ check_reachable(config["tracking_uri"])
 RESULTS = "results"
 PLAN = Plan(config, RESULTS)
 EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
+
+# Per-GPU memory of each training job, before anything is queued: the table goes to stderr
+# and a job that cannot fit resources.train.gpu_memory_gb stops the run here, naming the
+# settings to change. Once per run: cluster jobs, which parse this file again, skip it.
+if workflow.is_main_process:
+    workflow_plan(
+        config,
+        {label: s.settings["method"] for label, s in PLAN.trains.items()},
+        model_path(PLAN.model),
+        lambda text: print(text, file=sys.stderr),
+    )
 
 # Knobs that change how fast, not what: they are not part of any stage's address.
 RUNTIME = json.dumps(
