@@ -1,13 +1,11 @@
 # A*-PO: dataset prep -> reference sampling -> V* -> training -> evaluation -> report.
 # Every stage writes to results/<stage>/<hash>/, the hash covering exactly the settings it
 # reads and the hashes of its inputs (src/apo/settings.py); results/<experiment>/ is the
-# readable entry. Run: snakemake --cores all [--configfile config/<other>.yaml]
+# readable entry. Run: snakemake --cores all [--configfile config/<other>.yaml]; without
+# --configfile the workflow profile (profiles/default) names the demo, config/config.yaml.
 from snakemake.utils import min_version
 
 min_version("9.0")
-
-
-configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -131,20 +131,32 @@ def test_resources_give_gpus_to_sampling_training_and_evaluation_only(demo_confi
         "gpu": 2, "mem_mb": 4000, "runtime": 60, "cpus_per_task": 2}
 
 
-@pytest.mark.parametrize("config_file", sorted((ROOT / "config" / "paper").glob("*.yaml")) + [ROOT / "config/compare.yaml"],
-                         ids=lambda p: p.name)
-def test_configs_do_not_inherit_demo_settings(config_file):
-    """`snakemake --configfile X` merges X over config/config.yaml (nested keys extended), so
-    every key the demo sets must be spelled out in X: the merged config is X's own."""
-    from snakemake.utils import update_config
+def test_extends_puts_a_base_file_under_the_config(tmp_path):
+    """`extends: FILE`: the base's keys, the config's own on top (nested mappings merged key by
+    key, lists and scalars replaced), then schema defaults; a base may extend another."""
+    (tmp_path / "root.yaml").write_text("experiment: root\nmodel: demo\nsample: {n: 4, seed: 3}\n")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "extends": "root.yaml", "data": {
+            "train": {"path": "demo", "split": "train", "prompt_field": "q", "answer_field": "a", "limit": 10},
+            "benchmarks": [{"name": "b", "path": "demo", "split": "test", "prompt_field": "q", "answer_field": "a"}]},
+        "methods": ["apo", "grpo"], "train": {"lr": 1.0e-5, "steps": 7}}))
+    own = {"extends": "base.yaml", "experiment": "mine", "sample": {"n": 2}, "methods": ["rebel"],
+           "train": {"steps": 9}}
+    cfg = validate_config(own, SCHEMA, base_dir=tmp_path)
+    assert cfg["experiment"] == "mine" and cfg["model"] == "demo"
+    assert cfg["sample"]["n"] == 2 and cfg["sample"]["seed"] == 3  # merged key by key
+    assert cfg["methods"] == ["rebel"]  # a list is replaced
+    assert cfg["train"]["lr"] == 1.0e-5 and cfg["train"]["steps"] == 9
+    assert cfg["data"]["train"]["limit"] == 10 and cfg["train"]["warmup_steps"] == 0  # schema default
+    assert "extends" not in cfg
 
-    own = yaml.safe_load(config_file.read_text())
-    merged = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    update_config(merged, own)
-    a, b = validate_config(merged, SCHEMA), validate_config(own, SCHEMA)
-    if own["model"] != "demo":
-        a.pop("demo"), b.pop("demo")  # unused without the demo model
-    assert a == b
+
+def test_extends_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="config key 'extends': no such file .*nope.yaml"):
+        validate_config({"extends": "nope.yaml"}, SCHEMA, base_dir=tmp_path)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        validate_config({"extends": "loop.yaml"}, SCHEMA, base_dir=tmp_path)
 
 
 def test_backend_auto_resolves_to_the_installed_engine(demo_config):

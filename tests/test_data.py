@@ -39,13 +39,15 @@ def test_local_files_load_into_the_schema(tmp_path, tokenizer, suffix):
     assert df["id"].tolist() == ["train-000000", "train-000001"]
     assert df["prompt"][0].startswith("<|im_start|>user\nMia has 3 pens.")
     assert "Answer in \\boxed{}." in df["prompt"][0] and df["prompt"][0].endswith("assistant\n")
-    assert counts == {"rows_in": 2, "rows_out": 2, "dropped_too_long": 0, "dropped_bad_gold": 0}
+    assert counts == {"rows_in": 2, "rows_out": 2, "beyond_limit": 0, "dropped_too_long": 0, "dropped_bad_gold": 0}
 
 
 def test_demo_path_reads_the_demo_stage(tiny_demo, tokenizer):
-    df, _ = prepare(spec("demo", split="test", prompt_field="question", answer_field="answer",
-                         id_field="id", limit=5), PROMPT, tokenizer, demo_dir=str(tiny_demo))
+    df, counts = prepare(spec("demo", split="test", prompt_field="question", answer_field="answer",
+                              id_field="id", limit=5), PROMPT, tokenizer, demo_dir=str(tiny_demo))
     assert len(df) == 5 and df["id"][0] == "test-00000"
+    # rows_in counts what was read, before the limit (the tiny demo's test split has 16 rows)
+    assert counts["rows_in"] == 16 and counts["beyond_limit"] == 11 and counts["rows_out"] == 5
 
 
 def test_answer_formats():

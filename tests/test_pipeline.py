@@ -1,6 +1,9 @@
 """The Snakemake DAG: dry-run plans (what reruns when a setting changes) and the smoke run."""
 
+import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -342,3 +345,23 @@ def test_two_concurrent_runs_share_each_job(tmp_path):
     names = [r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
     trainings = [n for n in names if n.startswith("train-")]
     assert len(trainings) == 1, names  # trained once, although both runs started the job
+
+
+def test_a_named_config_is_the_whole_config(tmp_path):
+    """`--configfile mine.yaml` replaces the demo's config instead of being merged over it: a
+    key mine.yaml leaves out takes the schema's default, not the demo's value (the demo sets
+    data.train.limit 1024, train.lr 3e-4, train.steps 150)."""
+    demo = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    mine = {"experiment": "mine", "model": "demo", "data": {
+        "train": {k: v for k, v in demo["data"]["train"].items() if k != "limit"},
+        "benchmarks": demo["data"]["benchmarks"]}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
+    out = snakemake(tmp_path, "-n", "--printshellcmds", "--configfile", str(tmp_path / "mine.yaml")).stdout
+    manifests = []
+    for line in out.splitlines():
+        if "--manifest" in line:
+            words = shlex.split(line)
+            manifests.append(json.loads(words[words.index("--manifest") + 1]))
+    train = next(m["settings"] for m in manifests if m["kind"] == "train")
+    data = next(m["settings"] for m in manifests if m["kind"] == "data" and m["settings"]["split"] == "train")
+    assert (train["lr"], train["steps"], data["limit"]) == (1.0e-6, 100, None)

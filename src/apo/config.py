@@ -121,10 +121,41 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source: str = "config") -> dict:
-    """A validated copy of `config` with defaults filled in; raises ConfigError naming the key."""
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: nested mappings merged key by key, anything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_extends(config: dict, base_dir: Path, source: str = "config", seen: tuple = ()) -> dict:
+    """`extends: FILE` (a path from `base_dir`, the workflow's directory): FILE's config with
+    this one's keys merged over it. A config the user names is otherwise the whole config:
+    nothing is inherited that it does not name (schema defaults fill the rest)."""
+    name = config.get("extends")
+    if name is None:
+        return config
+    path = (Path(base_dir) / name).resolve()
+    if path in seen:
+        raise ConfigError(f"invalid {source}: config key 'extends': {name} extends itself")
+    if not path.is_file():
+        raise ConfigError(f"invalid {source}: config key 'extends': no such file {path}")
+    base = resolve_extends(yaml.safe_load(path.read_text()) or {}, base_dir, str(path), (*seen, path))
+    return merge(base, {k: v for k, v in config.items() if k != "extends"})
+
+
+def validate_config(
+    config: dict, schema_path: str | Path = SCHEMA_PATH, source: str = "config", base_dir: str | Path | None = None
+) -> dict:
+    """A validated copy of `config` with defaults filled in (and its `extends` file under it,
+    found from `base_dir`, by default the working directory); raises ConfigError naming the key."""
     schema = yaml.safe_load(Path(schema_path).read_text())
-    config = fill_defaults(copy.deepcopy(dict(config)), schema, schema)
+    config = resolve_extends(dict(config), Path(base_dir or Path.cwd()), source)
+    config = fill_defaults(copy.deepcopy(config), schema, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     # NaN passes every bound (it compares false) and inf passes the open ones: neither is a

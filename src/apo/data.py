@@ -152,6 +152,7 @@ def prepare(
             raise DataError(f"{where}: no column {spec[key]!r} (data.*.{key}); columns: {ds.column_names}")
     if spec.get("id_field") and spec["id_field"] not in ds.column_names:
         raise DataError(f"{where}: no column {spec['id_field']!r} (id_field); columns: {ds.column_names}")
+    rows_read = len(ds)
     if spec.get("limit"):
         ds = ds.select(range(min(spec["limit"], len(ds))))
 
@@ -192,7 +193,8 @@ def prepare(
             f"{where}: no usable rows ({too_long} longer than prompt.max_prompt_tokens, "
             f"{bad_gold} with an unparseable gold answer)"
         )
-    counts = {"rows_in": len(ds), "rows_out": len(rows), "dropped_too_long": too_long,
+    counts = {"rows_in": rows_read, "rows_out": len(rows), "beyond_limit": rows_read - len(ds),
+              "dropped_too_long": too_long,
               "dropped_bad_gold": bad_gold}
     return pd.DataFrame(rows, columns=SCHEMA), counts
 

@@ -198,9 +198,9 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
         if name.startswith("data_") and counts_file.exists():
             c = read_json(counts_file)
             lines.append(
-                f"- {name[len('data_'):]}: {c['rows_out']} of {c['rows_in']} rows used; dropped "
-                f"{c['dropped_too_long']} too long, {c.get('dropped_bad_gold', 0)} with an "
-                "unparseable gold answer"
+                f"- {name[len('data_'):]}: {c['rows_out']} of {c['rows_in']} rows used; "
+                f"{c.get('beyond_limit', 0)} beyond its limit, dropped {c['dropped_too_long']} too long, "
+                f"{c.get('dropped_bad_gold', 0)} with an unparseable gold answer"
             )
     lines += ["", "## Stage directories", ""]
     lines += [f"- {name}: `{d}` (link: `stages/{name}`)" for name, d in stages.items()]

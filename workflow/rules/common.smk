@@ -7,12 +7,16 @@ from apo.memory import workflow_plan
 from apo.settings import External, Plan, Stage, model_path
 from apo.tracking import check_reachable
 
-# Validate before any job is planned: a bad key stops the run here, naming the key.
-config.update(
-    validate_config(
-        config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"
-    )
+# Validate before any job is planned: a bad key stops the run here, naming the key. The
+# config is the file given with --configfile (config/config.yaml, the demo, when none is:
+# profiles/default), with its `extends` file under it; nothing else is merged in.
+_validated = validate_config(
+    config,
+    Path(workflow.basedir) / "workflow/schemas/config.schema.yaml",
+    base_dir=workflow.basedir,
 )
+config.clear()
+config.update(_validated)
 
 # Once per plan rather than minutes of retries in every job.
 check_reachable(config["tracking_uri"])
