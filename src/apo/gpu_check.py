@@ -77,7 +77,7 @@ class Profile:
 
 FULL = Profile("full", "cuda", QWEN25_1_5B, prompts=16, mini_batch_size=8, micro_batch_size=1,
                response_tokens=512, steps=3, warmup=1, generation_batch=128, grading_workers=8,
-               budget_s=450)
+               budget_s=420)
 TINY = Profile("tiny", "cpu", Architecture(64, 2, 4, 2, 128, 1024), prompts=4, mini_batch_size=2,
                micro_batch_size=1, response_tokens=8, steps=2, warmup=1, generation_batch=32,
                grading_workers=1, budget_s=600)
@@ -246,17 +246,19 @@ class SyncedClock:
         return time.perf_counter()
 
 
-def measure(job: dict) -> dict:
+def measure(job: dict, synchronize=None) -> dict:
     """Train one method for job["settings"]["steps"] steps; per-step rows of the trainer
-    (with CUDA's reserved peak added) and what the run was made of."""
+    (with CUDA's reserved peak added) and what the run was made of. `synchronize` (on a GPU,
+    torch.cuda.synchronize) is called at every phase boundary the trainer times."""
     import torch
 
     from apo import train as T
     from apo.reward import Grader
 
     cuda = torch.cuda.is_available()
+    if synchronize is not None:
+        T.time = SyncedClock(synchronize)
     if cuda:
-        T.time = SyncedClock(torch.cuda.synchronize)
         torch.cuda.reset_peak_memory_stats()
     clock = time.perf_counter()
     t = T.setup(job["settings"], job["model"], job["prompts"], job["vstar"], Path(job["out_dir"]),
@@ -294,9 +296,11 @@ def _device_name(device) -> str:
 
 
 def worker_main(job_path: str) -> None:
+    import torch
+
     quiet_progress_bars()
     job = json.loads(Path(job_path).read_text())
-    result = measure(job)
+    result = measure(job, torch.cuda.synchronize if torch.cuda.is_available() else None)
     Path(job["result"]).write_text(json.dumps(result, indent=1))
 
 
@@ -528,8 +532,8 @@ def check(args) -> int:
         print(f"gpu-check: {inputs['parameters']:,}-parameter model built in {inputs['build_s']:.1f} s", flush=True)
         report = run_report(profile, config, args.config, args, inputs)
         for method in names:
-            remaining = profile.budget_s - (time.perf_counter() - start)
-            row = measure_one(method, profile, config, inputs, workdir, remaining, args.gradient_checkpointing)
+            job = make_job(method, profile, config, inputs, workdir, args.gradient_checkpointing)
+            row = measure_one(job, profile, workdir, profile.budget_s - (time.perf_counter() - start))
             report["methods"][method] = row
             report["order"].append(method)
             add_ratios(report["methods"])
@@ -541,24 +545,32 @@ def check(args) -> int:
     return 0 if all(r["status"] == "ok" for r in report["methods"].values()) else 1
 
 
-def measure_one(method, profile, config, inputs, workdir: Path, remaining: float, checkpointing: bool) -> dict:
+def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir: Path,
+             checkpointing: bool) -> dict:
+    """What a worker needs to train `method`: the pipeline's settings for it and the inputs."""
+    from apo import methods
+
+    return {
+        "method": method, "device": profile.device, "settings": method_settings(config, method),
+        "model": inputs["model"], "prompts": inputs["prompts"],
+        "vstar": inputs["vstar"] if methods.get(method).reads_vstar else None,
+        "out_dir": str(workdir / f"run-{method}"),
+        "generation": {"batch_size": config["generation"]["batch_size"]},
+        "grading": {"timeout_s": config["grading"]["timeout_s"], "workers": config["grading"]["workers"]},
+        "gradient_checkpointing": checkpointing, "result": str(workdir / f"result-{method}.json"),
+    }
+
+
+def measure_one(job: dict, profile: Profile, workdir: Path, remaining: float) -> dict:
     """One method's row of the table (or its status, when it did not finish)."""
     from apo import methods
 
     if remaining < 20:
         return {"status": "skipped (the check's time budget is spent)"}
-    job = {
-        "method": method, "device": profile.device, "settings": method_settings(config, method),
-        "model": inputs["model"], "prompts": inputs["prompts"],
-        "vstar": inputs["vstar"] if methods.get(method).reads_vstar else None, "out_dir": str(workdir / f"run-{method}"),
-        "generation": {"batch_size": config["generation"]["batch_size"]},
-        "grading": {"timeout_s": config["grading"]["timeout_s"], "workers": config["grading"]["workers"]},
-        "gradient_checkpointing": checkpointing, "result": str(workdir / f"result-{method}.json"),
-    }
     result = run_method(job, workdir, remaining)
     if result["status"] != "ok":
         return result
-    responses = profile.prompts * methods.get(method).samples(job["settings"])
+    responses = profile.prompts * methods.get(job["method"]).samples(job["settings"])
     keep = {k: result[k] for k in ("status", "wall_s", "setup_s", "device_name", "policy_dtype",
                                    "adam_state_dtypes", "reference_dtype", "mixed_precision", "steps")}
     return {**keep, **summarize(result, profile.warmup, responses)}
