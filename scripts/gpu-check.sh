@@ -58,7 +58,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 
 status=0
 "$PY" -m apo.gpu_check ${ARGS[@]+"${ARGS[@]}"} || status=$?
-if [ "$PYTEST" = 1 ]; then
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py || status=$?
+if [ "$PYTEST" = 1 ]; then  # bounded, so that a hung test cannot eat the machine's time
+  timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py || status=$?
 fi
 exit $status
