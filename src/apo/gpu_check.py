@@ -184,10 +184,10 @@ def write_prompts(problems, tokenizer, prompt_cfg: dict, workdir: Path) -> dict:
 
 def build_inputs(profile: Profile, config: dict, workdir: Path) -> dict:
     """Model, tokenizer, prompts and V* table under `workdir`; what the workers read."""
+    clock = time.perf_counter()
     problems = questions(profile.prompts)
     texts = [f"{p.question} {config['prompt']['instruction']}" for p in problems]
     tokenizer = make_tokenizer(texts, profile.arch.vocab_size, profile.bpe_vocab)
-    clock = time.perf_counter()
     n_params = build_model(profile.arch, tokenizer, profile.device, workdir / "model")
     inputs = write_prompts(problems, tokenizer, config["prompt"], workdir)
     return {**inputs, "model": str(workdir / "model"), "parameters": n_params,
