@@ -78,7 +78,7 @@ class Profile:
 FULL = Profile("full", "cuda", QWEN25_1_5B, prompts=16, mini_batch_size=8, micro_batch_size=1,
                response_tokens=512, steps=3, warmup=1, generation_batch=128, grading_workers=8,
                budget_s=420)
-TINY = Profile("tiny", "cpu", Architecture(64, 2, 4, 2, 128, 1024), prompts=4, mini_batch_size=2,
+TINY = Profile("tiny", "cpu", Architecture(64, 2, 4, 2, 128, 1024), prompts=2, mini_batch_size=1,
                micro_batch_size=1, response_tokens=8, steps=2, warmup=1, generation_batch=32,
                grading_workers=1, budget_s=600)
 
@@ -400,8 +400,9 @@ def describe(report: dict) -> str:
     """The Markdown file: what ran, the table, and what the table does not show."""
     p, r = report["profile"], report["run"]
     arch = p["arch"]
+    memory = f" ({r['device_memory_gb']:.0f} GB)" if r.get("device_memory_gb") else ""
     lines = [
-        f"# GPU check ({p['name']}): {r['device_name']}, {r['date']}",
+        f"# GPU check ({p['name']}): {r['device_name']}{memory}, {r['date']}",
         "",
         f"Random-weight Qwen2 model, {report['inputs']['parameters']:,} parameters (hidden "
         f"{arch['hidden_size']}, {arch['num_hidden_layers']} layers, {arch['num_attention_heads']} heads, "
@@ -418,15 +419,24 @@ def describe(report: dict) -> str:
         markdown_table(report["methods"], report["order"]),
         "",
         "Seconds are medians over the timed steps; peaks are CUDA's allocator maxima over the "
-        "whole run of the method (model load included). On CPU (`--tiny`) the allocated column is "
-        "the process's peak resident memory and there is no reserved column.",
+        "whole run of the method (model load included). On a CPU the allocated column is the "
+        "process's peak resident memory and there is no reserved column.",
         "",
-        "Not shown here: generation runs on transformers' engine (no vLLM on the machine), where "
-        "A*-PO's one response per prompt decodes at low occupancy (16 sequences against GRPO's "
-        "128 per call at about the same time per token), so A*-PO's generation advantage is "
-        "understated; random weights rarely emit EOS, so every response runs to the limit.",
+        "Not shown here: generation runs on transformers' engine (vLLM is not on the machine), where "
+        f"A*-PO's one response per prompt decodes at low occupancy ({occupancy(report)}, for about "
+        "the same time per decoding step), so A*-PO's generation advantage is understated. Random "
+        "weights rarely emit EOS, so every response runs to the length limit.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def occupancy(report: dict) -> str:
+    """"N sequences per call against GRPO's M", from the rows that ran."""
+    rows = report["methods"]
+    n = {m: rows[m].get("responses_per_step") for m in ("apo", "grpo") if m in rows}
+    if n.get("apo") and n.get("grpo"):
+        return f"{n['apo']} sequences per call against GRPO's {n['grpo']}"
+    return "one sequence per prompt against GRPO's group"
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -507,7 +517,9 @@ def run_report(profile: Profile, config: dict, config_path: str, args, inputs: d
                 "device_name": _device_name(torch.device(profile.device)), "torch": torch.__version__,
                 "transformers": transformers.__version__, "compute_dtype": t["compute_dtype"],
                 "reference_dtype": t["reference_dtype"], "gradient_checkpointing": args.gradient_checkpointing,
-                "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")},
+                "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+                "device_memory_gb": (torch.cuda.get_device_properties(0).total_memory / 2**30
+                                     if profile.device == "cuda" else None)},
         "methods": {},
     }
 
