@@ -16,8 +16,8 @@ so responses run to the length limit and every method's lengths are the same.
 
 Each method trains in a process of its own: CUDA's peak counters, its cached blocks and the
 allocator's fragmentation then belong to that method alone, which is what makes the peak
-columns comparable. `--tiny` runs the same code with a small model on the CPU in well under
-a minute (tests/test_gpu_check.py runs it in CI).
+columns comparable. `--tiny` runs the same code with a small model on the CPU in about a
+minute on two cores (tests/test_gpu_check.py runs it in CI).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_CONFIG = ROOT / "config" / "paper" / "qwen2.5-1.5b.yaml"
 METHODS = ("apo", "grpo", "rebel", "ppo")  # A*-PO first: every ratio is to it
-GB = 1024  # MB per GB (the trainer reports MiB)
+GB = 1024  # MiB per GiB: the trainer reports MiB, the table GiB (called GB, as in the report)
 
 
 @dataclass(frozen=True)
@@ -308,8 +308,9 @@ def worker_main(job_path: str) -> None:
 
 
 def run_method(job: dict, workdir: Path, timeout_s: float) -> dict:
-    """One method in a fresh process (its own session, so that a timeout ends its grading
-    workers too); returns its result or a status saying why there is none."""
+    """One method in a fresh process, in a process group of its own so that stopping it
+    stops its grading workers too (a group, not a session: whatever ends the check's own
+    command still ends them); returns its result or a status saying why there is none."""
     job_path = workdir / f"job-{job['method']}.json"
     job_path.write_text(json.dumps(job))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -317,13 +318,15 @@ def run_method(job: dict, workdir: Path, timeout_s: float) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""  # --tiny on a GPU machine still measures the CPU
     cmd = [sys.executable, "-m", "apo.gpu_check", "--worker", str(job_path)]
     clock = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)
     try:
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         return {"status": f"timed out after {timeout_s:.0f} s (the check's time budget)"}
+    finally:
+        if proc.poll() is None:  # timed out, or the check itself was interrupted
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     wall = time.perf_counter() - clock
     if code != 0 or not Path(job["result"]).exists():
         return {"status": f"failed (exit code {code}; its traceback is above)", "wall_s": wall}
@@ -342,7 +345,7 @@ def summarize(result: dict, warmup: int, responses: int) -> dict:
     last = result["steps"][-1]  # the trainer's and CUDA's peaks are maxima since the start
     reserved = last.get("peak_reserved_mb")
     return {
-        "phases_s": {col.removeprefix("time_").removesuffix("_s"): median(col) for col, _ in PHASES},
+        "phases_s": {phase_key(col): median(col) for col, _ in PHASES},
         "step_s": median("time_step_s"),
         "peak_allocated_gb": last["peak_memory_mb"] / GB,
         "peak_reserved_gb": None if reserved is None else reserved / GB,
@@ -365,9 +368,9 @@ def add_ratios(rows: dict) -> None:
             row[f"{key}_vs_apo"] = row[key] / base[key] if ok else None
 
 
-COLUMNS = [("generate", "generate"), ("grade", "grade"), ("ref_logprobs", "ref log-probs"),
-           ("old_logprobs", "pi_old log-probs"), ("values", "critic values"), ("update", "update"),
-           ("sync", "sync")]
+def phase_key(column: str) -> str:
+    """"generate" for the trainer's column "time_generate_s"."""
+    return column.removeprefix("time_").removesuffix("_s")
 
 
 def _num(x, fmt: str) -> str:
@@ -378,8 +381,9 @@ def markdown_table(rows: dict, order: list[str]) -> str:
     """One row per method: seconds per step by phase (median of the timed steps), the step,
     peak memory, and ratios to A*-PO."""
     from apo import methods
+    from apo.report import PHASES
 
-    head = (["method", "responses / step"] + [f"{label} (s)" for _, label in COLUMNS]
+    head = (["method", "responses / step"] + [f"{label} (s)" for _, label in PHASES]
             + ["step (s)", "× A*-PO", "peak allocated (GB)", "× A*-PO", "peak reserved (GB)", "× A*-PO"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for method in order:
@@ -388,7 +392,7 @@ def markdown_table(rows: dict, order: list[str]) -> str:
             lines.append(f"| {name} | {row['status']} |" + " |" * (len(head) - 2))
             continue
         cells = [name, str(row["responses_per_step"])]
-        cells += [f"{row['phases_s'][key]:.2f}" for key, _ in COLUMNS]
+        cells += [f"{row['phases_s'][phase_key(col)]:.2f}" for col, _ in PHASES]
         cells += [f"{row['step_s']:.2f}", _num(row["step_s_vs_apo"], ".2f"),
                   f"{row['peak_allocated_gb']:.2f}", _num(row["peak_allocated_gb_vs_apo"], ".2f"),
                   _num(row["peak_reserved_gb"], ".2f"), _num(row["peak_reserved_gb_vs_apo"], ".2f")]
@@ -593,6 +597,8 @@ def main(argv=None) -> int:
     if args.worker:
         worker_main(args.worker)
         return 0
+    # A terminated check unwinds (and stops the method it is running) instead of dying mid-way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return check(args)
 
 
