@@ -23,11 +23,11 @@ from apo import __version__
 # every downstream address changes with it.
 FORMAT_VERSION = {
     "demo_model": 1,
-    "data": 1,
-    "sample": 1,
+    "data": 2,
+    "sample": 2,
     "vstar": 1,
-    "train": 1,
-    "eval": 1,
+    "train": 2,
+    "eval": 2,
 }
 
 METHOD_BLOCKS = ("grpo", "rebel", "ppo")  # train.<method> settings, read only by that method
