@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from apo.config import ConfigError, validate_config
+from apo.config import ConfigError, load_config, validate_config
 from conftest import ROOT, SCHEMA
 
 
@@ -126,3 +126,9 @@ def test_backend_auto_resolves_to_the_installed_engine(demo_config):
     assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == ("vllm" if vllm_available() else "hf")
     demo_config["generation"]["backend"] = "hf"
     assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == "hf"
+
+
+def test_gsm8k_paper_config_grades_as_the_authors_did():
+    cfg = load_config(ROOT / "config" / "paper" / "gsm8k-qwen2.5-1.5b.yaml")
+    assert cfg["grading"]["method"] == "gsm8k_strict"
+    assert cfg["prompt"]["instruction"] == "Let's think step by step and output the final answer after \"####\"."

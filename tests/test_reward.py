@@ -165,3 +165,30 @@ def test_grade_one_finds_a_boxed_integer_anywhere(gold, noise):
     noise = noise.replace("\\", "").replace("{", "").replace("}", "").replace("$", "")
     r, status, _ = grade_one(gold, f"{noise} The answer is \\boxed{{{gold}}}.")
     assert (r, status) == (1.0, reward.OK)
+
+
+# ---------------------------------------------------------------- GSM8K, strict
+
+@pytest.mark.parametrize(
+    "gold, response, expected",
+    [
+        ("72", "She sold 48 + 24 = 72 clips.\n#### 72", (1.0, reward.OK, "72")),
+        ("1072", "#### 1,072", (1.0, reward.OK, "1072")),
+        ("-3", "so she owes #### -3", (1.0, reward.OK, "-3")),
+        ("72", "#### 72.0", (0.0, reward.OK, "72.0")),  # compared as strings, as the authors do
+        ("72", "#### 70\nwait, #### 72", (0.0, reward.OK, "70")),  # the first '#### N' counts
+        ("72", "The answer is \\boxed{72}.", (0.0, reward.NO_ANSWER, "")),
+        ("72", "####72", (0.0, reward.NO_ANSWER, "")),
+        ("72", "#### $72", (0.0, reward.NO_ANSWER, "")),
+    ],
+)
+def test_gsm8k_strict_is_the_authors_extraction(gold, response, expected):
+    assert grade_one(gold, response, method="gsm8k_strict") == expected
+
+
+def test_grader_uses_its_method():
+    golds, responses = ["72", "72"], ["#### 72", "\\boxed{72}"]
+    with Grader(timeout_s=5, workers=1, method="gsm8k_strict") as g:
+        assert g.grade(golds, responses).rewards == [1.0, 0.0]
+    with Grader(timeout_s=5, workers=1) as g:  # math-verify finds 72 in both
+        assert g.grade(golds, responses).rewards == [1.0, 1.0]

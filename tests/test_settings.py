@@ -131,3 +131,10 @@ def test_resources_and_gradient_checkpointing_are_not_part_of_any_address(demo_c
 
 def test_training_dtype_moves_only_training_and_its_evaluation(demo_config):
     assert changed(plan(demo_config), plan(demo_config, train__dtype="bfloat16")) == {"train:apo", "eval:apo:demo_test"}
+
+
+def test_grading_method_moves_every_stage_that_grades(demo_config):
+    # The data stage's gold check depends on the method too.
+    assert changed(plan(demo_config), plan(demo_config, grading__method="gsm8k_strict")) == (
+        set(stage_dirs(plan(demo_config))) - {"demo"}
+    )

@@ -76,7 +76,7 @@ def cmd_data(args):
 
     s = args.manifest["settings"]
     grading = args.runtime["grading"]
-    with stage_job(args) as tracker, Grader(grading["timeout_s"], grading["workers"]) as grader:
+    with stage_job(args) as tracker, Grader(grading["timeout_s"], grading["workers"], s["grading_method"]) as grader:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         df, counts = data.prepare(s, s["prompt"], tokenizer, args.demo_dir, grader)
         tracker.log_metrics(counts)

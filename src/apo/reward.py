@@ -236,11 +236,6 @@ class Grader:
         self.max_start_failures = max_start_failures
         self._pool: list[_Worker] = []
 
-    @classmethod
-    def from_settings(cls, grading: dict, method: str | None = None) -> Grader:
-        """A grader from the config's `grading` block (timeout_s, workers, method)."""
-        return cls(grading["timeout_s"], grading["workers"], method or grading.get("method", "math_verify"))
-
     def __enter__(self):
         return self
 

@@ -93,6 +93,11 @@ def _pick(section: dict, keys: list[str]) -> dict:
     return {k: section[k] for k in keys}
 
 
+def _grading(grading: dict) -> dict:
+    """What every grading stage's address holds of the `grading` block (workers is speed only)."""
+    return {"grading_timeout_s": grading["timeout_s"], "grading_method": grading["method"]}
+
+
 class Plan:
     """Every stage one experiment needs, keyed by (kind, hash).
 
@@ -135,7 +140,7 @@ class Plan:
                 {
                     **_pick(s, ["n", "temperature", "top_p", "max_new_tokens", "seed", "shards"]),
                     "backend": config["generation"]["backend"],
-                    "grading_timeout_s": grading["timeout_s"],
+                    **_grading(grading),
                 },
                 {"model": self.model, "prompts": self.train_data},
             )
@@ -156,7 +161,7 @@ class Plan:
                     {
                         **config["evaluate"],
                         "backend": config["generation"]["backend"],
-                        "grading_timeout_s": config["grading"]["timeout_s"],
+                        **_grading(grading),
                     },
                     {"model": model, "prompts": bench},
                 )
@@ -173,7 +178,7 @@ class Plan:
             method=method,
             seed=seed,
             backend=self.config["generation"]["backend"],
-            grading_timeout_s=self.config["grading"]["timeout_s"],
+            **_grading(self.config["grading"]),
         )
         inputs = {"model": self.model, "prompts": self.train_data}
         if method == "apo":
@@ -190,6 +195,8 @@ class Plan:
         # benchmark's display name is not a setting: it does not change the file.
         settings = {k: v for k, v in spec.items() if k != "name"}
         settings["prompt"] = self.config["prompt"]
+        # Which golds are kept depends on what the grading method can read.
+        settings["grading_method"] = self.config["grading"]["method"]
         inputs = {"tokenizer": self.model}
         if spec["path"] == DEMO:
             inputs["source"] = self.demo
