@@ -135,6 +135,11 @@ def _check_consistency(config: dict, source: str) -> None:
             f"multiple of 'train.micro_batch_size' ({t['micro_batch_size']})"
         )
     _check_vstar_table(config["vstar"], source)
+    if "evaluate" in config["data"]["train"]:
+        raise ConfigError(
+            f"invalid {source}: config key 'data.train.evaluate': evaluation settings belong to "
+            "a benchmark (data.benchmarks[i].evaluate) or to the top-level 'evaluate' block"
+        )
     names = [b["name"] for b in config["data"]["benchmarks"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

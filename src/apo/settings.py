@@ -159,12 +159,17 @@ class Plan:
                 self.evals[label, name] = self._add(
                     "eval",
                     {
-                        **config["evaluate"],
+                        **self.eval_settings(name),
                         "backend": config["generation"]["backend"],
                         **_grading(grading),
                     },
                     {"model": model, "prompts": bench},
                 )
+
+    def eval_settings(self, benchmark: str) -> dict:
+        """The top-level `evaluate` block with the benchmark's own `evaluate` keys over it."""
+        spec = next(b for b in self.config["data"]["benchmarks"] if b["name"] == benchmark)
+        return {**self.config["evaluate"], **spec.get("evaluate", {})}
 
     def _train(self, method: str, seed: int) -> Stage:
         """A training stage reads the shared train settings and its own method's block only;
@@ -192,8 +197,8 @@ class Plan:
 
     def _dataset(self, spec: dict) -> Stage:
         # The tokenizer (chat template) shapes the prompts, so the model is an input. The
-        # benchmark's display name is not a setting: it does not change the file.
-        settings = {k: v for k, v in spec.items() if k != "name"}
+        # benchmark's display name and how it is evaluated do not change the file.
+        settings = {k: v for k, v in spec.items() if k not in ("name", "evaluate")}
         settings["prompt"] = self.config["prompt"]
         # Which golds are kept depends on what the grading method can read.
         settings["grading_method"] = self.config["grading"]["method"]
