@@ -80,7 +80,7 @@ def test_hanging_item_times_out_without_losing_the_others(where):
 def test_four_real_hangs_among_sixty_cost_at_most_their_bounds():
     """math-verify hangs on a tower of powers against a small gold; each such response may
     cost its time bound plus a worker's start, and every other response keeps its reward."""
-    timeout_s = 2.0
+    timeout_s = 3.0
     before = grader_children()
     golds = [str(i) for i in range(64)]
     responses = [f"so the answer is \\boxed{{{i}}}" if i % 3 else "\\boxed{0}" for i in range(64)]

@@ -205,6 +205,12 @@ def cmd_bench_generation(args):
     bench.run(args.config, args.prompts, args.repeats, args.model, scale)
 
 
+def cmd_bench_grading(args):
+    from apo import bench_grading
+
+    bench_grading.run(args.responses, args.workers, args.repeats, args.seed, args.timeout_s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -259,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hidden-size", type=int, default=None, help="time a random-weight model of this width ...")
     sp.add_argument("--num-layers", type=int, default=None, help="... and depth (demo architecture and tokenizer)")
     sp.set_defaults(fn=cmd_bench_generation)
+
+    sp = sub.add_parser("bench-grading", help="grading throughput: worker pool vs sequential, side by side")
+    sp.add_argument("--responses", type=int, default=2000)
+    sp.add_argument("--workers", type=int, default=2, help="pool size (grading.workers' default)")
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--timeout-s", type=float, default=5.0)
+    sp.set_defaults(fn=cmd_bench_grading)
     return p
 
 

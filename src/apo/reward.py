@@ -164,32 +164,54 @@ class Grades:
 # ---------------------------------------------------------------------------- worker pool
 
 
+# Requests queued in a worker's pipe behind the one it works on, so that it never waits for
+# this process to wake up between two responses, and can take all 8 samples of a prompt. Their bytes stay well inside a pipe's buffer (64 KiB on Linux),
+# so writing them never blocks, even to a worker that hangs.
+PIPELINE_DEPTH = 8
+PIPELINE_BYTES = 32 * 1024
+
+
 class _Worker:
-    """One `apo.grade_worker` subprocess and the request it is working on."""
+    """One `apo.grade_worker` subprocess and the requests it was sent, in order."""
 
     def __init__(self, functions: list[str]):
         # The parent's import path, so that workers import the same `apo` (and test helpers).
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "apo.grade_worker", *functions], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            [sys.executable, "-m", "apo.grade_worker", *functions],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         self.buffer = b""
         self.ready = False
-        self.item: int | None = None  # index of the request in flight
-        self.deadline = 0.0
+        self.inflight: deque[tuple[int, int]] = deque()  # (request index, bytes)
+        self.deadline = 0.0  # for the request at the head of `inflight`
 
     def fileno(self) -> int:
         return self.proc.stdout.fileno()
 
-    def send(self, fn: str, args: list, item: int, timeout_s: float) -> bool:
-        """Hand the worker one request; False when the worker is gone."""
-        self.item, self.deadline = item, time.monotonic() + timeout_s
+    def can_take(self, nbytes: int) -> bool:
+        if not self.ready or len(self.inflight) >= PIPELINE_DEPTH:
+            return False
+        return not self.inflight or sum(b for _, b in self.inflight) + nbytes <= PIPELINE_BYTES
+
+    def send(self, request: bytes, item: int, timeout_s: float) -> bool:
+        """Queue one request; False when the worker is gone."""
+        if not self.inflight:
+            self.deadline = time.monotonic() + timeout_s
+        self.inflight.append((item, len(request)))
         try:
-            self.proc.stdin.write((json.dumps([fn, args]) + "\n").encode())
+            self.proc.stdin.write(request)
             self.proc.stdin.flush()
             return True
         except (BrokenPipeError, OSError):
+            self.inflight.pop()
             return False
+
+    def done(self, timeout_s: float) -> int:
+        """The head request was answered: the next one starts now."""
+        item, _ = self.inflight.popleft()
+        self.deadline = time.monotonic() + timeout_s
+        return item
 
     def read(self) -> list | None:
         """Messages that arrived (decoded JSON), or None once the worker has exited."""
@@ -247,6 +269,10 @@ class Grader:
             w.stop()
         self._pool = []
 
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._pool]
+
     def grade(self, golds: list[str], responses: list[str]) -> Grades:
         """Reward, status and extracted answer of every response; never raises for bad text."""
         calls = [[g, r] for g, r in zip(golds, responses, strict=True)]
@@ -266,56 +292,80 @@ class Grader:
 
     def _run(self, fn: str, calls: list, on_timeout, on_error) -> list:
         """fn(*call) for every call, in the workers; a call that overruns gets `on_timeout`."""
+        requests = [(json.dumps([fn, c]) + "\n").encode() for c in calls]
         results: list = [None] * len(calls)
         queue = deque(range(len(calls)))
+        keys, owner = [str(c[0]) for c in calls], {}
         failures = 0
-        while queue or any(w.item is not None for w in self._pool):
+        while queue or any(w.inflight for w in self._pool):
             while queue and len(self._pool) < self.workers:
                 self._pool.append(_Worker([self.grade_fn, GOLD_FUNCTION]))
-            for w in self._pool:
-                if w.ready and w.item is None and queue:
-                    i = queue.popleft()
-                    if not w.send(fn, calls[i], i, self.timeout_s):
-                        queue.appendleft(i)  # the worker died; its read() says so below
-            failures += self._collect(results, on_error)
+            self._dispatch(queue, requests, keys, owner)
+            failures += self._collect(results, queue, on_error)
             if failures >= self.max_start_failures:
                 self.close()
                 raise RuntimeError(f"grading workers failed to start {failures} times; their errors are above")
-            self._expire(results, on_timeout)
+            self._expire(results, queue, on_timeout)
         return results
 
-    def _collect(self, results: list, on_error) -> int:
-        """Wait for the next answers (until the nearest deadline) and record them; returns how
-        many workers died before they were ready."""
-        busy = [w.deadline for w in self._pool if w.item is not None]
+    def _dispatch(self, queue: deque, requests: list[bytes], keys: list[str], owner: dict) -> None:
+        """Hand queued requests to workers as far as each can take them. Requests with the same
+        key (gold answer) go to the same worker where it has room: the samples of one prompt
+        then share that worker's parse of their gold, and of the answers they agree on.
+        `owner` (key -> worker) lives as long as the batch."""
+        while queue:
+            i = queue[0]
+            w = owner.get(keys[i])
+            if w is None or w not in self._pool or not w.can_take(len(requests[i])):
+                ready = [w for w in self._pool if w.can_take(len(requests[i]))]
+                if not ready:
+                    return
+                w = min(ready, key=lambda w: len(w.inflight))
+            queue.popleft()
+            if w.send(requests[i], i, self.timeout_s):
+                owner[keys[i]] = w
+            else:
+                queue.appendleft(i)  # the worker died; _collect sees it exit
+                return
+
+    def _collect(self, results: list, queue: deque, on_error) -> int:
+        """Wait for answers (until the nearest deadline) and record them; returns how many
+        workers died before they were ready."""
+        busy = [w.deadline for w in self._pool if w.inflight]
         wait_s = max(0.0, min(busy) - time.monotonic()) if busy else 1.0
         readable, _, _ = select.select(self._pool, [], [], min(wait_s, 1.0))
         start_failures = 0
         for w in readable:
             messages = w.read()
-            if messages is None:  # the worker exited
-                if w.item is not None:
-                    log.warning("a grading worker exited (code %s) on item %d", w.proc.poll(), w.item)
-                    results[w.item] = on_error
+            if messages is None:  # the worker exited: its head request is lost, the rest retried
+                if w.inflight:
+                    head, _ = w.inflight.popleft()
+                    log.warning("a grading worker exited (code %s) on item %d", w.proc.poll(), head)
+                    results[head] = on_error
                 start_failures += not w.ready
-                w.kill()
-                self._pool.remove(w)
+                self._retire(w, queue)
                 continue
             for m in messages:
                 if m == "ready":
                     w.ready = True
-                else:
-                    if "error" in m:
-                        log.warning("grading item %d failed: %s", w.item, m["error"])
-                    results[w.item] = m["ok"] if "ok" in m else on_error
-                    w.item = None
+                    continue
+                i = w.done(self.timeout_s)
+                if "error" in m:
+                    log.warning("grading item %d failed: %s", i, m["error"])
+                results[i] = m["ok"] if "ok" in m else on_error
         return start_failures
 
-    def _expire(self, results: list, on_timeout) -> None:
-        """Kill every worker whose request is past its deadline; its request gets `on_timeout`."""
+    def _expire(self, results: list, queue: deque, on_timeout) -> None:
+        """Kill every worker whose current request is past its deadline: that request gets
+        `on_timeout`, the ones queued behind it go back to the queue."""
         now = time.monotonic()
-        for w in [w for w in self._pool if w.item is not None and now > w.deadline]:
-            log.warning("grading item %d overran %.1f s: reward 0, worker replaced", w.item, self.timeout_s)
-            results[w.item] = on_timeout
-            w.kill()
-            self._pool.remove(w)
+        for w in [w for w in self._pool if w.inflight and now > w.deadline]:
+            head, _ = w.inflight.popleft()
+            log.warning("grading item %d overran %.1f s: reward 0, worker replaced", head, self.timeout_s)
+            results[head] = on_timeout
+            self._retire(w, queue)
+
+    def _retire(self, w: _Worker, queue: deque) -> None:
+        queue.extendleft(reversed([i for i, _ in w.inflight]))
+        w.kill()
+        self._pool.remove(w)
