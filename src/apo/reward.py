@@ -9,11 +9,12 @@ Two grading methods (config `grading.method`):
   ``#### N`` of the response, commas and ``$`` removed, must equal the gold number as a string.
 
 math-verify's own timeouts use `signal.alarm`, which only works in the main thread of the main
-interpreter; they are switched off and time is bounded from outside instead. Each response is
-sent on its own to one of a few long-lived worker processes (`apo.grade_worker`); a worker
-that has not answered `timeout_s` after it got a response is killed (SIGKILL) and replaced,
-and that response alone gets reward 0 with status ``timeout``. The other workers go on
-meanwhile, so a hanging response costs `timeout_s` plus a worker's start, wherever it sits.
+interpreter; they are switched off and time is bounded from outside instead. Responses are
+queued, one request each, to a few long-lived worker processes (`apo.grade_worker`); a worker
+that has not answered `timeout_s` after it started on a response is killed (SIGKILL) and
+replaced: that response alone gets reward 0 with status ``timeout``, and the ones queued behind
+it go to the next free worker. The other workers go on meanwhile, so a hanging response costs
+`timeout_s` plus a worker's start, wherever it sits in a batch.
 Workers are plain subprocesses on pipes: no multiprocessing machinery (no resource tracker)
 is left behind, and a worker whose parent dies reads end-of-file and exits.
 """
@@ -165,8 +166,9 @@ class Grades:
 
 
 # Requests queued in a worker's pipe behind the one it works on, so that it never waits for
-# this process to wake up between two responses, and can take all 8 samples of a prompt. Their bytes stay well inside a pipe's buffer (64 KiB on Linux),
-# so writing them never blocks, even to a worker that hangs.
+# this process to wake up between two responses and can take all 8 samples of a prompt. Their
+# bytes stay well inside a pipe's buffer (64 KiB on Linux), so writing them never blocks, even
+# to a worker that hangs.
 PIPELINE_DEPTH = 8
 PIPELINE_BYTES = 32 * 1024
 
@@ -184,7 +186,9 @@ class _Worker:
         self.buffer = b""
         self.ready = False
         self.inflight: deque[tuple[int, int]] = deque()  # (request index, bytes)
-        self.deadline = 0.0  # for the request at the head of `inflight`
+        self.started = 0.0  # when the worker started on the request at the head of `inflight`
+        self.deadline = 0.0  # `started` + the time bound
+        self.spare = False  # started ahead of need; gets no requests until it replaces a worker
 
     def fileno(self) -> int:
         return self.proc.stdout.fileno()
@@ -197,7 +201,8 @@ class _Worker:
     def send(self, request: bytes, item: int, timeout_s: float) -> bool:
         """Queue one request; False when the worker is gone."""
         if not self.inflight:
-            self.deadline = time.monotonic() + timeout_s
+            self.started = time.monotonic()
+            self.deadline = self.started + timeout_s
         self.inflight.append((item, len(request)))
         try:
             self.proc.stdin.write(request)
@@ -210,7 +215,8 @@ class _Worker:
     def done(self, timeout_s: float) -> int:
         """The head request was answered: the next one starts now."""
         item, _ = self.inflight.popleft()
-        self.deadline = time.monotonic() + timeout_s
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
         return item
 
     def read(self) -> list | None:
@@ -256,6 +262,8 @@ class Grader:
         # "module:function" called as fn(gold, response) -> (reward, status, extracted)
         self.grade_fn = grade_fn or GRADE_FUNCTIONS[method]
         self.max_start_failures = max_start_failures
+        # Responses take milliseconds; one still running after this is likely to hang.
+        self.spare_after_s = min(1.0, timeout_s / 2)
         self._pool: list[_Worker] = []
 
     def __enter__(self):
@@ -286,10 +294,6 @@ class Grader:
         return self._run(GOLD_FUNCTION, calls, on_timeout="reading it overran the time bound",
                          on_error="the grader failed on it")
 
-    def golds_parse(self, golds: list[str]) -> list[bool]:
-        """Whether each gold answer can be graded against."""
-        return [p is None for p in self.gold_problems(golds)]
-
     def _run(self, fn: str, calls: list, on_timeout, on_error) -> list:
         """fn(*call) for every call, in the workers; a call that overruns gets `on_timeout`."""
         requests = [(json.dumps([fn, c]) + "\n").encode() for c in calls]
@@ -298,8 +302,7 @@ class Grader:
         keys, owner = [str(c[0]) for c in calls], {}
         failures = 0
         while queue or any(w.inflight for w in self._pool):
-            while queue and len(self._pool) < self.workers:
-                self._pool.append(_Worker([self.grade_fn, GOLD_FUNCTION]))
+            self._staff(bool(queue))
             self._dispatch(queue, requests, keys, owner)
             failures += self._collect(results, queue, on_error)
             if failures >= self.max_start_failures:
@@ -307,6 +310,27 @@ class Grader:
                 raise RuntimeError(f"grading workers failed to start {failures} times; their errors are above")
             self._expire(results, queue, on_timeout)
         return results
+
+    def _staff(self, work_left: bool) -> None:
+        """Keep `workers` workers while there is work, plus one spare, started as soon as a
+        response has run for `spare_after_s`: the spare is ready by the time that response's
+        worker is killed, so a hang costs its bound, not its bound and a worker's start."""
+        active = [w for w in self._pool if not w.spare]
+        spares = [w for w in self._pool if w.spare]
+        while work_left and len(active) < self.workers:
+            if spares:
+                spares[0].spare = False
+                active.append(spares.pop(0))
+            else:
+                active.append(self._start())
+        now = time.monotonic()
+        if not spares and any(w.inflight and now > w.started + self.spare_after_s for w in active):
+            self._start().spare = True
+
+    def _start(self) -> _Worker:
+        w = _Worker([self.grade_fn, GOLD_FUNCTION])
+        self._pool.append(w)
+        return w
 
     def _dispatch(self, queue: deque, requests: list[bytes], keys: list[str], owner: dict) -> None:
         """Hand queued requests to workers as far as each can take them. Requests with the same
@@ -317,7 +341,7 @@ class Grader:
             i = queue[0]
             w = owner.get(keys[i])
             if w is None or w not in self._pool or not w.can_take(len(requests[i])):
-                ready = [w for w in self._pool if w.can_take(len(requests[i]))]
+                ready = [w for w in self._pool if not w.spare and w.can_take(len(requests[i]))]
                 if not ready:
                     return
                 w = min(ready, key=lambda w: len(w.inflight))
