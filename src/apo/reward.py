@@ -355,9 +355,7 @@ class Grader:
     def _collect(self, results: list, queue: deque, on_error) -> int:
         """Wait for answers (until the nearest deadline) and record them; returns how many
         workers died before they were ready."""
-        busy = [w.deadline for w in self._pool if w.inflight]
-        wait_s = max(0.0, min(busy) - time.monotonic()) if busy else 1.0
-        readable, _, _ = select.select(self._pool, [], [], min(wait_s, 1.0))
+        readable, _, _ = select.select(self._pool, [], [], self._wait_s())
         start_failures = 0
         for w in readable:
             messages = w.read()
@@ -378,6 +376,15 @@ class Grader:
                     log.warning("grading item %d failed: %s", i, m["error"])
                 results[i] = m["ok"] if "ok" in m else on_error
         return start_failures
+
+    def _wait_s(self) -> float:
+        """How long to wait for answers: until the nearest deadline, or the moment a spare
+        should start, or 1 s."""
+        busy, now = [w for w in self._pool if w.inflight], time.monotonic()
+        wake = [w.deadline for w in busy]
+        if not any(w.spare for w in self._pool):  # (a spare time already past has been acted on)
+            wake += [t for t in (w.started + self.spare_after_s for w in busy) if t > now]
+        return min([1.0, *(max(0.0, t - now) for t in wake)])
 
     def _expire(self, results: list, queue: deque, on_timeout) -> None:
         """Kill every worker whose current request is past its deadline: that request gets
