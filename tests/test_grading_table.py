@@ -160,6 +160,8 @@ def test_reported_rows(gold, response, expected):
         (r"The answer is $\boxed 5$.", "boxed", "5"),
         (r"  \left( 3, \frac{\pi}{2} \right) ", "plain", r"\left( 3, \frac{\pi}{2} \right)"),
         (27.0, "plain", "27.0"),
+        (["$\\sqrt{2}$"], "plain", "\\sqrt{2}"),
+        (["$-2$", "$1$"], "plain", "-2, 1"),
     ],
 )
 def test_answer_formats(raw, fmt, gold):

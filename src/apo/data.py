@@ -46,7 +46,11 @@ def load_rows(spec: dict, demo_dir: str | None = None):
 
 
 def normalize_answer(raw, answer_format: str) -> str:
-    """The gold answer as a string, as the dataset means it (read by `apo.reward.gold_latex`)."""
+    """The gold answer as a string, as the dataset means it (read by `apo.reward.gold_latex`).
+
+    A list of answers (OlympiadBench's original `final_answer` is one) is read as all of them."""
+    if isinstance(raw, (list, tuple)):
+        raw = ", ".join(str(a).strip().strip("$") for a in raw)
     text = str(raw).strip()
     if answer_format == "gsm8k":  # "...reasoning... #### 1,072": the number, commas removed
         text = text.split("####")[-1].strip().replace(",", "")
