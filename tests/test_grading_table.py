@@ -113,7 +113,8 @@ def documented(gold: str, response: str) -> bool:
     import math_verify
 
     gold_parsed = math_verify.parse(f"${gold}$", parsing_timeout=None)
-    return bool(math_verify.verify(gold_parsed, math_verify.parse(response, parsing_timeout=None), timeout_seconds=None))
+    answer = math_verify.parse(response, parsing_timeout=None)
+    return bool(math_verify.verify(gold_parsed, answer, timeout_seconds=None))
 
 
 def test_table_is_large_enough():

@@ -30,8 +30,10 @@ def gold_and_wrong(rng: random.Random) -> tuple[str, str]:
         (rf"(-\infty, {a}) \cup ({a + b}, \infty)", rf"(-\infty, {a})"),
         (rf"\frac{{\sqrt{{{b}}}}}{{{a}}}", rf"\sqrt{{{b}}}"),
         (rf"\begin{{pmatrix}} {a} \\ {b} \end{{pmatrix}}", rf"\begin{{pmatrix}} {b} \\ {a} \end{{pmatrix}}"),
-        (rf"\text{{({'ABCDE'[c % 5]})}}", rf"\text{{({'ABCDE'[(c + 1) % 5]})}}"), (rf"{a * 3}^\circ", rf"{a * 3 + 15}^\circ"),
-        (rf"{a},\!{c:03d}", f"{a}{c:03d}0"), (f"x = {a}", f"x = -{a}"), (f"-{c}", f"{c}"), (rf"{c}\%", rf"{c + 5}\%"),
+        (rf"\text{{({'ABCDE'[c % 5]})}}", rf"\text{{({'ABCDE'[(c + 1) % 5]})}}"),
+        (rf"{a * 3}^\circ", rf"{a * 3 + 15}^\circ"),
+        (rf"{a},\!{c:03d}", f"{a}{c:03d}0"), (f"x = {a}", f"x = -{a}"), (f"-{c}", f"{c}"),
+        (rf"{c}\%", rf"{c + 5}\%"),
         (rf"\{{{a}, {a + b}\}}", rf"\{{{a}\}}"), (rf"\${a}.{c:02d}", rf"\${a}"), (rf"{a}\pi", rf"{a + 1}\pi"),
         (f"x^2+{a}x+{c}", f"x^2+{a}x"), (f"[{a}, {a + b})", f"[{a}, {a + b}]"), (f"{a}.{b}", f"{a}"),
     ]

@@ -2,9 +2,10 @@
 
 Arguments: the functions it will be asked to call, as ``"module:name"``; they are imported
 before the worker says it is ready. Protocol, one JSON document per line: the worker writes
-``"ready"`` once its imports are done, then answers each request ``[function, args]`` (function as ``"module:name"``) on stdin with
-``{"ok": result}`` or ``{"error": "..."}`` on stdout. It exits when stdin closes. The parent
-kills it when a request overruns its time bound, so nothing here needs a timeout of its own.
+``"ready"`` once its imports are done, then answers each request ``[function, args]`` on
+stdin with ``{"ok": result}`` or ``{"error": "..."}`` on stdout, in order. It exits when stdin
+closes. The parent kills it when a request overruns its time bound, so nothing here needs a
+timeout of its own.
 """
 
 from __future__ import annotations

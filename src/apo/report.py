@@ -177,9 +177,9 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
             "## Methods compared (as in the paper's tables)", "",
             paper_table_markdown(paper), "",
             "Accuracy in %, the mean over seeds, each benchmark with its evaluation settings "
-            "(k samples per problem, temperature, top-p, max new tokens); training hours = the summed wall time of the "
-            "optimizer steps (generation, grading, reference log-probs, critic values, update, weight "
-            "sync; stage 1 not included); peak memory = "
+            "(k samples per problem, temperature, top-p, max new tokens); training hours = the "
+            "summed wall time of the optimizer steps (generation, grading, reference log-probs, "
+            "critic values, update, weight sync; stage 1 not included); peak memory = "
             "the CUDA allocator's peak on GPU, the process's peak resident memory on CPU; "
             "ratios divide by A*-PO's. Also in `paper_table.csv` and `paper_table.tex`.", "",
         ]

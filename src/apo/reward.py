@@ -144,7 +144,10 @@ def grade_one(gold: str, response: str, method: str = "math_verify") -> tuple[fl
 
 
 # What a worker calls for each method (workers import functions by name).
-GRADE_FUNCTIONS = {"math_verify": "apo.reward:grade_math_verify", "gsm8k_strict": "apo.reward:grade_gsm8k_strict"}
+GRADE_FUNCTIONS = {
+    "math_verify": "apo.reward:grade_math_verify",
+    "gsm8k_strict": "apo.reward:grade_gsm8k_strict",
+}
 
 
 GOLD_FUNCTION = "apo.reward:gold_problem"
@@ -284,7 +287,9 @@ class Grader:
     def grade(self, golds: list[str], responses: list[str]) -> Grades:
         """Reward, status and extracted answer of every response; never raises for bad text."""
         calls = [[g, r] for g, r in zip(golds, responses, strict=True)]
-        results = self._run(self.grade_fn, calls, on_timeout=[0.0, TIMEOUT, ""], on_error=[0.0, ERROR, "worker failed"])
+        results = self._run(
+            self.grade_fn, calls, on_timeout=[0.0, TIMEOUT, ""], on_error=[0.0, ERROR, "worker failed"]
+        )
         rewards, status, extracted = (list(x) for x in zip(*results)) if results else ([], [], [])
         return Grades([float(r) for r in rewards], status, extracted)
 
@@ -307,7 +312,9 @@ class Grader:
             failures += self._collect(results, queue, on_error)
             if failures >= self.max_start_failures:
                 self.close()
-                raise RuntimeError(f"grading workers failed to start {failures} times; their errors are above")
+                raise RuntimeError(
+                    f"grading workers failed to start {failures} times; their errors are above"
+                )
             self._expire(results, queue, on_timeout)
         return results
 
