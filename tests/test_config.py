@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from apo.config import ConfigError, validate_config
+from apo.config import ConfigError, load_config, validate_config
 from conftest import ROOT, SCHEMA
 
 
@@ -228,3 +228,22 @@ def test_a_benchmark_name_must_be_a_whole_name(demo_config):
     demo_config["data"]["benchmarks"][0]["name"] = "test\n"
     with pytest.raises(ConfigError, match=r"config key 'data.benchmarks\[0\].name': 'test\\n' is not a name"):
         validate_config(demo_config, SCHEMA)
+
+
+def test_gsm8k_paper_config_grades_as_the_authors_did():
+    cfg = load_config(ROOT / "config" / "paper" / "gsm8k-qwen2.5-1.5b.yaml")
+    assert cfg["grading"]["method"] == "gsm8k_strict"
+    assert cfg["prompt"]["instruction"] == "Let's think step by step and output the final answer after \"####\"."
+
+
+def test_evaluation_settings_belong_to_benchmarks(demo_config):
+    demo_config["data"]["train"]["evaluate"] = {"k": 2}
+    with pytest.raises(ConfigError, match="data.train.evaluate"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_paper_configs_report_amc23_as_avg_at_32():
+    for name in ("qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b"):
+        cfg = load_config(ROOT / "config" / "paper" / f"{name}.yaml")
+        amc = next(b for b in cfg["data"]["benchmarks"] if b["name"] == "amc23")
+        assert amc["evaluate"]["k"] == 32, name

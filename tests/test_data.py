@@ -91,11 +91,23 @@ def test_too_long_prompts_are_dropped_and_counted(tmp_path, tokenizer):
 def test_unparseable_gold_answers_are_dropped_and_counted(tmp_path, tokenizer):
     from apo.reward import Grader
 
-    path = write(tmp_path, [{"q": "a", "a": "12"}, {"q": "b", "a": "\\frac{"}, {"q": "c", "a": "x^2"}])
+    golds = ["12", "\\frac{", "x^2", "???", "no answer here", "\\frac{\\sqrt{3}}{2}", "\\text{Devon}"]
+    path = write(tmp_path, [{"q": f"q{i}", "a": a} for i, a in enumerate(golds)])
     with Grader(timeout_s=5, workers=1) as grader:
         df, counts = prepare(spec(path), PROMPT, tokenizer, grader=grader)
-    assert df["answer"].tolist() == ["12", "x^2"]
-    assert counts["dropped_bad_gold"] == 1
+    # "???" is math-verify's raw-string fallback only; "no answer here" is read as a product
+    # of one-letter symbols: neither can be graded against.
+    assert df["answer"].tolist() == ["12", "x^2", "\\frac{\\sqrt{3}}{2}", "\\text{Devon}"]
+    assert counts["dropped_bad_gold"] == 3
+
+
+def test_gsm8k_strict_golds_must_be_numbers(tmp_path, tokenizer):
+    from apo.reward import Grader
+
+    path = write(tmp_path, [{"q": "a", "a": "1,072"}, {"q": "b", "a": "\\frac{1}{2}"}, {"q": "c", "a": "-3"}])
+    with Grader(timeout_s=5, workers=1, method="gsm8k_strict") as grader:
+        df, counts = prepare(spec(path), PROMPT, tokenizer, grader=grader)
+    assert df["answer"].tolist() == ["1,072", "-3"] and counts["dropped_bad_gold"] == 1
 
 
 def test_missing_local_file_is_named(tmp_path, tokenizer):

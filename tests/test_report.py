@@ -89,3 +89,24 @@ def test_phase_times_sum_each_phase_and_count_untimed_phases_as_zero(tmp_path):
     assert phases.loc["ppo", "critic values"] == pytest.approx(0.75)
     plot_phases(phases, tmp_path / "phases.png")
     assert (tmp_path / "phases.png").stat().st_size > 1000
+
+
+def test_every_reported_accuracy_carries_its_evaluation_settings():
+    from apo.report import markdown, with_settings
+
+    rows = [
+        {"benchmark": "math500", "model": m, "accuracy": a, "n": 500, "k": 1, "temperature": 0.0,
+         "top_p": 1.0, "max_new_tokens": 1024, "unparsed": 0} for m, a in [("reference", 45.8), ("apo", 57.8)]
+    ] + [
+        {"benchmark": "amc23", "model": m, "accuracy": a, "n": 40, "k": 32, "temperature": 0.6,
+         "top_p": 0.95, "max_new_tokens": 1024, "unparsed": 0} for m, a in [("reference", 20.55), ("apo", 31.88)]
+    ]
+    table = pd.DataFrame(rows)
+    paper = paper_table(with_settings(table), [])
+    amc = "amc23 (avg@32, T 0.6, top-p 0.95, 1024 tokens)"
+    math500 = "math500 (avg@1, greedy, 1024 tokens)"
+    assert paper.columns.tolist()[:2] == [math500, amc]
+    md = markdown("x", table, [], {}, paper)
+    accuracy_header = md.split("## Accuracy")[1].splitlines()[2]
+    assert amc in accuracy_header and math500 in accuracy_header
+    assert amc in paper_table_markdown(paper) and "avg@32" in paper_table_latex(paper)

@@ -292,3 +292,30 @@ def test_every_setting_is_in_an_address_or_declared_unaddressed():
     unaddressed = {k for k in seen - moved if not any(fnmatch.fnmatch(k, pat) for pat in UNADDRESSED)}
     assert unaddressed == set()
     assert not {k for k in moved if any(fnmatch.fnmatch(k, pat) for pat in UNADDRESSED)}
+
+
+def test_training_dtype_moves_only_training_and_its_evaluation(demo_config):
+    assert changed(plan(demo_config), plan(demo_config, train__dtype="bfloat16")) == {"train:apo", "eval:apo:demo_test"}
+
+
+def test_grading_method_moves_every_stage_that_grades(demo_config):
+    # The data stage's gold check depends on the method too.
+    assert changed(plan(demo_config), plan(demo_config, grading__method="gsm8k_strict")) == (
+        set(stage_dirs(plan(demo_config))) - {"demo"}
+    )
+
+
+def test_a_benchmarks_own_evaluation_settings_move_only_its_evaluations(demo_config):
+    cfg = copy.deepcopy(demo_config)
+    second = {**cfg["data"]["benchmarks"][0], "name": "second"}
+    cfg["data"]["benchmarks"].append(second)
+    base = Plan(validate_config(cfg, SCHEMA))
+    second["evaluate"] = {"k": 32, "temperature": 0.6, "top_p": 0.95}
+    other = Plan(validate_config(cfg, SCHEMA))
+    moved = {key for key in base.evals if base.evals[key].dir != other.evals[key].dir}
+    assert moved == {(label, "second") for label in base.models}
+    assert other.benchmarks["second"].dir == base.benchmarks["second"].dir  # same prompts file
+    settings = other.evals["reference", "second"].settings
+    assert (settings["k"], settings["temperature"], settings["top_p"]) == (32, 0.6, 0.95)
+    assert settings["max_new_tokens"] == cfg["evaluate"]["max_new_tokens"]  # the global default
+    assert other.evals["reference", cfg["data"]["benchmarks"][0]["name"]].settings["k"] == cfg["evaluate"]["k"]

@@ -21,7 +21,7 @@ SETTINGS = {
     "checkpoint_every": 2, "keep_checkpoints": 2, "stop_on_collapse": False,
     "collapse": {"window": 20, "reward_ratio": 0.5, "length_ratio": 0.3}, "backend": "hf",
     "compute_dtype": "float32", "reference_dtype": "float32", "mini_batch_size": None, "entropy_coef": 0.0,
-    "loss_agg": "token_mean", "require_eos": False,
+    "loss_agg": "token_mean", "require_eos": False, "grading_timeout_s": 5, "grading_method": "math_verify",
 }
 RUNTIME = ({"batch_size": 64}, {"timeout_s": 5, "workers": 1})
 
@@ -324,3 +324,12 @@ def test_corrupt_last_checkpoint_is_set_aside_and_the_previous_one_used(train_in
     assert (out / "checkpoints" / "corrupt-step-000004").is_dir()
     assert res["history"]["step"].tolist() == [1, 2, 3, 4]  # steps 3 and 4 trained again
     assert (out / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size > 1000
+
+
+def test_phase_clock_waits_for_the_gpu(monkeypatch):
+    """CUDA runs kernels asynchronously: each phase's clock reading first waits for them."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append(1))
+    T.clock()
+    assert calls == [1]

@@ -156,7 +156,7 @@ def cmd_data(args):
 
     s = args.manifest["settings"]
     grading = args.runtime["grading"]
-    with stage_job(args) as tracker, Grader(grading["timeout_s"], grading["workers"]) as grader:
+    with stage_job(args) as tracker, Grader(grading["timeout_s"], grading["workers"], s["grading_method"]) as grader:
         if args.demo_dir:
             verify_stage_file(Path(args.demo_dir) / f"{s['split']}.jsonl")
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -315,6 +315,12 @@ def cmd_plan(args):
         raise SystemExit(str(e)) from None
 
 
+def cmd_bench_grading(args):
+    from apo import bench_grading
+
+    bench_grading.run(args.responses, args.workers, args.repeats, args.seed, args.timeout_s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -384,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpu-memory-gb", type=float, default=None,
                     help="check against this GPU memory (GiB) instead of resources.train.gpu_memory_gb")
     sp.set_defaults(fn=cmd_plan)
+
+
+    sp = sub.add_parser("bench-grading", help="grading throughput: worker pool vs sequential, side by side")
+    sp.add_argument("--responses", type=int, default=2000)
+    sp.add_argument("--workers", type=int, default=2, help="pool size (grading.workers' default)")
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--timeout-s", type=float, default=5.0)
+    sp.set_defaults(fn=cmd_bench_grading)
     return p
 
 

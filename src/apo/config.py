@@ -206,6 +206,11 @@ def _check_consistency(config: dict, source: str) -> None:
         )
     _check_shards(config, source)
     _check_names(config, source)
+    if "evaluate" in config["data"]["train"]:
+        raise ConfigError(
+            f"invalid {source}: config key 'data.train.evaluate': evaluation settings belong to "
+            "a benchmark (data.benchmarks[i].evaluate) or to the top-level 'evaluate' block"
+        )
     names = [b["name"] for b in config["data"]["benchmarks"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

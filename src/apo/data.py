@@ -95,21 +95,33 @@ def _check_json_line(path: Path, lineno: int, line: str) -> None:
 
 
 def normalize_answer(raw, answer_format: str) -> str:
-    """The gold answer as a string that math-verify parses."""
+    """The gold answer as a string, as the dataset means it (read by `apo.reward.gold_latex`).
+
+    A list of answers (OlympiadBench's original `final_answer` is one) is read as all of them."""
+    if isinstance(raw, (list, tuple)):
+        raw = ", ".join(str(a).strip().strip("$") for a in raw)
     text = str(raw).strip()
-    if answer_format == "gsm8k":  # "...reasoning... #### 42"
+    if answer_format == "gsm8k":  # "...reasoning... #### 1,072": the number, commas removed
         text = text.split("####")[-1].strip().replace(",", "")
     elif answer_format == "boxed":  # a worked solution whose last \boxed{...} holds the answer
-        m = _last_boxed(text)
-        text = m if m is not None else ""
+        m = last_boxed(text)
+        text = m.strip() if m is not None else ""
     return text
 
 
-def _last_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed{")
+def last_boxed(text: str) -> str | None:
+    r"""What the last ``\boxed{...}`` (or ``\fbox{...}``, or ``\boxed 5``) of a solution holds.
+
+    The forms MATH's solutions use, as the authors read them (ZhaolinGao/A-PO,
+    verl/utils/reward_score/math.py, last_boxed_only_string_preprocessing and remove_boxed).
+    """
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    spaced = text.rfind("\\boxed ")
+    if spaced > start:  # "\boxed 5$": up to the closing dollar
+        return text[spaced + len("\\boxed ") :].split("$")[0]
     if start < 0:
         return None
-    depth, i = 0, start + len("\\boxed")
+    depth, i = 0, text.index("{", start)
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
@@ -143,7 +155,7 @@ def prepare(
 
     Malformed rows (missing/empty/non-string prompt, empty answer, duplicate id) are errors
     naming the row. Prompts longer than `max_prompt_tokens` and, when a `grader` is given,
-    gold answers that math-verify cannot parse are dropped and counted.
+    gold answers it cannot grade against (`apo.reward.gold_problem`) are dropped and counted.
     """
     where = f"dataset {spec['path']!r} split {spec['split']!r}"
     ds = load_rows(spec, demo_dir)
@@ -180,14 +192,7 @@ def prepare(
             too_long += 1  # dropped, as the paper's max prompt length does; counted
             continue
         rows.append({"id": rid, "prompt": prompt, "question": q, "answer": answer, "source": spec["path"]})
-    bad_gold = 0
-    if grader is not None and rows:
-        ok = grader.golds_parse([r["answer"] for r in rows])
-        bad = [r["id"] for r, good in zip(rows, ok) if not good]
-        if bad:
-            log.warning("%s: dropping %d rows whose gold answer math-verify cannot parse, e.g. ids %s",
-                        where, len(bad), bad[:5])
-        rows, bad_gold = [r for r, good in zip(rows, ok) if good], len(bad)
+    rows, bad_gold = _drop_bad_golds(rows, grader, where)
     if not rows:
         raise DataError(
             f"{where}: no usable rows ({too_long} longer than prompt.max_prompt_tokens, "
@@ -198,3 +203,16 @@ def prepare(
               "dropped_bad_gold": bad_gold}
     return pd.DataFrame(rows, columns=SCHEMA), counts
 
+
+
+def _drop_bad_golds(rows: list[dict], grader, where: str) -> tuple[list[dict], int]:
+    """Rows whose gold answer the grader can grade against, and how many were dropped."""
+    if grader is None or not rows:
+        return rows, 0
+    problems = grader.gold_problems([r["answer"] for r in rows])
+    bad = [(r["id"], r["answer"], p) for r, p in zip(rows, problems) if p is not None]
+    for rid, answer, problem in bad[:5]:
+        log.warning("%s: dropping id %s, gold answer %r: %s", where, rid, answer, problem)
+    if bad:
+        log.warning("%s: dropped %d rows whose gold answer cannot be graded against", where, len(bad))
+    return [r for r, p in zip(rows, problems) if p is None], len(bad)

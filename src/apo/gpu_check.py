@@ -177,6 +177,8 @@ def write_prompts(problems, tokenizer, prompt_cfg: dict, workdir: Path) -> dict:
     prompts = pd.DataFrame(rows, columns=SCHEMA)
     prompts.to_parquet(workdir / "prompts.parquet")
     pd.DataFrame({"id": prompts["id"], "vstar": 0.25}).to_parquet(workdir / "vstar.parquet")
+    # what the V* stage records beside its table (the trainer checks every prompt has a V*)
+    (workdir / "counts.json").write_text(json.dumps({"prompts": len(prompts), "dropped_by_filter": 0}))
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts["prompt"]]
     return {"prompts": str(workdir / "prompts.parquet"), "vstar": str(workdir / "vstar.parquet"),
             "prompt_tokens_mean": sum(lengths) / len(lengths)}
@@ -233,31 +235,16 @@ def method_settings(config: dict, method: str) -> dict:
 # --------------------------------------------------------------------------- one method (worker)
 
 
-class SyncedClock:
-    """Stands in for the `time` module inside apo.train: `perf_counter` first waits for the
-    GPU's queued work, so each phase is charged with the kernels it launched rather than the
-    next phase that happens to wait for them."""
-
-    def __init__(self, synchronize):
-        self.synchronize = synchronize
-
-    def perf_counter(self) -> float:
-        self.synchronize()
-        return time.perf_counter()
-
-
-def measure(job: dict, synchronize=None) -> dict:
+def measure(job: dict) -> dict:
     """Train one method for job["settings"]["steps"] steps; per-step rows of the trainer
-    (with CUDA's reserved peak added) and what the run was made of. `synchronize` (on a GPU,
-    torch.cuda.synchronize) is called at every phase boundary the trainer times."""
+    (with CUDA's reserved peak added; its phase clock waits for the GPU) and what the run was
+    made of."""
     import torch
 
     from apo import train as T
     from apo.reward import Grader
 
     cuda = torch.cuda.is_available()
-    if synchronize is not None:
-        T.time = SyncedClock(synchronize)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     clock = time.perf_counter()
@@ -300,7 +287,7 @@ def worker_main(job_path: str) -> None:
 
     quiet_progress_bars()
     job = json.loads(Path(job_path).read_text())
-    result = measure(job, torch.cuda.synchronize if torch.cuda.is_available() else None)
+    result = measure(job)
     Path(job["result"]).write_text(json.dumps(result, indent=1))
 
 

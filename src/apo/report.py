@@ -45,6 +45,18 @@ def summary_table(evals: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def eval_label(row) -> str:
+    """A benchmark's column header with the settings its numbers were measured with."""
+    how = "greedy" if row["temperature"] == 0 else f"T {row['temperature']:g}, top-p {row['top_p']:g}"
+    return f"{row['benchmark']} (avg@{row['k']}, {how}, {row['max_new_tokens']} tokens)"
+
+
+def with_settings(table: pd.DataFrame) -> pd.DataFrame:
+    """The summary table with each benchmark named together with its evaluation settings, so
+    that every accuracy shown carries k, temperature, top_p and max tokens."""
+    return table.assign(benchmark=table.apply(eval_label, axis=1)) if len(table) else table
+
+
 # Row order and display names of the paper's table (Lee et al. 2025, Tables 1-2).
 METHOD_NAMES = {"reference": "reference", **{m.name: m.display for m in METHODS.values()}}
 COST_COLUMNS = ["train_hours", "peak_memory_gb", "time_ratio", "memory_ratio"]
@@ -160,15 +172,16 @@ def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
 def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages: dict,
              paper: pd.DataFrame | None = None, phases: pd.DataFrame | None = None) -> str:
     lines = [f"# Experiment `{experiment}`", "", "## Accuracy (pass@1 = avg@k, %)", ""]
-    pivot = table.pivot(index="model", columns="benchmark", values="accuracy")
+    pivot = with_settings(table).pivot(index="model", columns="benchmark", values="accuracy")
     lines += [pivot.to_markdown(), ""]
     if paper is not None:
         lines += [
             "## Methods compared (as in the paper's tables)", "",
             paper_table_markdown(paper), "",
-            "Accuracy in %, the mean over seeds; training hours = the summed wall time of the "
-            "optimizer steps (generation, grading, reference log-probs, critic values, update, weight "
-            "sync; stage 1 not included); peak memory = "
+            "Accuracy in %, the mean over seeds, each benchmark with its evaluation settings "
+            "(k samples per problem, temperature, top-p, max new tokens); training hours = the "
+            "summed wall time of the optimizer steps (generation, grading, reference log-probs, "
+            "critic values, update, weight sync; stage 1 not included); peak memory = "
             "the CUDA allocator's peak on GPU, the process's peak resident memory on CPU; "
             "ratios divide by A*-PO's. Also in `paper_table.csv` and `paper_table.tex`.", "",
         ]
@@ -230,7 +243,7 @@ def write(spec: dict, out_dir: str | os.PathLike) -> pd.DataFrame:
     plot_phases(phases, out_dir / "training_phases.png")
     with atomic_path(out_dir / "summary.csv") as tmp:
         table.to_csv(tmp, index=False)
-    paper = paper_table(table, training_costs(spec["trainings"]))
+    paper = paper_table(with_settings(table), training_costs(spec["trainings"]))
     with atomic_path(out_dir / "paper_table.csv") as tmp:
         paper.to_csv(tmp, float_format="%.4f")
     write_text(out_dir / "paper_table.tex", paper_table_latex(paper))

@@ -1,24 +1,104 @@
-"""Binary math reward with math-verify, in worker processes with a hard time bound.
+"""Binary math reward, graded in worker processes with a hard time bound per response.
 
-math-verify's own timeouts use `signal.alarm`, which only works in the main thread of the
-main interpreter; we switch them off and bound time from outside instead: every batch goes
-to a pool of worker processes, and a batch that overruns its bound has its workers killed and
-is retried item by item, so that one pathological answer costs reward 0, not the run.
+Two grading methods (config `grading.method`):
+
+- ``math_verify``: the response's answer (its ``\\boxed{}`` first) checked against the gold
+  answer for mathematical equivalence by math-verify;
+- ``gsm8k_strict``: the authors' GSM8K reward (ZhaolinGao/A-PO,
+  verl/utils/reward_score/gsm8k.py, ``extract_solution(method='strict')``): the first
+  ``#### N`` of the response, commas and ``$`` removed, must equal the gold number as a string.
+
+math-verify's own timeouts use `signal.alarm`, which only works in the main thread of the main
+interpreter; they are switched off and time is bounded from outside instead. Responses are
+queued, one request each, to a few long-lived worker processes (`apo.grade_worker`); a worker
+that has not answered `timeout_s` after it started on a response is killed (SIGKILL) and
+replaced: that response alone gets reward 0 with status ``timeout``, and the ones queued behind
+it go to the next free worker. The other workers go on meanwhile, so a hanging response costs
+`timeout_s` plus a worker's start, wherever it sits in a batch.
+Workers are plain subprocesses on pipes: no multiprocessing machinery (no resource tracker)
+is left behind, and a worker whose parent dies reads end-of-file and exits.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing as mp
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
 
 log = logging.getLogger(__name__)
 
 # Status of one graded response (counted in every stage's outputs).
 OK, NO_ANSWER, BAD_GOLD, TIMEOUT, ERROR = "ok", "no_answer", "bad_gold", "timeout", "error"
+METHODS = ("math_verify", "gsm8k_strict")
 
 
-def grade_one(gold: str, response: str) -> tuple[float, str, str]:
+# ---------------------------------------------------------------------------- gold answers
+
+# An unescaped `$`, or `\(` / `\[`: the gold already carries its math delimiters.
+_DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[")
+
+
+def gold_latex(gold: str) -> str:
+    """A gold answer as math-verify's `parse` expects one: inside math delimiters.
+
+    Golds are stored the way MATH and MATH-500 store them, bare LaTeX without `$`
+    (``2\\sqrt{3}``, ``\\left( 3, \\frac{\\pi}{2} \\right)``). Parsed bare, math-verify reads
+    only a fragment of them (``2``, ``3``) or nothing (``\\frac{\\sqrt{3}}{2}``); inside `$...$`
+    it reads the whole expression. Golds that already hold `$` (OlympiadBench) stay as they are.
+    """
+    gold = gold.strip()
+    return gold if _DELIMITED.search(gold) else f"${gold}$"
+
+
+@lru_cache(maxsize=4096)  # a gold is graded against every sample of its prompt
+def parse_gold(gold: str) -> list:
+    """math-verify's reading of a gold answer (its last item is the raw-string fallback)."""
+    import math_verify
+
+    return math_verify.parse(gold_latex(gold), parsing_timeout=None)
+
+
+# Text and commands stripped before looking for prose: `\text{odd}`, `\pi`.
+_TEXT_GROUP = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|operatorname)\s*\{[^{}]*\}")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+_PROSE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}")
+_NUMBER = re.compile(r"-?[0-9.]+")
+
+
+def gold_problem(gold: str, method: str = "math_verify") -> str | None:
+    """Why a gold answer cannot be graded against (dropped when data is prepared), or None."""
+    gold = str(gold).strip()
+    if method == "gsm8k_strict":
+        if not _NUMBER.fullmatch(gold.replace(",", "")):
+            return "not a number, which the strict '#### N' match needs"
+        return None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    parsed = parse_gold(gold)
+    if not parsed:
+        return "math-verify finds no answer in it"
+    # parse() appends the matched text as a string; a gold whose every reading is a string
+    # was never understood, and every response would be compared with it as raw text.
+    if all(isinstance(p, str) for p in parsed):
+        return "math-verify reads it only as a raw string"
+    # Words outside \text{} become a product of one-letter symbols ("no answer here" ->
+    # a*e*h*...): it parses, but nothing a model writes should match it.
+    if _PROSE.search(_COMMAND.sub(" ", _TEXT_GROUP.sub(" ", gold))):
+        return "prose, not a math answer"
+    return None
+
+
+# ---------------------------------------------------------------------------- grading
+
+
+def grade_math_verify(gold: str, response: str) -> tuple[float, str, str]:
     """(reward, status, extracted answer) for one response; gold first, as math-verify wants.
 
     Runs inside a worker process. The boxed answer is preferred over any other expression.
@@ -28,7 +108,7 @@ def grade_one(gold: str, response: str) -> tuple[float, str, str]:
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:
-        gold_parsed = _parse_gold(gold)
+        gold_parsed = parse_gold(gold)
         if not gold_parsed:
             return 0.0, BAD_GOLD, ""
         pred = math_verify.parse(
@@ -44,32 +124,38 @@ def grade_one(gold: str, response: str) -> tuple[float, str, str]:
         return 0.0, ERROR, f"{type(e).__name__}"[:200]
 
 
-def _grade_chunk(pairs: list[tuple[str, str]]) -> list[tuple[float, str, str]]:
-    return [grade_one(g, r) for g, r in pairs]
+# ZhaolinGao/A-PO, verl/utils/reward_score/gsm8k.py, extract_solution(method='strict').
+_GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 
-def _parse_gold(gold: str) -> list:
-    """math-verify's reading of a gold answer; a bare answer is read as inline math."""
-    import math_verify
-
-    return math_verify.parse(gold if "$" in gold or "\\" in gold else f"${gold}$", parsing_timeout=None)
-
-
-def gold_parses(gold: str) -> bool:
-    """Whether math-verify can read a gold answer at all (checked when data is prepared)."""
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    try:
-        return bool(_parse_gold(gold))
-    except Exception:
-        return False
+def grade_gsm8k_strict(gold: str, response: str) -> tuple[float, str, str]:
+    """The authors' strict GSM8K reward: the first ``#### N`` of the response must equal the
+    gold as a string once commas (and `$`) are removed, so ``#### 72.0`` does not match 72."""
+    m = _GSM8K_STRICT.search(response)
+    if m is None:
+        return 0.0, NO_ANSWER, ""
+    answer = m.group(1).replace(",", "").replace("$", "")
+    return (1.0 if answer == gold.strip().replace(",", "") else 0.0), OK, answer[:200]
 
 
-def _gold_chunk(golds: list[str]) -> list[bool]:
-    return [gold_parses(g) for g in golds]
+def grade_one(gold: str, response: str, method: str = "math_verify") -> tuple[float, str, str]:
+    """One response graded in this process, without a time bound (tests, benchmarks)."""
+    return {"math_verify": grade_math_verify, "gsm8k_strict": grade_gsm8k_strict}[method](gold, response)
 
 
-def _warm_up() -> None:
-    import math_verify  # noqa: F401  (the import is the slow part of a worker's start)
+# What a worker calls for each method (workers import functions by name).
+GRADE_FUNCTIONS = {
+    "math_verify": "apo.reward:grade_math_verify",
+    "gsm8k_strict": "apo.reward:grade_gsm8k_strict",
+}
+
+
+GOLD_FUNCTION = "apo.reward:gold_problem"
+
+
+def warm_up() -> None:
+    """A worker's start-up: the imports and math-verify's first-call set-up."""
+    grade_math_verify("1", "\\boxed{1}")
 
 
 @dataclass
@@ -79,45 +165,109 @@ class Grades:
     extracted: list[str]
 
 
+# ---------------------------------------------------------------------------- worker pool
+
+
+# Requests queued in a worker's pipe behind the one it works on, so that it never waits for
+# this process to wake up between two responses and can take all 8 samples of a prompt. Their
+# bytes stay well inside a pipe's buffer (64 KiB on Linux), so writing them never blocks, even
+# to a worker that hangs.
+PIPELINE_DEPTH = 8
+PIPELINE_BYTES = 32 * 1024
+
+
+class _Worker:
+    """One `apo.grade_worker` subprocess and the requests it was sent, in order."""
+
+    def __init__(self, functions: list[str]):
+        # The parent's import path, so that workers import the same `apo` (and test helpers).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "apo.grade_worker", *functions],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        self.buffer = b""
+        self.ready = False
+        self.inflight: deque[tuple[int, int]] = deque()  # (request index, bytes)
+        self.started = 0.0  # when the worker started on the request at the head of `inflight`
+        self.deadline = 0.0  # `started` + the time bound
+        self.spare = False  # started ahead of need; gets no requests until it replaces a worker
+
+    def fileno(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def can_take(self, nbytes: int) -> bool:
+        if not self.ready or len(self.inflight) >= PIPELINE_DEPTH:
+            return False
+        return not self.inflight or sum(b for _, b in self.inflight) + nbytes <= PIPELINE_BYTES
+
+    def send(self, request: bytes, item: int, timeout_s: float) -> bool:
+        """Queue one request; False when the worker is gone."""
+        if not self.inflight:
+            self.started = time.monotonic()
+            self.deadline = self.started + timeout_s
+        self.inflight.append((item, len(request)))
+        try:
+            self.proc.stdin.write(request)
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            self.inflight.pop()
+            return False
+
+    def done(self, timeout_s: float) -> int:
+        """The head request was answered: the next one starts now."""
+        item, _ = self.inflight.popleft()
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
+        return item
+
+    def read(self) -> list | None:
+        """Messages that arrived (decoded JSON), or None once the worker has exited."""
+        data = os.read(self.fileno(), 1 << 16)
+        if not data:
+            return None
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        return [json.loads(line) for line in lines]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self._reap(None)
+
+    def stop(self, wait_s: float = 5.0) -> None:
+        """Let the worker exit at end-of-input; kill it if it does not within `wait_s`."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._reap(wait_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def _reap(self, wait_s: float | None) -> None:
+        self.proc.wait(wait_s)  # no zombie left behind
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
 class Grader:
-    """Runs math-verify in a process pool with a per-item time bound."""
+    """Grades responses in `workers` processes, each response within `timeout_s` seconds."""
 
-    def __init__(
-        self,
-        timeout_s: float = 5.0,
-        workers: int = 2,
-        chunk_size: int = 64,
-        slack_s: float = 30.0,
-        grade_chunk=None,
-    ):
-        self.timeout_s, self.workers, self.chunk_size = timeout_s, workers, chunk_size
-        # A chunk may wait behind the others; it must finish within timeout_s per item + slack.
-        self.slack_s = slack_s
-        # (gold, response) pairs -> [(reward, status, extracted)]; a module-level function,
-        # since spawned workers import it by name.
-        self.grade_chunk = grade_chunk or _grade_chunk
-        self._pool = None
-
-    def _get_pool(self):
-        if self._pool is None:
-            # spawn: workers must not inherit the trainer's threads, CUDA or engine state.
-            self._pool = mp.get_context("spawn").Pool(self.workers)
-            # Start-up (imports) must not count against the first item's time bound.
-            for w in [self._pool.apply_async(_warm_up) for _ in range(self.workers)]:
-                w.get()
-        return self._pool
-
-    def _kill_pool(self):
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
-
-    def close(self):
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
-            self._pool = None
+    def __init__(self, timeout_s: float = 5.0, workers: int = 2, method: str = "math_verify",
+                 grade_fn: str | None = None, max_start_failures: int = 3):
+        if method not in METHODS:
+            raise ValueError(f"grading method {method!r}: use one of {METHODS}")
+        self.timeout_s, self.workers, self.method = timeout_s, workers, method
+        # "module:function" called as fn(gold, response) -> (reward, status, extracted)
+        self.grade_fn = grade_fn or GRADE_FUNCTIONS[method]
+        self.max_start_failures = max_start_failures
+        # Responses take milliseconds; one still running after this is likely to hang.
+        self.spare_after_s = min(1.0, timeout_s / 2)
+        self._pool: list[_Worker] = []
 
     def __enter__(self):
         return self
@@ -125,42 +275,135 @@ class Grader:
     def __exit__(self, *exc):
         self.close()
 
+    def close(self) -> None:
+        for w in self._pool:
+            w.stop()
+        self._pool = []
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._pool]
+
     def grade(self, golds: list[str], responses: list[str]) -> Grades:
         """Reward, status and extracted answer of every response; never raises for bad text."""
-        pairs = list(zip(golds, responses, strict=True))
-        results = self._map(self.grade_chunk, pairs, on_timeout=(0.0, TIMEOUT, ""))
+        calls = [[g, r] for g, r in zip(golds, responses, strict=True)]
+        results = self._run(
+            self.grade_fn, calls, on_timeout=[0.0, TIMEOUT, ""], on_error=[0.0, ERROR, "worker failed"]
+        )
         rewards, status, extracted = (list(x) for x in zip(*results)) if results else ([], [], [])
-        return Grades(rewards, status, extracted)
+        return Grades([float(r) for r in rewards], status, extracted)
 
-    def golds_parse(self, golds: list[str]) -> list[bool]:
-        """Whether each gold answer can be parsed (False also when parsing overran its bound)."""
-        return self._map(_gold_chunk, list(golds), on_timeout=False)
+    def gold_problems(self, golds: list[str]) -> list[str | None]:
+        """`gold_problem` of each gold answer, within the same time bound as a response."""
+        calls = [[g, self.method] for g in golds]
+        return self._run(GOLD_FUNCTION, calls, on_timeout="reading it overran the time bound",
+                         on_error="the grader failed on it")
 
-    def _map(self, fn, items: list, on_timeout) -> list:
-        """fn over chunks of items in the pool; an item that overruns gets `on_timeout`."""
-        out: list = []
-        pool = self._get_pool()
-        chunks = [items[i : i + self.chunk_size] for i in range(0, len(items), self.chunk_size)]
-        pending = [pool.apply_async(fn, (c,)) for c in chunks]
-        for i, chunk in enumerate(chunks):
-            try:
-                out.extend(pending[i].get(self.timeout_s * len(chunk) + self.slack_s))
-            except mp.TimeoutError:
-                log.warning("grading overran its bound; redoing %d items one by one", len(chunk))
-                self._kill_pool()
-                out.extend(self._each(fn, chunk, on_timeout))
-                # The killed pool took the later chunks with it: resubmit them.
-                pool = self._get_pool()
-                pending[i + 1 :] = [pool.apply_async(fn, (c,)) for c in chunks[i + 1 :]]
-        return out
+    def _run(self, fn: str, calls: list, on_timeout, on_error) -> list:
+        """fn(*call) for every call, in the workers; a call that overruns gets `on_timeout`."""
+        requests = [(json.dumps([fn, c]) + "\n").encode() for c in calls]
+        results: list = [None] * len(calls)
+        queue = deque(range(len(calls)))
+        keys, owner = [str(c[0]) for c in calls], {}
+        failures = 0
+        while queue or any(w.inflight for w in self._pool):
+            self._staff(bool(queue))
+            self._dispatch(queue, requests, keys, owner)
+            failures += self._collect(results, queue, on_error)
+            if failures >= self.max_start_failures:
+                self.close()
+                raise RuntimeError(
+                    f"grading workers failed to start {failures} times; their errors are above"
+                )
+            self._expire(results, queue, on_timeout)
+        return results
 
-    def _each(self, fn, items: list, on_timeout) -> list:
-        out = []
-        for item in items:
-            fut = self._get_pool().apply_async(fn, ([item],))
-            try:
-                out.extend(fut.get(self.timeout_s))
-            except mp.TimeoutError:
-                self._kill_pool()
-                out.append(on_timeout)
-        return out
+    def _staff(self, work_left: bool) -> None:
+        """Keep `workers` workers while there is work, plus one spare, started as soon as a
+        response has run for `spare_after_s`: the spare is ready by the time that response's
+        worker is killed, so a hang costs its bound, not its bound and a worker's start."""
+        active = [w for w in self._pool if not w.spare]
+        spares = [w for w in self._pool if w.spare]
+        while work_left and len(active) < self.workers:
+            if spares:
+                spares[0].spare = False
+                active.append(spares.pop(0))
+            else:
+                active.append(self._start())
+        now = time.monotonic()
+        if not spares and any(w.inflight and now > w.started + self.spare_after_s for w in active):
+            self._start().spare = True
+
+    def _start(self) -> _Worker:
+        w = _Worker([self.grade_fn, GOLD_FUNCTION])
+        self._pool.append(w)
+        return w
+
+    def _dispatch(self, queue: deque, requests: list[bytes], keys: list[str], owner: dict) -> None:
+        """Hand queued requests to workers as far as each can take them. Requests with the same
+        key (gold answer) go to the same worker where it has room: the samples of one prompt
+        then share that worker's parse of their gold, and of the answers they agree on.
+        `owner` (key -> worker) lives as long as the batch."""
+        while queue:
+            i = queue[0]
+            w = owner.get(keys[i])
+            if w is None or w not in self._pool or not w.can_take(len(requests[i])):
+                ready = [w for w in self._pool if not w.spare and w.can_take(len(requests[i]))]
+                if not ready:
+                    return
+                w = min(ready, key=lambda w: len(w.inflight))
+            queue.popleft()
+            if w.send(requests[i], i, self.timeout_s):
+                owner[keys[i]] = w
+            else:
+                queue.appendleft(i)  # the worker died; _collect sees it exit
+                return
+
+    def _collect(self, results: list, queue: deque, on_error) -> int:
+        """Wait for answers (until the nearest deadline) and record them; returns how many
+        workers died before they were ready."""
+        readable, _, _ = select.select(self._pool, [], [], self._wait_s())
+        start_failures = 0
+        for w in readable:
+            messages = w.read()
+            if messages is None:  # the worker exited: its head request is lost, the rest retried
+                if w.inflight:
+                    head, _ = w.inflight.popleft()
+                    log.warning("a grading worker exited (code %s) on item %d", w.proc.poll(), head)
+                    results[head] = on_error
+                start_failures += not w.ready
+                self._retire(w, queue)
+                continue
+            for m in messages:
+                if m == "ready":
+                    w.ready = True
+                    continue
+                i = w.done(self.timeout_s)
+                if "error" in m:
+                    log.warning("grading item %d failed: %s", i, m["error"])
+                results[i] = m["ok"] if "ok" in m else on_error
+        return start_failures
+
+    def _wait_s(self) -> float:
+        """How long to wait for answers: until the nearest deadline, or the moment a spare
+        should start, or 1 s."""
+        busy, now = [w for w in self._pool if w.inflight], time.monotonic()
+        wake = [w.deadline for w in busy]
+        if not any(w.spare for w in self._pool):  # (a spare time already past has been acted on)
+            wake += [t for t in (w.started + self.spare_after_s for w in busy) if t > now]
+        return min([1.0, *(max(0.0, t - now) for t in wake)])
+
+    def _expire(self, results: list, queue: deque, on_timeout) -> None:
+        """Kill every worker whose current request is past its deadline: that request gets
+        `on_timeout`, the ones queued behind it go back to the queue."""
+        now = time.monotonic()
+        for w in [w for w in self._pool if w.inflight and now > w.deadline]:
+            head, _ = w.inflight.popleft()
+            log.warning("grading item %d overran %.1f s: reward 0, worker replaced", head, self.timeout_s)
+            results[head] = on_timeout
+            self._retire(w, queue)
+
+    def _retire(self, w: _Worker, queue: deque) -> None:
+        queue.extendleft(reversed([i for i, _ in w.inflight]))
+        w.kill()
+        self._pool.remove(w)

@@ -91,5 +91,5 @@ def sample_shard(
     prompts = shard_rows(read_stage_parquet(prompts_path), shard, settings["shards"], str(prompts_path), shards_key)
     seed = settings["seed"] * 10_007 + shard
     generator = open_generator(settings["backend"], model_path, generation, prompts, sampling.max_new_tokens, seed)
-    with Grader(grading["timeout_s"], grading["workers"]) as grader:
+    with Grader(grading["timeout_s"], grading["workers"], settings["grading_method"]) as grader:
         return sample_and_grade(generator, grader, prompts, sampling, seed=seed)

@@ -30,10 +30,10 @@ from apo.fingerprint import DigestCache, content_digest
 FORMAT_VERSION = {
     "demo_model": 2,
     "data": 2,
-    "sample": 1,
+    "sample": 2,
     "vstar": 2,
-    "train": 1,
-    "eval": 1,
+    "train": 2,
+    "eval": 2,
 }
 
 # train.* keys that change speed and memory, not results: passed to the job, not addressed
@@ -133,6 +133,11 @@ def _pick(section: dict, keys: list[str]) -> dict:
     return {k: section[k] for k in keys}
 
 
+def _grading(grading: dict) -> dict:
+    """What every grading stage's address holds of the `grading` block (workers is speed only)."""
+    return {"grading_timeout_s": grading["timeout_s"], "grading_method": grading["method"]}
+
+
 class Plan:
     """Every stage one experiment needs, keyed by (kind, hash).
 
@@ -178,7 +183,7 @@ class Plan:
                 {
                     **_pick(s, ["n", "temperature", "top_p", "max_new_tokens", "seed", "shards"]),
                     "backend": config["generation"]["backend"],
-                    "grading_timeout_s": grading["timeout_s"],
+                    **_grading(grading),
                 },
                 {"model": self.model, "prompts": self.train_data},
             )
@@ -197,13 +202,18 @@ class Plan:
                 self.evals[label, name] = self._add(
                     "eval",
                     {
-                        **config["evaluate"],
+                        **self.eval_settings(name),
                         "backend": config["generation"]["backend"],
-                        "grading_timeout_s": config["grading"]["timeout_s"],
+                        **_grading(grading),
                     },
                     {"model": model, "prompts": bench},
                 )
         self.digests.save()
+
+    def eval_settings(self, benchmark: str) -> dict:
+        """The top-level `evaluate` block with the benchmark's own `evaluate` keys over it."""
+        spec = next(b for b in self.config["data"]["benchmarks"] if b["name"] == benchmark)
+        return {**self.config["evaluate"], **spec.get("evaluate", {})}
 
     def _train(self, method: str, seed: int) -> Stage:
         """A training stage reads the shared train settings and its own method's keys only
@@ -216,7 +226,7 @@ class Plan:
             method=method,
             seed=seed,
             backend=self.config["generation"]["backend"],
-            grading_timeout_s=self.config["grading"]["timeout_s"],
+            **_grading(self.config["grading"]),
         )
         inputs = {"model": self.model, "prompts": self.train_data}
         if spec.reads_vstar:
@@ -230,9 +240,11 @@ class Plan:
 
     def _dataset(self, spec: dict) -> Stage:
         # The tokenizer (chat template) shapes the prompts, so the model is an input. The
-        # benchmark's display name is not a setting: it does not change the file.
-        settings = {k: v for k, v in spec.items() if k != "name"}
+        # benchmark's display name and how it is evaluated do not change the file.
+        settings = {k: v for k, v in spec.items() if k not in ("name", "evaluate")}
         settings["prompt"] = self.config["prompt"]
+        # Which golds are kept depends on what the grading method can read.
+        settings["grading_method"] = self.config["grading"]["method"]
         inputs = {"tokenizer": self.model}
         if spec["path"] == DEMO:
             inputs["source"] = self.demo

@@ -49,6 +49,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def clock() -> float:
+    """Wall time once the GPU has run what was queued: CUDA kernels run asynchronously, and
+    without the wait a phase would be charged for the kernels of the one before it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def batch_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
     """Prompts of generation step `step`: a fresh permutation per epoch, batches never straddle
     an epoch boundary (the tail of an epoch that does not fill a batch is skipped, as the
@@ -240,17 +248,17 @@ def rollout(t: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
     """Sample this process's share of the step's prompts and grade the responses. The sampler
     is seeded per step and process, so a resumed run draws what the uninterrupted run drew."""
     s, n, acc = t.s, t.sampling.n, t.accelerator
-    clock = time.perf_counter()
+    tick = clock()
     idx = batch_indices(step, s["batch_size"], len(t.data), s["seed"])[acc.process_index :: t.world]
     batch = t.data.iloc[idx]
     seed = s["seed"] * 1_000_003 + step + 7_919 * acc.process_index
     outs = t.generator.generate(list(batch["prompt"]), t.sampling, progress=False, seed=seed)
     completions = [c for cs in outs for c in cs]
     t.generator.sleep()  # GPU: hand the engine's memory to the update
-    times["generate"] = time.perf_counter() - clock
-    clock = time.perf_counter()
+    times["generate"] = clock() - tick
+    tick = clock()
     grades = grader.grade(list(batch["answer"].repeat(n)), [c.text for c in completions])
-    times["grade"] = time.perf_counter() - clock
+    times["grade"] = clock() - tick
     finished = [c.finished for c in completions]
     rewards = torch.tensor(grades.rewards, device=acc.device)
     if s["require_eos"]:  # the authors' reward: 0 for a response cut at the length limit
@@ -285,16 +293,16 @@ def score(t: Trainer, r: Rollout, times: dict) -> None:
     def logprobs(model, p, resp, pad_id):
         return token_logprobs(model, p, resp, pad_id, temp)
 
-    clock = time.perf_counter()
+    tick = clock()
     with t.accelerator.autocast():
         r.ref_logp, r.mask = score_batch(logprobs, t.reference, r.p_ids, r.r_ids, parts, pad)
-        times["ref_logprobs"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        times["ref_logprobs"] = clock() - tick
+        tick = clock()
         ppo_kl = t.critic is not None and s["ppo"]["kl_coef"] > 0
         if t.method.needs_old_logp and (t.n_minis > 1 or ppo_kl):
             r.old_logp, _ = score_batch(logprobs, t.policy, r.p_ids, r.r_ids, parts, pad)
-        times["old_logprobs"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+        times["old_logprobs"] = clock() - tick
+        tick = clock()
         if t.critic is not None:
             p = s["ppo"]
             r.old_values, _ = score_batch(token_values, t.critic, r.p_ids, r.r_ids, parts, pad)
@@ -302,7 +310,7 @@ def score(t: Trainer, r: Rollout, times: dict) -> None:
             token_rewards = ppo_token_rewards(r.rewards, kl_logp, r.ref_logp, r.mask, p["kl_coef"])
             advantages, r.returns = gae(token_rewards, r.old_values, r.mask, p["gamma"], p["lam"])
             r.advantages = masked_whiten(advantages, r.mask)
-        times["values"] = time.perf_counter() - clock
+        times["values"] = clock() - tick
 
 
 def mini_batch_tokens(t: Trainer, r: Rollout) -> list[float]:
@@ -404,16 +412,16 @@ def train_step(t: Trainer, grader: Grader, step: int) -> dict:
     """Rollout, score, update, weight sync: one generation step, timed by phase. Time spent
     here is training time; the phases add up to `time_step_s`."""
     times = {}
-    t0 = time.perf_counter()
+    t0 = clock()
     r = rollout(t, grader, step, times)
     score(t, r, times)
-    clock = time.perf_counter()
+    tick = clock()
     stats = update(t, r, step)
-    times["update"] = time.perf_counter() - clock
-    clock = time.perf_counter()
+    times["update"] = clock() - tick
+    tick = clock()
     t.generator.sync_weights(t.accelerator.unwrap_model(t.policy))
-    times["sync"] = time.perf_counter() - clock
-    times["step"] = time.perf_counter() - t0
+    times["sync"] = clock() - tick
+    times["step"] = clock() - t0
     return step_row(t, r, step, stats, times)
 
 
@@ -461,7 +469,8 @@ def train(
     start = len(history)
     bar = tqdm(range(start, settings["steps"]), desc="train", initial=start, total=settings["steps"],
                mininterval=2, disable=not t.accelerator.is_main_process)
-    with Grader(grading["timeout_s"], grading["workers"]) as grader:
+    # time bound and method from the stage's address; the worker count is a runtime knob
+    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"]) as grader:
         for step in bar:
             row = train_step(t, grader, step)
             after_step(t, row, history, monitor, tracker)
