@@ -15,7 +15,10 @@ def test_demo_config_is_valid_and_gets_defaults(demo_config):
     assert cfg["train"]["collapse"]["window"] == 20  # nested default
 
 
-@pytest.mark.parametrize("config_file", sorted(set((ROOT / "config").rglob("*.yaml")) - {ROOT / "config/benchmarks/catalog.yaml"}))
+SHIPPED = sorted(p for p in (ROOT / "config").rglob("*.yaml") if p.parent.name not in ("benchmarks", "base"))
+
+
+@pytest.mark.parametrize("config_file", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_configs_are_valid(config_file):
     validate_config(yaml.safe_load(config_file.read_text()), SCHEMA)
 
@@ -247,3 +250,12 @@ def test_paper_configs_report_amc23_as_avg_at_32():
         cfg = load_config(ROOT / "config" / "paper" / f"{name}.yaml")
         amc = next(b for b in cfg["data"]["benchmarks"] if b["name"] == "amc23")
         assert amc["evaluate"]["k"] == 32, name
+
+
+def test_paper_configs_share_one_base():
+    """Each paper config names the model and what depends on its size; the recipe lives once,
+    in config/paper/base/math.yaml, and no paper file repeats a training setting of it."""
+    for path in sorted((ROOT / "config" / "paper").glob("*.yaml")):
+        own = yaml.safe_load(path.read_text())
+        assert own["extends"] == "config/paper/base/math.yaml", path.name
+        assert set(own.get("train", {})) <= {"steps", "require_eos"}, path.name  # GSM8K's reward has no EOS rule

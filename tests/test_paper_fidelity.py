@@ -38,16 +38,15 @@ def lookup(config: dict, dotted: str):
 
 @pytest.mark.parametrize("path", MATH_CONFIGS, ids=lambda p: p.name)
 def test_documented_values_are_the_paper_configs(path):
-    config = validate_config(yaml.safe_load(path.read_text()), SCHEMA)
+    config = validate_config(yaml.safe_load(path.read_text()), SCHEMA, base_dir=ROOT)
     claims = documented_values()
     assert len(claims) >= 25, claims  # the parser found the table
     wrong = {k: (v, lookup(config, k)) for k, v in claims.items() if lookup(config, k) != v}
     assert not wrong, f"docs/paper-fidelity.md vs {path.name}: {wrong}"
 
 
-@pytest.mark.parametrize("path", MATH_CONFIGS, ids=lambda p: p.name)
-def test_every_training_setting_of_the_paper_configs_is_documented(path):
-    train = yaml.safe_load(path.read_text())["train"]
+def test_every_training_setting_of_the_paper_recipe_is_documented():
+    train = yaml.safe_load((ROOT / "config" / "paper" / "base" / "math.yaml").read_text())["train"]
     named = documented_values()
     missing = [f"train.{k}" for k, v in train.items() if not isinstance(v, dict) and f"train.{k}" not in named]
-    assert not missing, f"{path.name} sets {missing}, which docs/paper-fidelity.md does not list"
+    assert not missing, f"config/paper/base/math.yaml sets {missing}, which docs/paper-fidelity.md does not list"

@@ -222,7 +222,7 @@ def check_config(profile: Profile, config_path: Path) -> dict:
         "micro_batch_size": profile.micro_batch_size, "max_new_tokens": profile.response_tokens,
         "steps": profile.steps, "checkpoint_every": profile.steps,
     }
-    return validate_config(raw, source=f"{config_path} (with the GPU check's sizes)")
+    return validate_config(raw, source=f"{config_path} (with the GPU check's sizes)", base_dir=ROOT)
 
 
 def method_settings(config: dict, method: str) -> dict:
