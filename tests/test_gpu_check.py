@@ -14,6 +14,7 @@ import yaml
 from apo import gpu_check as G
 from apo import methods
 from apo import train as T
+from apo.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Mia has 7 marbles. She finds 5 more. How many marbles does Mia have now? Think step by step.",
@@ -88,7 +89,7 @@ def test_full_size_tokenizer_and_model_have_qwen25_1_5b_shape():
 
 
 def test_check_trains_with_the_paper_settings_at_the_check_sizes():
-    paper = yaml.safe_load(G.PAPER_CONFIG.read_text())["train"]
+    paper = validate_config(yaml.safe_load(G.PAPER_CONFIG.read_text()), base_dir=ROOT)["train"]
     config = G.check_config(G.FULL, G.PAPER_CONFIG)
     sizes = {"batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 1, "max_new_tokens": 512, "steps": 3}
     for method in G.METHODS:
