@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from apo.memory import KNOWN_MODELS
+
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_CONFIG = ROOT / "config" / "paper" / "qwen2.5-1.5b.yaml"
 METHODS = ("apo", "grpo", "rebel", "ppo")  # A*-PO first: every ratio is to it
@@ -50,8 +52,13 @@ class Architecture:
     vocab_size: int
 
 
-# Qwen/Qwen2.5-1.5B's config.json; with tied embeddings it has this many parameters.
-QWEN25_1_5B = Architecture(1536, 28, 12, 2, 8960, 151_936)
+def _architecture(shape) -> Architecture:
+    return Architecture(**{f: getattr(shape, f) for f in Architecture.__dataclass_fields__})
+
+
+# Qwen/Qwen2.5-1.5B as the memory plan knows it (its config.json); with tied embeddings it
+# has this many parameters.
+QWEN25_1_5B = _architecture(KNOWN_MODELS["Qwen/Qwen2.5-1.5B"])
 QWEN25_1_5B_PARAMETERS = 1_543_714_304
 
 
