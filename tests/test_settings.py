@@ -147,3 +147,23 @@ def test_a_registered_method_is_planned_with_its_own_settings_only(demo_config, 
     settings = p.trains["apo_twin"].settings
     assert "grpo" in settings and "beta2" not in settings and settings["method"] == "apo_twin"
     assert p.trains["apo_twin"].inputs["vstar"] is p.vstar  # reads_vstar, as A*-PO
+
+
+def test_validation_set_and_settings_are_part_of_the_training_address(demo_config):
+    base = plan(demo_config)
+    assert base.trains["apo"].inputs["validation"] is base.validation
+    assert base.validation.settings["split"] == "valid"
+    for change in [{"train__validate_every": 25}, {"train__validation": {"temperature": 1.0, "k": 4}},
+                   {"data__validation": {**demo_config["data"]["validation"], "limit": 64}}]:
+        assert changed(base, plan(demo_config, **change)) == {"train:apo", "eval:apo:demo_test"}, change
+    # spelling out the default length (the training length) keeps the address
+    same = plan(demo_config, train__validation={"max_new_tokens": demo_config["train"]["max_new_tokens"]})
+    assert changed(base, same) == set()
+
+
+def test_without_a_validation_set_its_settings_are_not_read(demo_config):
+    del demo_config["data"]["validation"]
+    base = plan(demo_config)
+    assert base.validation is None and "validation" not in base.trains["apo"].inputs
+    assert "validate_every" not in base.trains["apo"].settings
+    assert changed(base, plan(demo_config, train__validate_every=7)) == set()

@@ -64,7 +64,7 @@ def cmd_demo(args):
     with stage_job(args) as tracker, tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
         info = demo.build(args.manifest["settings"], tmp, args.instruction)
         tracker.log_metrics(info)
-        for name in ("train.jsonl", "test.jsonl", "model"):  # the model last: rules wait for it
+        for name in ("train.jsonl", "test.jsonl", "valid.jsonl", "model"):  # the model last: rules wait for it
             move_into_place(Path(tmp) / name, out / name)
 
 
@@ -140,6 +140,7 @@ def cmd_train(args):
     run = functools.partial(
         train.train, s, args.model, args.prompts, args.vstar, out, args.runtime["generation"],
         args.runtime["grading"], gradient_checkpointing=args.runtime.get("train", {}).get("gradient_checkpointing", False),
+        validation_path=args.validation,
     )
     if int(os.environ.get("RANK", 0)) != 0:
         # Under `accelerate launch` with several GPUs the other processes train their share of
@@ -151,6 +152,7 @@ def cmd_train(args):
         tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items()
                              if isinstance(v, (int, float))})
         write_json(out / "summary.json", result["summary"])
+        write_parquet(out / "validation.parquet", result["validation"])
         write_parquet(out / "metrics.parquet", result["history"])
 
 
@@ -237,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--vstar", help="V* table (A*-PO only)")
+    sp.add_argument("--validation", help="validation prompts (data.validation), scored during training")
     sp = stage("evaluate", cmd_evaluate, "sample and grade k responses per problem (one shard of a benchmark)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True)

@@ -80,11 +80,22 @@ def fill_defaults(instance, schema: dict, root: dict):
                 instance[key] = copy.deepcopy(sub["default"])
             if key in instance:
                 instance[key] = _coerce(instance[key], sub)
-                fill_defaults(instance[key], sub, root)
+                fill_defaults(instance[key], _object_branch(sub, instance[key], root), root)
     elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
         for item in instance:
             fill_defaults(item, schema["items"], root)
     return instance
+
+
+def _object_branch(schema: dict, value, root: dict) -> dict:
+    """For an optional block (`anyOf: [null, object]`) given as an object: the object branch,
+    whose defaults are filled in; any other schema as it is."""
+    if isinstance(value, dict):
+        for branch in schema.get("anyOf", []):
+            branch = _resolve(branch, root)
+            if branch.get("type") == "object":
+                return branch
+    return schema
 
 
 def _key(path) -> str:
@@ -123,6 +134,7 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
                 lines.append(f"config key '{_key(e.absolute_path)}': {e.message}")
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines))
     _check_consistency(config, source)
+    _check_validation(config, source)
     # Stage addresses name the engine that actually samples, never "auto".
     config["generation"]["backend"] = resolve_backend(config["generation"]["backend"])
     return config
@@ -178,3 +190,32 @@ def _check_vstar_table(v: dict, source: str) -> None:
             raise ConfigError(
                 f"invalid {source}: config key 'vstar.table': give exactly one of '{a}' and '{b}'"
             )
+
+
+def _split_of(spec: dict) -> tuple:
+    """What a prompt set is drawn from: two specs with the same (path, subset, split) share
+    problems, whatever their limits."""
+    return spec["path"], spec.get("subset"), spec["split"]
+
+
+def _check_validation(config: dict, source: str) -> None:
+    """data.validation is held out: neither the training split nor, unless declared with
+    data.validation_on_benchmark, a benchmark's. Its null length is the training length, filled
+    in here so that spelling it out does not change the training stage's address."""
+    v = config["train"]["validation"]
+    if v["max_new_tokens"] is None:
+        v["max_new_tokens"] = config["train"]["max_new_tokens"]
+    spec = config["data"].get("validation")
+    if spec is None:
+        return
+    where = f"dataset {spec['path']!r} split {spec['split']!r}"
+    if _split_of(spec) == _split_of(config["data"]["train"]):
+        raise ConfigError(f"invalid {source}: config key 'data.validation': {where} is the training set (data.train); "
+                          "validate on problems the policy is not trained on")
+    same = [b["name"] for b in config["data"]["benchmarks"] if _split_of(b) == _split_of(spec)]
+    if same and not config["data"]["validation_on_benchmark"]:
+        raise ConfigError(
+            f"invalid {source}: config key 'data.validation': {where} is the test set of benchmark(s) {same}; "
+            "validate on data no benchmark uses, or set data.validation_on_benchmark: true to declare it "
+            "(the report then says that the validation set is not held out)"
+        )

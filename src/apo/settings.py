@@ -22,7 +22,7 @@ from apo import __version__, methods
 # Bump a stage's format version when its code changes what it writes for the same settings;
 # every downstream address changes with it.
 FORMAT_VERSION = {
-    "demo_model": 1,
+    "demo_model": 2,
     "data": 1,
     "sample": 1,
     "vstar": 1,
@@ -32,6 +32,8 @@ FORMAT_VERSION = {
 
 # train.* keys that change speed and memory, not results: passed to the job, not addressed
 RUNTIME_TRAIN_KEYS = ("gradient_checkpointing",)
+# train.* keys read only when data.validation is set: a run without one keeps its address
+VALIDATION_TRAIN_KEYS = ("validate_every", "validation")
 DEMO = "demo"  # the value of `model` / a dataset `path` that means "the embedded demo"
 HASH_LEN = 12
 
@@ -97,7 +99,8 @@ class Plan:
 
     Attributes name the stages by role: `demo` (or None), `model` (the reference model: the
     demo Stage or a hub id / path string), `train_data`, `benchmarks` (name -> Stage),
-    `sample` (None when V* comes from a published table), `vstar`, `trains` (label -> Stage, one per method and seed), and `evals`:
+    `sample` (None when V* comes from a published table), `vstar`, `validation` (the
+    data.validation prompt set, or None), `trains` (label -> Stage, one per method and seed), and `evals`:
     (model label, benchmark name) -> Stage.
     """
 
@@ -116,6 +119,8 @@ class Plan:
         grading = config["grading"]
         self.train_data = self._dataset(config["data"]["train"])
         self.benchmarks = {b["name"]: self._dataset(b) for b in config["data"]["benchmarks"]}
+        spec = config["data"].get("validation")
+        self.validation = self._dataset(spec) if spec is not None else None
 
         s, v = config["sample"], config["vstar"]
         if v["source"] == "table":
@@ -165,6 +170,8 @@ class Plan:
         (apo.methods); A*-PO reads V* (and so the reference samples), the baselines do not."""
         train, spec = self.config["train"], methods.get(method)
         skip = methods.method_only_keys() | set(RUNTIME_TRAIN_KEYS)
+        if self.validation is None:  # validation settings are read only with a validation set
+            skip |= set(VALIDATION_TRAIN_KEYS)
         settings = {k: v for k, v in train.items() if k not in skip}
         settings.update({k: train[k] for k in spec.settings})
         settings.update(
@@ -176,6 +183,8 @@ class Plan:
         inputs = {"model": self.model, "prompts": self.train_data}
         if spec.reads_vstar:
             inputs["vstar"] = self.vstar
+        if self.validation is not None:
+            inputs["validation"] = self.validation
         return self._add("train", settings, inputs)
 
     def _add(self, kind: str, settings: dict, inputs: dict) -> Stage:

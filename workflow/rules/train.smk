@@ -4,10 +4,12 @@ rule train:
         model=upstream_model("train"),
         prompts=upstream("train", "prompts", "prompts.parquet"),
         vstar=upstream("train", "vstar", "vstar.parquet"),
+        validation=upstream("train", "validation", "prompts.parquet"),
     output:
         model=directory(f"{RESULTS}/train/{{h}}/model"),
         metrics=f"{RESULTS}/train/{{h}}/metrics.parquet",
         summary=f"{RESULTS}/train/{{h}}/summary.json",
+        validation=f"{RESULTS}/train/{{h}}/validation.parquet",
     log:
         f"{RESULTS}/train/{{h}}/log/train.log",
     benchmark:
@@ -25,8 +27,11 @@ rule train:
         runtime=RUNTIME,
         model=upstream_model_path("train"),
         vstar=lambda w, input: f"--vstar {input.vstar}" if input.vstar else "",
+        validation=lambda w, input: (
+            f"--validation {input.validation}" if input.validation else ""
+        ),
         launch=accelerate_args,
     shell:
         "accelerate launch {params.launch} --module apo.cli train --manifest {params.manifest:q} --stage-dir {params.dir} "
         "--runtime {params.runtime:q} --model {params.model:q} --prompts {input.prompts} "
-        "{params.vstar} 2>> {log}"
+        "{params.vstar} {params.validation} 2>> {log}"
