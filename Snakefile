@@ -33,6 +33,9 @@ rule all:
                 "paper_table.tex",
                 "training_curves.png",
                 "training_phases.png",
+                "validation_time.png",
+                "validation_steps.png",
+                "time_to_accuracy.csv",
             ],
         ),
 

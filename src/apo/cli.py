@@ -192,7 +192,8 @@ def cmd_report(args):
     tracker = Tracker(uri, run_name=f"report-{spec['experiment']}", params={"stages": spec["stages"]},
                       tags={"stage": "report", "experiment": spec["experiment"]})
     tracker.log_metrics({f"accuracy.{r.model}.{r.benchmark}": r.accuracy for r in table.itertuples()})
-    for name in ("report.md", "summary.csv", "paper_table.csv", "paper_table.tex", "training_curves.png"):
+    for name in ("report.md", "summary.csv", "paper_table.csv", "paper_table.tex", "training_curves.png",
+                 "validation_time.png", "validation_steps.png", "time_to_accuracy.csv"):
         tracker.log_artifact(out / name)
     tracker.finish()
 

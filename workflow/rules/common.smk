@@ -103,12 +103,14 @@ def report_spec():
                 }
                 for label, s in PLAN.trains.items()
             ],
+            "validation": validation_spec(),
             "stages": {
                 name: s.dir
                 for name, s in [
                     ("demo_model", PLAN.demo),
                     ("data_train", PLAN.train_data),
                     *[(f"data_{b}", s) for b, s in PLAN.benchmarks.items()],
+                    ("data_validation", PLAN.validation),
                     ("sample", PLAN.sample),
                     ("vstar", PLAN.vstar),
                     *[(f"train_{label}", s) for label, s in PLAN.trains.items()],
@@ -117,6 +119,18 @@ def report_spec():
             },
         }
     )
+
+
+def validation_spec():
+    """What the report says of the validation set: which it is, and whether the config
+    declares it a test benchmark's (data.validation_on_benchmark)."""
+    spec = config["data"]["validation"]
+    if spec is None:
+        return None
+    return {
+        "dataset": f"{spec['path']} split {spec['split']}",
+        "on_benchmark": config["data"]["validation_on_benchmark"],
+    }
 
 
 def job_resources(section):

@@ -1,9 +1,11 @@
 rule report:
     """Accuracy table (Markdown, CSV), the paper's method comparison (Markdown, CSV, LaTeX),
-    training curves, training time by phase, links to the stages used."""
+    training curves, training time by phase, validation accuracy against training time and
+    steps with the time to reach it, links to the stages used."""
     input:
         scores=[f"{s.dir}/scores.json" for s in PLAN.evals.values()],
         metrics=[f"{s.dir}/metrics.parquet" for s in PLAN.trains.values()],
+        validation=[f"{s.dir}/validation.parquet" for s in PLAN.trains.values()],
     output:
         md=report(
             f"{EXPERIMENT_DIR}/report.md",
@@ -23,6 +25,17 @@ rule report:
             caption="../report/phases.rst",
             category="Training",
         ),
+        validation_time=report(
+            f"{EXPERIMENT_DIR}/validation_time.png",
+            caption="../report/validation.rst",
+            category="Training",
+        ),
+        validation_steps=report(
+            f"{EXPERIMENT_DIR}/validation_steps.png",
+            caption="../report/validation.rst",
+            category="Training",
+        ),
+        time_to_accuracy=f"{EXPERIMENT_DIR}/time_to_accuracy.csv",
     log:
         f"{EXPERIMENT_DIR}/log/report.log",
     benchmark:
