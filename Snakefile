@@ -44,6 +44,7 @@ localrules:
     all,
     report,
     scores,
+    pick,
 
 
 include: "workflow/rules/demo.smk"
@@ -51,5 +52,6 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/vstar.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/sweep.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

@@ -2,6 +2,7 @@
 means and ratios are checked by hand."""
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -120,8 +121,12 @@ def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
         write_json(d / "scores.json", {"accuracy": 0.5, "n": 10, "k": 1, "temperature": 0.0, "top_p": 1.0,
                                        "max_new_tokens": 8, "unparsed": 0})
         evals.append({"model": label, "benchmark": "b", "dir": str(d)})
+    sweep = [{"method": "apo", "label": "apo-lr0.0001", "combo": {"lr": 1e-4}, "dir": trainings[1]["dir"],
+              "picked": False},
+             {"method": "apo", "label": "apo-lr0.0003", "combo": {"lr": 3e-4}, "dir": trainings[0]["dir"],
+              "picked": True}]
     spec = {"experiment": "x", "evals": evals, "trainings": trainings, "stages": {},
-            "validation": {"dataset": "demo split valid", "on_benchmark": True}}
+            "validation": {"dataset": "demo split valid", "on_benchmark": True}, "sweep": sweep}
     report.write(spec, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "![validation accuracy against training time](validation_time.png)" in md
@@ -130,5 +135,8 @@ def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
     # best final 0.8 (both); 95 % = 0.76: A*-PO at 120 s, GRPO at 300 s; 100 %: 120 s and 600 s
     assert tta.loc["apo", "time_to_95_s"] == 120 and tta.loc["grpo", "time_to_95_s"] == 300
     assert tta.loc["grpo", "ratio_95"] == pytest.approx(2.5) and tta.loc["grpo", "ratio_100"] == pytest.approx(5.0)
+    # the grid and the pick
+    assert "## Sweep" in md and re.search(r"\| A\*-PO +\| 0.0003 +\| 80.00 +\| 2.00 +\| yes", md)
+    assert md.split("## Sweep")[1].count("| yes") == 1
     for name in ("validation_time.png", "validation_steps.png"):
         assert (tmp_path / "out" / name).stat().st_size > 5000

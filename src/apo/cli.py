@@ -156,6 +156,18 @@ def cmd_train(args):
         write_parquet(out / "metrics.parquet", result["history"])
 
 
+def cmd_pick(args):
+    from apo import sweep
+    from apo.io import write_json
+
+    with stage_job(args) as tracker:
+        result = sweep.pick(args.runs)
+        tracker.log_metrics({f"final_val_accuracy.{r['label']}": r["final_accuracy"] for r in result["runs"]})
+        tracker.set_tags({"picked": result["label"]})
+        log.info("%s: picked %s %s", args.manifest["settings"]["method"], result["label"], result["picked"])
+        write_json(args.out, result)
+
+
 def cmd_evaluate(args):
     from apo import evaluate
     from apo.io import write_parquet
@@ -241,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--vstar", help="V* table (A*-PO only)")
     sp.add_argument("--validation", help="validation prompts (data.validation), scored during training")
+    sp = stage("pick", cmd_pick, "a sweep's pick: the grid run with the best final validation accuracy")
+    sp.add_argument("--runs", type=_json, required=True, help="[{label, combo, dir}] of the grid's runs (JSON)")
+    sp.add_argument("--out", required=True)
     sp = stage("evaluate", cmd_evaluate, "sample and grade k responses per problem (one shard of a benchmark)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--prompts", required=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from apo import methods
+from apo import methods, sweep
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -43,10 +43,13 @@ def _coerce(value, schema: dict):
     Nested values given with `snakemake --config key="{a: 1e-4}"` arrive as strings, and
     YAML reads `1e-4` (no dot) as a string too.
     """
+    branches = [schema, *schema.get("anyOf", [])]  # a sweepable key: a scalar or a list of them
+    if isinstance(value, list):
+        items = [b["items"] for b in branches if isinstance(b.get("items"), dict)]
+        return [_coerce(v, items[0]) for v in value] if items else value
     if not isinstance(value, str):
         return value
-    types = schema.get("type", [])
-    types = [types] if isinstance(types, str) else types
+    types = [t for b in branches for t in ([b["type"]] if isinstance(b.get("type"), str) else b.get("type", []))]
     for t, parse in [("integer", int), ("number", float), ("boolean", _parse_bool), ("null", _parse_null)]:
         if t in types:
             try:
@@ -105,6 +108,20 @@ def _key(path) -> str:
     return "".join(parts) or "<top level>"
 
 
+def _message(error) -> str:
+    """The error's message; for a sweepable key (`anyOf`: a value or a list of values) what is
+    wrong with the value given, read as the branch of its kind."""
+    if error.validator != "anyOf" or not error.context:
+        return error.message
+    kinds = ["array" if b.get("type") == "array" else "scalar" for b in error.schema["anyOf"]]
+    if "array" not in kinds:
+        return error.message
+    want = kinds.index("array" if isinstance(error.instance, list) else "scalar")
+    sub = next((e for e in error.context if e.schema_path[0] == want), error.context[0])
+    item = f"item {sub.path[0]}: " if sub.path else ""
+    return f"{item}{sub.message} (a value, or a list of values to sweep)"
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -131,7 +148,7 @@ def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH, source:
                 keys = ", ".join(f"'{where + '.' if e.absolute_path else ''}{k}'" for k in extra)
                 lines.append(f"unknown config key {keys}")
             else:
-                lines.append(f"config key '{_key(e.absolute_path)}': {e.message}")
+                lines.append(f"config key '{_key(e.absolute_path)}': {_message(e)}")
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines))
     _check_consistency(config, source)
     _check_validation(config, source)
@@ -206,6 +223,13 @@ def _check_validation(config: dict, source: str) -> None:
     if v["max_new_tokens"] is None:
         v["max_new_tokens"] = config["train"]["max_new_tokens"]
     spec = config["data"].get("validation")
+    listed = sweep.listed_keys(config["train"])
+    if listed and (spec is None or config["data"]["validation_on_benchmark"]):
+        raise ConfigError(
+            f"invalid {source}: config key 'train.{listed[0]}' lists several values, a sweep, which picks each "
+            "method's run by its validation accuracy: set data.validation to a set no benchmark uses"
+            + (" (data.validation_on_benchmark is true: the pick would be made on test problems)" if spec else "")
+        )
     if spec is None:
         return
     where = f"dataset {spec['path']!r} split {spec['split']!r}"

@@ -182,6 +182,27 @@ def validation_markdown(validation: dict | None, tta: pd.DataFrame | None) -> li
     return lines
 
 
+def sweep_markdown(runs: list[dict]) -> list[str]:
+    """The report's section on sweeps: every run of each method's grid, its final validation
+    accuracy and training time, and the pick."""
+    if not runs:
+        return []
+    rows = []
+    for r in runs:
+        v = pd.read_parquet(Path(r["dir"]) / "validation.parquet").sort_values("step").iloc[-1]
+        rows.append({"method": METHOD_NAMES.get(r["method"], r["method"]),
+                     **{k: f"{val:g}" for k, val in r["combo"].items()},
+                     "final val. acc. (%)": f"{100 * v['accuracy']:.2f}",
+                     "training time (min)": f"{v['train_time_s'] / 60:.2f}",
+                     "picked": "yes" if r["picked"] else ""})
+    table = pd.DataFrame(rows).fillna("–")
+    return ["## Sweep", "",
+            "Each method trained once per combination of the listed settings on the first seed; its "
+            "pick (the best final validation accuracy, never a benchmark's) is the run trained on "
+            "the other seeds and evaluated above.", "",
+            table.to_markdown(index=False, disable_numparse=True), ""]
+
+
 def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages: dict,
              paper: pd.DataFrame | None = None, phases: pd.DataFrame | None = None,
              validation: list[str] | None = None) -> str:
@@ -215,10 +236,10 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
         if s.get("collapse"):
             lines.append(f"  - **collapse detected**: {s['collapse']}")
     lines += ["", "![training curves](training_curves.png)", ""]
-    lines += validation or []
     if phases is not None:
         lines += ["Where the training time went (seconds, summed over optimizer steps):", "",
                   phases.round(1).to_markdown(), "", "![training time by phase](training_phases.png)", ""]
+    lines += validation or []
     lines += ["## Data", ""]
     for name, d in stages.items():
         counts_file = Path(d) / "counts.json"
@@ -261,7 +282,7 @@ def write(spec: dict, out_dir: str | os.PathLike) -> pd.DataFrame:
     with atomic_path(out_dir / "paper_table.csv") as tmp:
         paper.to_csv(tmp, float_format="%.4f")
     write_text(out_dir / "paper_table.tex", paper_table_latex(paper))
-    val = write_validation(spec, out_dir)
+    val = write_validation(spec, out_dir) + sweep_markdown(spec.get("sweep", []))
     write_text(out_dir / "report.md",
                markdown(spec["experiment"], table, spec["trainings"], spec["stages"], paper, phases, val))
     return table

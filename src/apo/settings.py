@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from apo import __version__, methods
+from apo import __version__, methods, sweep
 
 # Bump a stage's format version when its code changes what it writes for the same settings;
 # every downstream address changes with it.
@@ -28,6 +28,7 @@ FORMAT_VERSION = {
     "vstar": 1,
     "train": 1,
     "eval": 1,
+    "pick": 1,
 }
 
 # train.* keys that change speed and memory, not results: passed to the job, not addressed
@@ -100,7 +101,8 @@ class Plan:
     Attributes name the stages by role: `demo` (or None), `model` (the reference model: the
     demo Stage or a hub id / path string), `train_data`, `benchmarks` (name -> Stage),
     `sample` (None when V* comes from a published table), `vstar`, `validation` (the
-    data.validation prompt set, or None), `trains` (label -> Stage, one per method and seed), and `evals`:
+    data.validation prompt set, or None), `grids` (method -> {combination label: Stage}, the
+    trainings of a sweep), `picks` (method -> the pick Stage of its sweep), `trains` (label -> Stage, one per method and seed), and `evals`:
     (model label, benchmark name) -> Stage.
     """
 
@@ -145,30 +147,62 @@ class Plan:
             )
             # Only what sampling-based V* reads: addresses stay those of earlier versions.
             self.vstar = self._add("vstar", _pick(v, ["beta1", "filter"]), {"samples": self.sample})
-        # One training run per (method, seed), labelled "apo" or "apo-seed1" when seeds vary.
+        # One training run per (method, seed), labelled "apo" or "apo-seed1" when seeds vary; a
+        # method with listed values is first trained once per combination (apo.sweep), and
+        # its runs join `trains` when its pick is known (`add_pick`).
+        self.models: dict[str, Stage | str] = {"reference": self.model}
         self.trains: dict[str, Stage] = {}
-        for method in config["methods"]:
-            for seed in config["seeds"]:
-                label = method if len(config["seeds"]) == 1 else f"{method}-seed{seed}"
-                self.trains[label] = self._train(method, seed)
-        self.models = {"reference": self.model, **self.trains}
         self.evals: dict[tuple[str, str], Stage] = {}
-        for label, model in self.models.items():
-            for name, bench in self.benchmarks.items():
-                self.evals[label, name] = self._add(
-                    "eval",
-                    {
-                        **config["evaluate"],
-                        "backend": config["generation"]["backend"],
-                        "grading_timeout_s": config["grading"]["timeout_s"],
-                    },
-                    {"model": model, "prompts": bench},
-                )
+        self.grids: dict[str, dict[str, Stage]] = {}
+        self.picks: dict[str, Stage] = {}
+        self.picked: dict[str, dict] = {}
+        self._add_evals("reference", self.model)
+        for method in config["methods"]:
+            combos = sweep.grid(config["train"], self._reads(method))
+            if len(combos) == 1:
+                self._add_runs(method, combos[0])
+                continue
+            runs = {sweep.label(c): self._train(method, config["seeds"][0], c) for c in combos}
+            self.grids[method] = runs
+            settings = {"method": method, "criterion": "final validation accuracy", "grid": combos}
+            self.picks[method] = self._add("pick", settings, runs)
 
-    def _train(self, method: str, seed: int) -> Stage:
+    def _reads(self, method: str) -> set[str]:
+        """The top-level train.* keys a method's training reads."""
+        return (set(self.config["train"]) - methods.method_only_keys()) | set(methods.get(method).settings)
+
+    def _add_runs(self, method: str, combo: dict) -> None:
+        """The evaluated runs of a method: one per seed, with the combination's values."""
+        for seed in self.config["seeds"]:
+            label = method if len(self.config["seeds"]) == 1 else f"{method}-seed{seed}"
+            self.trains[label] = self.models[label] = self._train(method, seed, combo)
+            self._add_evals(label, self.trains[label])
+
+    def add_pick(self, method: str, combo: dict) -> None:
+        """A sweep's pick is known: its run on the first seed (the grid's), its runs on the
+        other seeds, and their evaluations join the plan."""
+        if combo not in self.picks[method].settings["grid"]:
+            raise ValueError(f"pick {combo} of {method} is not in its grid {self.picks[method].settings['grid']}")
+        self.picked[method] = combo
+        self._add_runs(method, combo)
+
+    def _add_evals(self, label: str, model) -> None:
+        for name, bench in self.benchmarks.items():
+            self.evals[label, name] = self._add(
+                "eval",
+                {
+                    **self.config["evaluate"],
+                    "backend": self.config["generation"]["backend"],
+                    "grading_timeout_s": self.config["grading"]["timeout_s"],
+                },
+                {"model": model, "prompts": bench},
+            )
+
+    def _train(self, method: str, seed: int, combo: dict) -> Stage:
         """A training stage reads the shared train settings and its own method's keys only
-        (apo.methods); A*-PO reads V* (and so the reference samples), the baselines do not."""
-        train, spec = self.config["train"], methods.get(method)
+        (apo.methods), with the combination's values where the config lists several; A*-PO
+        reads V* (and so the reference samples), the baselines do not."""
+        train, spec = sweep.apply(self.config["train"], combo), methods.get(method)
         skip = methods.method_only_keys() | set(RUNTIME_TRAIN_KEYS)
         if self.validation is None:  # validation settings are read only with a validation set
             skip |= set(VALIDATION_TRAIN_KEYS)

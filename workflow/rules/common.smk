@@ -15,6 +15,39 @@ RESULTS = "results"
 PLAN = Plan(config, RESULTS)
 EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
 
+
+def picked_combo(pick_file):
+    return json.loads(Path(pick_file).read_text())["picked"]
+
+
+# A sweep's pick made in an earlier run (or by the checkpoint before this job was started)
+# plans its runs on the other seeds and the evaluations; `resolve_picks` waits for the rest.
+for _method, _pick in PLAN.picks.items():
+    if Path(f"{_pick.dir}/pick.json").exists():
+        PLAN.add_pick(_method, picked_combo(f"{_pick.dir}/pick.json"))
+
+
+def resolve_picks():
+    """Every sweep's pick, in the plan; raises Snakemake's incomplete-checkpoint signal (so the
+    DAG waits for the pick job) while one is not made yet."""
+    for method, s in PLAN.picks.items():
+        if method not in PLAN.picked:
+            PLAN.add_pick(
+                method, picked_combo(checkpoints.pick.get(h=s.hash).output[0])
+            )
+
+
+def pick_runs(pick):
+    """params: the grid's runs of a pick stage, as JSON for `apo pick`."""
+    grid = {label: combo for label, combo in zip(pick.inputs, pick.settings["grid"])}
+    return json.dumps(
+        [
+            {"label": label, "combo": grid[label], "dir": s.dir}
+            for label, s in pick.inputs.items()
+        ]
+    )
+
+
 # Knobs that change how fast, not what: they are not part of any stage's address.
 RUNTIME = json.dumps(
     {
@@ -85,8 +118,39 @@ def upstream_model_path(kind, role="model"):
     return lambda w: model_path(stage(kind, w).inputs[role])
 
 
-def report_spec():
+def report_inputs(filename):
+    """Input function: a file of every evaluated training run (after the sweeps' picks)."""
+
+    def files(w):
+        resolve_picks()
+        return [f"{s.dir}/{filename}" for s in PLAN.trains.values()]
+
+    return files
+
+
+def eval_scores(w):
+    resolve_picks()
+    return [f"{s.dir}/scores.json" for s in PLAN.evals.values()]
+
+
+def sweep_spec():
+    """Every run of every sweep, its combination and whether it is the method's pick."""
+    return [
+        {
+            "method": method,
+            "label": f"{method}-{label}",
+            "combo": combo,
+            "dir": s.dir,
+            "picked": combo == PLAN.picked.get(method),
+        }
+        for method, runs in PLAN.grids.items()
+        for (label, s), combo in zip(runs.items(), PLAN.picks[method].settings["grid"])
+    ]
+
+
+def report_spec(w=None):
     """What the report reads: every evaluation and training run of this experiment."""
+    resolve_picks()
     return json.dumps(
         {
             "experiment": PLAN.experiment,
@@ -104,6 +168,7 @@ def report_spec():
                 for label, s in PLAN.trains.items()
             ],
             "validation": validation_spec(),
+            "sweep": sweep_spec(),
             "stages": {
                 name: s.dir
                 for name, s in [
@@ -114,6 +179,7 @@ def report_spec():
                     ("sample", PLAN.sample),
                     ("vstar", PLAN.vstar),
                     *[(f"train_{label}", s) for label, s in PLAN.trains.items()],
+                    *[(f"pick_{m}", s) for m, s in PLAN.picks.items()],
                 ]
                 if s is not None
             },

@@ -3,9 +3,13 @@ rule report:
     training curves, training time by phase, validation accuracy against training time and
     steps with the time to reach it, links to the stages used."""
     input:
-        scores=[f"{s.dir}/scores.json" for s in PLAN.evals.values()],
-        metrics=[f"{s.dir}/metrics.parquet" for s in PLAN.trains.values()],
-        validation=[f"{s.dir}/validation.parquet" for s in PLAN.trains.values()],
+        # known before any pick (the reference, methods without a sweep), then the rest
+        planned=[f"{s.dir}/scores.json" for s in PLAN.evals.values()],
+        picks=[f"{s.dir}/pick.json" for s in PLAN.picks.values()],
+        scores=eval_scores,
+        metrics=report_inputs("metrics.parquet"),
+        validation=report_inputs("validation.parquet"),
+        sweep=lambda w: [f"{s['dir']}/validation.parquet" for s in sweep_spec()],
     output:
         md=report(
             f"{EXPERIMENT_DIR}/report.md",
@@ -43,7 +47,7 @@ rule report:
     conda:
         "../../envs/apo.yaml"
     params:
-        spec=report_spec(),
+        spec=report_spec,
         out_dir=lambda w, output: Path(output.md).parent,
         runtime=RUNTIME,
     shell:
