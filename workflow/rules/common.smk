@@ -128,9 +128,26 @@ def report_inputs(filename):
     return files
 
 
-def eval_scores(w):
+def swept(label):
+    """Whether an evaluated model is a run of a method with a sweep (known after its pick)."""
+    return label != "reference" and PLAN.trains[label].settings["method"] in PLAN.grids
+
+
+def fixed_scores():
+    """The evaluations planned before any pick: the reference's and those of unswept methods."""
+    return [
+        f"{s.dir}/scores.json"
+        for (label, _), s in PLAN.evals.items()
+        if not swept(label)
+    ]
+
+
+def picked_scores(w):
+    """Input function: the evaluations of the sweeps' picks (after the picks)."""
     resolve_picks()
-    return [f"{s.dir}/scores.json" for s in PLAN.evals.values()]
+    return [
+        f"{s.dir}/scores.json" for (label, _), s in PLAN.evals.items() if swept(label)
+    ]
 
 
 def sweep_spec():

@@ -3,10 +3,10 @@ rule report:
     training curves, training time by phase, validation accuracy against training time and
     steps with the time to reach it, links to the stages used."""
     input:
-        # known before any pick (the reference, methods without a sweep), then the rest
-        planned=[f"{s.dir}/scores.json" for s in PLAN.evals.values()],
+        # known before any pick (the reference, methods without a sweep), then the picks'
+        scores=fixed_scores(),
         picks=[f"{s.dir}/pick.json" for s in PLAN.picks.values()],
-        scores=eval_scores,
+        picked_scores=picked_scores,
         metrics=report_inputs("metrics.parquet"),
         validation=report_inputs("validation.parquet"),
         sweep=lambda w: [f"{s['dir']}/validation.parquet" for s in sweep_spec()],
