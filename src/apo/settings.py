@@ -147,9 +147,6 @@ class Plan:
             )
             # Only what sampling-based V* reads: addresses stay those of earlier versions.
             self.vstar = self._add("vstar", _pick(v, ["beta1", "filter"]), {"samples": self.sample})
-        # One training run per (method, seed), labelled "apo" or "apo-seed1" when seeds vary; a
-        # method with listed values is first trained once per combination (apo.sweep), and
-        # its runs join `trains` when its pick is known (`add_pick`).
         self.models: dict[str, Stage | str] = {"reference": self.model}
         self.trains: dict[str, Stage] = {}
         self.evals: dict[tuple[str, str], Stage] = {}
@@ -157,6 +154,13 @@ class Plan:
         self.picks: dict[str, Stage] = {}
         self.picked: dict[str, dict] = {}
         self._add_evals("reference", self.model)
+        self._plan_trainings()
+
+    def _plan_trainings(self) -> None:
+        """One training run per (method, seed), labelled "apo" or "apo-seed1" when seeds vary; a
+        method with listed values is first trained once per combination (apo.sweep), and its
+        runs join `trains` when its pick is known (`add_pick`)."""
+        config = self.config
         for method in config["methods"]:
             combos = sweep.grid(config["train"], self._reads(method))
             if len(combos) == 1:
