@@ -108,6 +108,7 @@ def plot(curves: pd.DataFrame, x: str, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     means = mean_curves(curves) if len(curves) else curves
@@ -122,6 +123,9 @@ def plot(curves: pd.DataFrame, x: str, path: Path, title: str) -> None:
         ax.text(0.5, 0.5, "no validation during training", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(f"training wall time ({unit})" if x == "train_time_s" else "optimizer steps")
     ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylim(bottom=0)  # an accuracy axis that starts at zero does not exaggerate gaps
+    if x != "train_time_s":
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
