@@ -82,3 +82,10 @@ def test_load_reads_validation_files_and_counts_optimizer_steps(tmp_path):
     got = curves.load([{"label": "apo", "method": "apo", "seed": 0, "dir": str(d)},
                        {"label": "grpo", "method": "grpo", "seed": 0, "dir": str(tmp_path / "none")}])
     assert got["optimizer_steps"].tolist() == [0, 4] and set(got["label"]) == {"apo"}
+
+
+def test_no_ratio_when_apo_is_there_before_training():
+    p = points()
+    p.loc[p["method"] == "apo", "accuracy"] = 0.80  # the reference is already at the best final accuracy
+    t = curves.time_to_accuracy(p)
+    assert t.loc["apo", "time_to_100_s"] == 0 and t["ratio_100"].isna().all()

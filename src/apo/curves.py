@@ -75,7 +75,8 @@ def time_to_accuracy(curves: pd.DataFrame, fractions=FRACTIONS) -> pd.DataFrame:
     for x in fractions:
         col = f"time_to_{round(100 * x)}_s"
         base = table[col].get("apo", float("nan"))
-        table[f"ratio_{round(100 * x)}"] = table[col] / base
+        # A*-PO there at step 0 (the reference already is): no ratio to divide by
+        table[f"ratio_{round(100 * x)}"] = table[col] / base if base > 0 else float("nan")
     order = [m for m in NAMES if m in table.index] + sorted(set(table.index) - set(NAMES))
     table = table.loc[order]
     table.attrs["target_method"] = final.idxmax() if len(final) else None
