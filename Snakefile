@@ -31,6 +31,9 @@ rule all:
                 "paper_table.tex",
                 "training_curves.png",
                 "training_phases.png",
+                "validation_time.png",
+                "validation_steps.png",
+                "time_to_accuracy.csv",
             ],
         ),
 
@@ -39,6 +42,7 @@ localrules:
     all,
     report,
     scores,
+    pick,
 
 
 include: "workflow/rules/demo.smk"
@@ -46,5 +50,6 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/vstar.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/sweep.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

@@ -17,7 +17,7 @@ def demo_config() -> dict:
 
 TINY_DEMO = {
     "seed": 0,
-    "task": {"num_train": 120, "num_test": 16, "min_ops": 2, "max_ops": 2, "max_start": 9,
+    "task": {"num_train": 120, "num_test": 16, "num_valid": 12, "min_ops": 2, "max_ops": 2, "max_start": 9,
              "max_operand": 3, "slip_prob": 0.1, "reason_prob": 0.5},
     "model": {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
               "num_heads": 1},

@@ -259,3 +259,24 @@ def test_paper_configs_share_one_base():
         own = yaml.safe_load(path.read_text())
         assert own["extends"] == "config/paper/base/math.yaml", path.name
         assert set(own.get("train", {})) <= {"steps", "require_eos"}, path.name  # GSM8K's reward has no EOS rule
+
+
+def test_validation_set_must_not_be_a_benchmark_or_the_training_set(demo_config):
+    data = demo_config["data"]
+    data["validation"] = {**data["benchmarks"][0], "limit": 50}  # a part of the test set is the test set
+    data["validation"].pop("name")
+    with pytest.raises(ConfigError, match=r"'data.validation': dataset 'demo' split 'test' is the test set "
+                                          r"of benchmark\(s\) \['demo_test'\].*validation_on_benchmark"):
+        validate_config(demo_config, SCHEMA, source="my.yaml")
+    data["validation_on_benchmark"] = True  # declared (the authors' MATH scripts): allowed
+    assert validate_config(demo_config, SCHEMA)["data"]["validation"]["split"] == "test"
+    data["validation"] = {**data["train"], "limit": None}
+    with pytest.raises(ConfigError, match="'data.validation': .* is the training set"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_validation_length_defaults_to_the_training_length(demo_config):
+    cfg = validate_config(demo_config, SCHEMA)
+    assert cfg["train"]["validation"] == {"k": 1, "temperature": 0.0, "top_p": 1.0,
+                                          "max_new_tokens": demo_config["train"]["max_new_tokens"], "seed": 0}
+    assert cfg["data"]["validation"]["split"] == "valid" and cfg["train"]["validate_every"] == 50

@@ -29,10 +29,11 @@ def test_slips_happen_at_the_configured_rate():
     assert 0.25 < wrong / len(problems) < 0.35
 
 
-def test_test_split_is_disjoint_from_train(tiny_demo):
-    train = {json.loads(line)["question"] for line in open(tiny_demo / "train.jsonl")}
-    test = {json.loads(line)["question"] for line in open(tiny_demo / "test.jsonl")}
-    assert len(train) == 120 and len(test) == 16 and not train & test
+def test_test_and_validation_splits_are_disjoint_from_train_and_each_other(tiny_demo):
+    train, test, valid = ({json.loads(line)["question"] for line in open(tiny_demo / f"{name}.jsonl")}
+                          for name in ("train", "test", "valid"))
+    assert len(train) == 120 and len(test) == 16 and len(valid) == 12
+    assert not train & test and not valid & (train | test)
 
 
 def test_model_loads_like_a_hub_model(tiny_demo):

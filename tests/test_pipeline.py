@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from apo.config import validate_config
 from conftest import ROOT
 
 SMOKE = ROOT / "tests" / "smoke_config.yaml"
@@ -149,18 +150,18 @@ def test_changing_sample_count_replans_sampling_and_downstream(smoke_run):
 PAPER = sorted((ROOT / "config" / "paper").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("config_file", [*PAPER, ROOT / "config" / "compare.yaml"], ids=lambda p: p.name)
-def test_paper_and_compare_configs_plan_the_full_dag(tmp_path, config_file):
+@pytest.mark.parametrize("config_file", PAPER, ids=lambda p: p.name)
+def test_paper_configs_plan_the_full_dag(tmp_path, config_file):
     """A dry run plans every stage for every method; hub ids are only strings, nothing is
     downloaded (no demo model is planned for a hub model and hub datasets)."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
-    cfg = yaml.safe_load(config_file.read_text())
+    cfg = validate_config(yaml.safe_load(config_file.read_text()), base_dir=ROOT)  # with its base
     jobs = planned_jobs(tmp_path, "--configfile", str(config_file))
     benches, models = len(cfg["data"]["benchmarks"]), 1 + len(cfg["methods"]) * len(cfg.get("seeds", [0]))
     assert cfg["methods"] == ["apo", "grpo", "rebel", "ppo"]  # the paper's comparison
     assert jobs == {
         **({"demo_model": 1} if cfg["model"] == "demo" else {}),
-        "prepare_data": 1 + benches,
+        "prepare_data": 1 + benches + (cfg["data"].get("validation") is not None),
         "sample_reference": cfg["sample"]["shards"],
         "vstar": 1,
         "train": len(cfg["methods"]) * len(cfg.get("seeds", [0])),
@@ -170,6 +171,15 @@ def test_paper_and_compare_configs_plan_the_full_dag(tmp_path, config_file):
         "all": 1,
     }
     assert not (tmp_path / "results").exists()
+
+
+def test_compare_config_plans_the_sweep_before_its_picks(tmp_path):
+    """3 learning rates x 4 methods on seed 0, one pick per method; the picked runs on seed 1
+    and every evaluation but the reference's wait for the picks (a checkpoint)."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config" / "compare.yaml"))
+    assert jobs == {"demo_model": 1, "prepare_data": 3, "sample_reference": 2, "vstar": 1, "train": 12,
+                    "pick": 4, "evaluate": 1, "scores": 1, "report": 1, "all": 1}
 
 
 def test_published_stage1_table_plans_no_sampling(tmp_path):
@@ -237,10 +247,11 @@ if args[0] == "lock":  # apo lock FILE -- accelerate launch ...
 cmd = "train" if args[0] == "launch" else args[0]
 opt = lambda name: Path(args[args.index(name) + 1]) if name in args else None
 d = opt("--stage-dir")
-names = {"demo": ["train.jsonl", "test.jsonl", "model"], "scores": ["scores.json", "samples.parquet"],
-         "train": ["metrics.parquet", "summary.json", "model"],
+names = {"demo": ["train.jsonl", "test.jsonl", "valid.jsonl", "model"], "scores": ["scores.json", "samples.parquet"],
+         "train": ["metrics.parquet", "summary.json", "validation.parquet", "model"],
          "report": ["report.md", "summary.csv", "paper_table.csv", "paper_table.tex",
-                    "training_curves.png", "training_phases.png"]}
+                    "training_curves.png", "training_phases.png", "validation_time.png",
+                    "validation_steps.png", "time_to_accuracy.csv"]}
 base = opt("--out-dir") if cmd == "report" else d
 files = [base / n for n in names[cmd]] if cmd in names else [opt("--out")]
 for f in files:
@@ -293,7 +304,7 @@ def test_editing_a_local_train_file_replans_data_prep_and_after_only(tmp_path):
 # What a stage job may receive besides its manifest: paths of its inputs and outputs (all
 # addressed), its shard index, and the runtime knobs that change speed, not results.
 JOB_OPTIONS = {"--manifest", "--stage-dir", "--runtime", "--model", "--model-revision", "--tokenizer",
-               "--prompts", "--samples", "--shard", "--shards", "--out", "--demo-dir", "--vstar"}
+               "--prompts", "--samples", "--shard", "--shards", "--out", "--demo-dir", "--vstar", "--validation"}
 RUNTIME_KEYS = {"generation": {"batch_size", "vllm"}, "grading": {"timeout_s", "workers"},
                 "tracking_uri": None, "train": {"gradient_checkpointing"}}
 

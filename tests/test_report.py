@@ -2,6 +2,7 @@
 means and ratios are checked by hand."""
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -110,3 +111,53 @@ def test_every_reported_accuracy_carries_its_evaluation_settings():
     accuracy_header = md.split("## Accuracy")[1].splitlines()[2]
     assert amc in accuracy_header and math500 in accuracy_header
     assert amc in paper_table_markdown(paper) and "avg@32" in paper_table_latex(paper)
+
+
+def _fake_run(root, label, times, accuracies):
+    from apo.io import write_json
+
+    d = root / label
+    d.mkdir()
+    steps = list(range(1, len(times)))
+    pd.DataFrame({"step": steps, "reward": 0.5, "loss": 0.1, "kl": 0.0, "response_length": 10.0,
+                  "optimizer_steps": 1, "time_step_s": [times[s] - times[s - 1] for s in steps],
+                  "time_generate_s": 0.1}).to_parquet(d / "metrics.parquet")
+    pd.DataFrame({"step": list(range(len(times))), "train_time_s": times,
+                  "accuracy": accuracies}).to_parquet(d / "validation.parquet")
+    write_json(d / "summary.json", {"steps": len(steps), "train_time_s": times[-1], "reward_first": 0.5,
+                                    "reward_last": 0.5, "kl_last": 0.0, "response_length_last": 10.0})
+    return {"label": label, "method": label, "seed": 0, "dir": str(d)}
+
+
+def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
+    from apo import report
+    from apo.io import write_json
+
+    trainings = [_fake_run(tmp_path, "apo", [0.0, 60.0, 120.0], [0.4, 0.7, 0.8]),
+                 _fake_run(tmp_path, "grpo", [0.0, 300.0, 600.0], [0.4, 0.78, 0.8])]
+    evals = []
+    for label in ("reference", "apo", "grpo"):
+        d = tmp_path / f"eval-{label}"
+        d.mkdir()
+        write_json(d / "scores.json", {"accuracy": 0.5, "n": 10, "k": 1, "temperature": 0.0, "top_p": 1.0,
+                                       "max_new_tokens": 8, "unparsed": 0})
+        evals.append({"model": label, "benchmark": "b", "dir": str(d)})
+    sweep = [{"method": "apo", "label": "apo-lr0.0001", "combo": {"lr": 1e-4}, "dir": trainings[1]["dir"],
+              "picked": False},
+             {"method": "apo", "label": "apo-lr0.0003", "combo": {"lr": 3e-4}, "dir": trainings[0]["dir"],
+              "picked": True}]
+    spec = {"experiment": "x", "evals": evals, "trainings": trainings, "stages": {},
+            "validation": {"dataset": "demo split valid", "on_benchmark": True}, "sweep": sweep}
+    report.write(spec, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "![validation accuracy against training time](validation_time.png)" in md
+    assert "not held out from the test benchmarks" in md and "demo split valid" in md
+    tta = pd.read_csv(tmp_path / "out" / "time_to_accuracy.csv", index_col="method")
+    # best final 0.8 (both); 95 % = 0.76: A*-PO at 120 s, GRPO at 300 s; 100 %: 120 s and 600 s
+    assert tta.loc["apo", "time_to_95_s"] == 120 and tta.loc["grpo", "time_to_95_s"] == 300
+    assert tta.loc["grpo", "ratio_95"] == pytest.approx(2.5) and tta.loc["grpo", "ratio_100"] == pytest.approx(5.0)
+    # the grid and the pick
+    assert "## Sweep" in md and re.search(r"\| A\*-PO +\| 0.0003 +\| 80.00 +\| 2.00 +\| yes", md)
+    assert md.split("## Sweep")[1].count("| yes") == 1
+    for name in ("validation_time.png", "validation_steps.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 5000

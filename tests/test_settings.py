@@ -229,6 +229,7 @@ def test_the_demo_model_is_addressed_by_the_prompt_instruction(demo_config):
 UNADDRESSED = (
     "experiment", "data.benchmarks.*.name", "generation.batch_size", "generation.vllm.*",
     "grading.workers", "train.gradient_checkpointing", "tracking_uri", "resources.*",
+    "data.validation_on_benchmark",  # a check at validation (and a line in the report), no stage reads it
 )
 
 
@@ -280,6 +281,8 @@ def test_every_setting_is_in_an_address_or_declared_unaddressed():
         for path, value in config_leaves(cfg):
             if path[0] in ("methods", "seeds"):  # which stages exist, not their settings
                 continue
+            if path == ("data", "validation"):  # no validation set (GSM8K): its keys are walked where one is set
+                continue
             key = ".".join("*" if isinstance(p, int) else str(p) for p in path)
             seen.add(key)
             c = copy.deepcopy(cfg)
@@ -317,3 +320,23 @@ def test_a_benchmarks_own_evaluation_settings_move_only_its_evaluations(demo_con
     assert (settings["k"], settings["temperature"], settings["top_p"]) == (32, 0.6, 0.95)
     assert settings["max_new_tokens"] == cfg["evaluate"]["max_new_tokens"]  # the global default
     assert other.evals["reference", cfg["data"]["benchmarks"][0]["name"]].settings["k"] == cfg["evaluate"]["k"]
+
+
+def test_validation_set_and_settings_are_part_of_the_training_address(demo_config):
+    base = plan(demo_config)
+    assert base.trains["apo"].inputs["validation"] is base.validation
+    assert base.validation.settings["split"] == "valid"
+    for change in [{"train__validate_every": 25}, {"train__validation": {"temperature": 1.0, "k": 4}},
+                   {"data__validation": {**demo_config["data"]["validation"], "limit": 64}}]:
+        assert changed(base, plan(demo_config, **change)) == {"train:apo", "eval:apo:demo_test"}, change
+    # spelling out the default length (the training length) keeps the address
+    same = plan(demo_config, train__validation={"max_new_tokens": demo_config["train"]["max_new_tokens"]})
+    assert changed(base, same) == set()
+
+
+def test_without_a_validation_set_its_settings_are_not_read(demo_config):
+    del demo_config["data"]["validation"]
+    base = plan(demo_config)
+    assert base.validation is None and "validation" not in base.trains["apo"].inputs
+    assert "validate_every" not in base.trains["apo"].settings
+    assert changed(base, plan(demo_config, train__validate_every=7)) == set()

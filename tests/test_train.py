@@ -22,6 +22,7 @@ SETTINGS = {
     "collapse": {"window": 20, "reward_ratio": 0.5, "length_ratio": 0.3}, "backend": "hf",
     "compute_dtype": "float32", "reference_dtype": "float32", "mini_batch_size": None, "entropy_coef": 0.0,
     "loss_agg": "token_mean", "require_eos": False, "grading_timeout_s": 5, "grading_method": "math_verify",
+    "validate_every": 2, "validation": {"k": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0},
 }
 RUNTIME = ({"batch_size": 64}, {"timeout_s": 5, "workers": 1})
 
@@ -65,6 +66,9 @@ def train_inputs(tiny_demo, tmp_path):
             "id_field": "id", "answer_format": "plain", "limit": 16, "subset": None}
     prompts, _ = prepare(spec, {"instruction": "", "max_prompt_tokens": 256, "template": "chat"}, tok, str(tiny_demo))
     prompts.to_parquet(tmp_path / "prompts.parquet")
+    valid, _ = prepare({**spec, "split": "valid", "limit": None}, {"instruction": "", "max_prompt_tokens": 256,
+                                                                  "template": "chat"}, tok, str(tiny_demo))
+    valid.to_parquet(tmp_path / "valid.parquet")
     pd.DataFrame({"id": prompts["id"], "vstar": 0.5}).to_parquet(tmp_path / "vstar.parquet")
     (tmp_path / "counts.json").write_text(json.dumps({"prompts": len(prompts), "dropped_by_filter": 0}))
     return str(tiny_demo / "model"), str(tmp_path / "prompts.parquet"), str(tmp_path / "vstar.parquet")
@@ -108,19 +112,24 @@ PPO = {"ppo": {"clip_eps": 0.2, "value_clip": 0.5, "gamma": 1.0, "lam": 0.95, "k
 VLLM = pytest.mark.skipif(not vllm_available(), reason="vLLM not installed")
 
 
-@pytest.mark.parametrize("backend, method", [("hf", "apo"), pytest.param("vllm", "apo", marks=VLLM), ("hf", "ppo")])
-def test_resumed_run_equals_uninterrupted_run(backend, method, train_inputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend, method, validated", [("hf", "apo", False), ("hf", "apo", True),
+                                                        pytest.param("vllm", "apo", True, marks=VLLM),
+                                                        ("hf", "ppo", False)])
+def test_resumed_run_equals_uninterrupted_run(backend, method, validated, train_inputs, tmp_path, monkeypatch):
     """Crash after the step-2 checkpoint, rerun: the final weights are bit-identical to a run
     that was never interrupted (CPU, same thread count: every op here is deterministic). With
     vLLM this also checks that the resumed engine gets the checkpoint's weights and that the
     per-step sampler seed reproduces the draws; with PPO that the critic and its optimizer
-    come back too (the policy's updates depend on the critic's values)."""
+    come back too (the policy's updates depend on the critic's values); with validation, that
+    the checkpoint keeps the validations made before the crash and the rerun adds the rest."""
     settings = {**SETTINGS, "steps": 4, "checkpoint_every": 2, "lr_schedule": "cosine", "warmup_steps": 1,
                 "backend": backend}
     if method == "ppo":
         settings = {**{k: v for k, v in settings.items() if k != "beta2"}, **PPO, "method": "ppo"}
         train_inputs = (*train_inputs[:2], None)
-    straight = T.train(settings, *train_inputs, tmp_path / "straight", *RUNTIME)["history"]
+    valid = {"validation_path": str(tmp_path / "valid.parquet")} if validated else {}
+    straight_run = T.train(settings, *train_inputs, tmp_path / "straight", *RUNTIME, **valid)
+    straight = straight_run["history"]
 
     real = T.batch_indices
 
@@ -131,13 +140,16 @@ def test_resumed_run_equals_uninterrupted_run(backend, method, train_inputs, tmp
 
     monkeypatch.setattr(T, "batch_indices", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        T.train(settings, *train_inputs, tmp_path / "resumed", *RUNTIME)
+        T.train(settings, *train_inputs, tmp_path / "resumed", *RUNTIME, **valid)
     assert not (tmp_path / "resumed" / "model").exists()  # nothing that looks finished
     monkeypatch.setattr(T, "batch_indices", real)
-    res = T.train(settings, *train_inputs, tmp_path / "resumed", *RUNTIME)
+    res = T.train(settings, *train_inputs, tmp_path / "resumed", *RUNTIME, **valid)
     assert res["history"]["step"].tolist() == [1, 2, 3, 4]
     same = ["reward", "response_length", "loss", "tokens"]  # the same draws, the same updates
     pd.testing.assert_frame_equal(res["history"][same], straight[same])
+    assert res["validation"]["step"].tolist() == ([0, 2, 4] if validated else [])
+    measured = ["step", "accuracy", "response_length", "truncated"]
+    pd.testing.assert_frame_equal(res["validation"][measured], straight_run["validation"][measured])
 
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "model").state_dict()
@@ -333,3 +345,50 @@ def test_phase_clock_waits_for_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append(1))
     T.clock()
     assert calls == [1]
+
+
+def test_validation_scores_the_policy_apart_from_training_time(train_inputs, tmp_path, monkeypatch):
+    """Greedy validation at step 0, every validate_every steps and at the last step; each row
+    carries the training time so far (the sum of time_step_s, which never includes the
+    validation's own time), and the validation goes to the tracker at its step."""
+    monkeypatch.setattr(T, "Grader", _Alternating)  # 1, 0, 1, 0, ...: accuracy is the share of even rows
+
+    class Tracker:
+        logged = []
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((step, metrics))
+
+        def set_tags(self, tags):
+            pass
+
+    real_score = T.validate.score
+
+    def slow_score(*args):  # a validation that takes visible time, inside its own clock
+        import time
+        time.sleep(0.3)
+        return real_score(*args)
+
+    monkeypatch.setattr(T.validate, "score", slow_score)
+    tracker = Tracker()
+    res = T.train({**SETTINGS, "steps": 5}, *train_inputs, tmp_path / "run", *RUNTIME, tracker=tracker,
+                  validation_path=str(tmp_path / "valid.parquet"))
+    v, h = res["validation"], res["history"]
+    assert v["step"].tolist() == [0, 2, 4, 5]
+    cumulative = [0.0] + h["time_step_s"].cumsum().tolist()
+    assert v["train_time_s"].tolist() == pytest.approx([cumulative[s] for s in v["step"]])
+    assert (v["time_validate_s"] >= 0.3).all() and (h["time_step_s"] < v["time_validate_s"].sum()).all()
+    assert v["n"].tolist() == [12] * 4 and v["k"].tolist() == [1] * 4
+    assert v["accuracy"].tolist() == pytest.approx([0.5] * 4)  # 6 of 12 rows graded right
+    assert res["summary"]["val_accuracy_final"] == pytest.approx(0.5)
+    assert res["summary"]["validate_time_s"] == pytest.approx(v["time_validate_s"].sum())
+    assert res["summary"]["train_time_s"] == pytest.approx(h["time_step_s"].sum())
+    val_logged = [(step, m) for step, m in tracker.logged if "val_accuracy" in m]
+    assert [step for step, _ in val_logged] == [0, 2, 4, 5]
+    assert val_logged[1][1]["val_train_time_s"] == pytest.approx(cumulative[2])
+
+
+def test_without_a_validation_set_nothing_is_validated(train_inputs, tmp_path):
+    res = T.train({**SETTINGS, "steps": 1}, *train_inputs, tmp_path / "run", *RUNTIME)
+    assert res["validation"].empty and list(res["validation"].columns)[:3] == ["step", "train_time_s", "accuracy"]
+    assert res["summary"]["val_accuracy_final"] is None and res["summary"]["validate_time_s"] == 0

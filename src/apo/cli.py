@@ -143,7 +143,7 @@ def cmd_demo(args):
         settings = args.manifest["settings"]
         info = demo.build(settings, tmp, settings["instruction"])
         tracker.log_metrics(info)
-        for name in ("train.jsonl", "test.jsonl", "model"):  # the model last: rules wait for it
+        for name in ("train.jsonl", "test.jsonl", "valid.jsonl", "model"):  # the model last: rules wait for it
             move_into_place(Path(tmp) / name, out / name)
 
 
@@ -224,6 +224,7 @@ def cmd_train(args):
     run = functools.partial(
         train.train, s, args.model, args.prompts, args.vstar, out, args.runtime["generation"],
         args.runtime["grading"], gradient_checkpointing=args.runtime.get("train", {}).get("gradient_checkpointing", False),
+        validation_path=args.validation,
     )
     if int(os.environ.get("RANK", 0)) != 0:
         # Under `accelerate launch` with several GPUs the other processes train their share of
@@ -235,7 +236,20 @@ def cmd_train(args):
         tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items()
                              if isinstance(v, (int, float))})
         write_json(out / "summary.json", result["summary"])
+        write_parquet(out / "validation.parquet", result["validation"])
         write_parquet(out / "metrics.parquet", result["history"])
+
+
+def cmd_pick(args):
+    from apo import sweep
+    from apo.io import write_json
+
+    with stage_job(args) as tracker:
+        result = sweep.pick(args.runs)
+        tracker.log_metrics({f"final_val_accuracy.{r['label']}": r["final_accuracy"] for r in result["runs"]})
+        tracker.set_tags({"picked": result["label"]})
+        log.info("%s: picked %s %s", args.manifest["settings"]["method"], result["label"], result["picked"])
+        write_json(args.out, result)
 
 
 def cmd_evaluate(args):
@@ -274,7 +288,8 @@ def cmd_report(args):
     tracker = Tracker(uri, run_name=f"report-{spec['experiment']}", params={"stages": spec["stages"]},
                       tags={"stage": "report", "experiment": spec["experiment"]})
     tracker.log_metrics({f"accuracy.{r.model}.{r.benchmark}": r.accuracy for r in table.itertuples()})
-    for name in ("report.md", "summary.csv", "paper_table.csv", "paper_table.tex", "training_curves.png"):
+    for name in ("report.md", "summary.csv", "paper_table.csv", "paper_table.tex", "training_curves.png",
+                 "validation_time.png", "validation_steps.png", "time_to_accuracy.csv"):
         tracker.log_artifact(out / name)
     tracker.finish()
 
@@ -354,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
     sp.add_argument("--prompts", required=True)
     sp.add_argument("--vstar", help="V* table (A*-PO only)")
+    sp.add_argument("--validation", help="validation prompts (data.validation), scored during training")
+    sp = stage("pick", cmd_pick, "a sweep's pick: the grid run with the best final validation accuracy")
+    sp.add_argument("--runs", type=_json, required=True, help="[{label, combo, dir}] of the grid's runs (JSON)")
+    sp.add_argument("--out", required=True)
     sp = stage("evaluate", cmd_evaluate, "sample and grade k responses per problem (one shard of a benchmark)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from apo import methods
+from apo import methods, sweep
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -45,8 +45,11 @@ def _coerce(value, schema: dict):
     Nested values given with `snakemake --config key="{a: 1e-4}"` arrive as strings, and
     YAML reads `1e-4` (no dot) as a string too.
     """
-    types = schema.get("type", [])
-    types = [types] if isinstance(types, str) else types
+    branches = [schema, *schema.get("anyOf", [])]  # a sweepable key: a scalar or a list of them
+    if isinstance(value, list):
+        items = [b["items"] for b in branches if isinstance(b.get("items"), dict)]
+        return [_coerce(v, items[0]) for v in value] if items else value
+    types = [t for b in branches for t in ([b["type"]] if isinstance(b.get("type"), str) else b.get("type", []))]
     if "integer" in types and "number" not in types:
         # JSON schema counts 2.0 as an integer, but range(2.0) and friends do not: store an int.
         number = value if isinstance(value, float) else _parse_number(value)
@@ -96,11 +99,22 @@ def fill_defaults(instance, schema: dict, root: dict):
                 instance[key] = copy.deepcopy(sub["default"])
             if key in instance:
                 instance[key] = _coerce(instance[key], sub)
-                fill_defaults(instance[key], sub, root)
+                fill_defaults(instance[key], _object_branch(sub, instance[key], root), root)
     elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
         for item in instance:
             fill_defaults(item, schema["items"], root)
     return instance
+
+
+def _object_branch(schema: dict, value, root: dict) -> dict:
+    """For an optional block (`anyOf: [null, object]`) given as an object: the object branch,
+    whose defaults are filled in; any other schema as it is."""
+    if isinstance(value, dict):
+        for branch in schema.get("anyOf", []):
+            branch = _resolve(branch, root)
+            if branch.get("type") == "object":
+                return branch
+    return schema
 
 
 def _key(path) -> str:
@@ -108,6 +122,20 @@ def _key(path) -> str:
     for p in path:
         parts.append(f"[{p}]" if isinstance(p, int) else (("." if parts else "") + str(p)))
     return "".join(parts) or "<top level>"
+
+
+def _message(error) -> str:
+    """The error's message; for a sweepable key (`anyOf`: a value or a list of values) what is
+    wrong with the value given, read as the branch of its kind."""
+    if error.validator != "anyOf" or not error.context:
+        return error.message
+    kinds = ["array" if b.get("type") == "array" else "scalar" for b in error.schema["anyOf"]]
+    if "array" not in kinds:
+        return error.message
+    want = kinds.index("array" if isinstance(error.instance, list) else "scalar")
+    sub = next((e for e in error.context if e.schema_path[0] == want), error.context[0])
+    item = f"item {sub.path[0]}: " if sub.path else ""
+    return f"{item}{sub.message} (a value, or a list of values to sweep)"
 
 
 def vllm_available() -> bool:
@@ -169,9 +197,10 @@ def validate_config(
                 keys = ", ".join(f"'{where + '.' if e.absolute_path else ''}{k}'" for k in extra)
                 lines.append(f"unknown config key {keys}")
             else:
-                lines.append(f"config key '{_key(e.absolute_path)}': {e.message}")
+                lines.append(f"config key '{_key(e.absolute_path)}': {_message(e)}")
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines))
     _check_consistency(config, source)
+    _check_validation(config, source)
     # Stage addresses name the engine that actually samples, never "auto".
     config["generation"]["backend"] = resolve_backend(config["generation"]["backend"])
     return config
@@ -279,3 +308,39 @@ def _check_vstar_table(v: dict, source: str) -> None:
             raise ConfigError(
                 f"invalid {source}: config key 'vstar.table': give exactly one of '{a}' and '{b}'"
             )
+
+
+def _split_of(spec: dict) -> tuple:
+    """What a prompt set is drawn from: two specs with the same (path, subset, split) share
+    problems, whatever their limits."""
+    return spec["path"], spec.get("subset"), spec["split"]
+
+
+def _check_validation(config: dict, source: str) -> None:
+    """data.validation is held out: neither the training split nor, unless declared with
+    data.validation_on_benchmark, a benchmark's. Its null length is the training length, filled
+    in here so that spelling it out does not change the training stage's address."""
+    v = config["train"]["validation"]
+    if v["max_new_tokens"] is None:
+        v["max_new_tokens"] = config["train"]["max_new_tokens"]
+    spec = config["data"].get("validation")
+    listed = sweep.listed_keys(config["train"])
+    if listed and (spec is None or config["data"]["validation_on_benchmark"]):
+        raise ConfigError(
+            f"invalid {source}: config key 'train.{listed[0]}' lists several values, a sweep, which picks each "
+            "method's run by its validation accuracy: set data.validation to a set no benchmark uses"
+            + (" (data.validation_on_benchmark is true: the pick would be made on test problems)" if spec else "")
+        )
+    if spec is None:
+        return
+    where = f"dataset {spec['path']!r} split {spec['split']!r}"
+    if _split_of(spec) == _split_of(config["data"]["train"]):
+        raise ConfigError(f"invalid {source}: config key 'data.validation': {where} is the training set (data.train); "
+                          "validate on problems the policy is not trained on")
+    same = [b["name"] for b in config["data"]["benchmarks"] if _split_of(b) == _split_of(spec)]
+    if same and not config["data"]["validation_on_benchmark"]:
+        raise ConfigError(
+            f"invalid {source}: config key 'data.validation': {where} is the test set of benchmark(s) {same}; "
+            "validate on data no benchmark uses, or set data.validation_on_benchmark: true to declare it "
+            "(the report then says that the validation set is not held out)"
+        )

@@ -201,11 +201,14 @@ def warm_start(model, tokenizer, prompts: list[str], responses: list[str], ws: d
 
 
 def build(settings: dict, out_dir: str | Path, instruction: str) -> dict:
-    """Write `model/` (tokenizer + warm-started model), `train.jsonl` and `test.jsonl`."""
+    """Write `model/` (tokenizer + warm-started model), `train.jsonl`, `test.jsonl` and
+    `valid.jsonl` (held out for validation during training; no benchmark reads it)."""
     out_dir = Path(out_dir)
     seed, task = settings["seed"], settings["task"]
     train = make_problems(task["num_train"], seed, task)
     test = make_problems(task["num_test"], seed + 1, task, {p.question for p in train})
+    # validation problems: disjoint from both, drawn last so that train and test stay as they were
+    valid = make_problems(task["num_valid"], seed + 3, task, {p.question for p in train + test})
     rng = random.Random(seed + 2)
     responses = [solution(p, rng, task["slip_prob"], task["reason_prob"]) for p in train]
 
@@ -222,7 +225,7 @@ def build(settings: dict, out_dir: str | Path, instruction: str) -> dict:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")
-    for name, problems in [("train", train), ("test", test)]:
+    for name, problems in [("train", train), ("test", test), ("valid", valid)]:
         with open(out_dir / f"{name}.jsonl", "w") as f:
             for i, p in enumerate(problems):
                 row = {"id": f"{name}-{i:05d}", "question": p.question, "answer": str(p.answer)}

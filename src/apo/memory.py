@@ -258,6 +258,10 @@ class Job:
 
 
 def samples_per_prompt(train: dict, method: str) -> int:
+    """Responses per prompt; of a swept GRPO group size (a list), the largest: the peak."""
+    sizes = train["grpo"]["group_size"]
+    if isinstance(sizes, list):
+        train = {**train, "grpo": {**train["grpo"], "group_size": max(sizes)}}
     return methods.get(method).samples(train)
 
 

@@ -2,8 +2,10 @@
 
 Writes `summary.csv` (one row per benchmark x model), `report.md` (the same as a table, the
 paper's method comparison, training summaries and the stage directories used),
-`paper_table.csv` and `paper_table.tex` (the comparison: accuracy, time, memory, ratios), `training_curves.png`, and `stages/`,
-relative symlinks to every hashed stage directory the experiment used.
+`paper_table.csv` and `paper_table.tex` (the comparison: accuracy, time, memory, ratios), `training_curves.png`,
+`validation_time.png` and `validation_steps.png` (validation accuracy against training time and
+steps), `time_to_accuracy.csv`, and `stages/`, relative symlinks to every hashed stage directory
+the experiment used.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from apo import curves
 from apo.io import atomic_path, read_json, write_text
 from apo.methods import METHODS
 
@@ -169,8 +172,52 @@ def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
     plt.close(fig)
 
 
+def validation_markdown(validation: dict | None, tta: pd.DataFrame | None) -> list[str]:
+    """The report's section on validation during training: the set, whether it is held out,
+    the two plots and the time-to-accuracy table."""
+    lines = ["## Validation during training", ""]
+    if not validation or tta is None or tta.empty:
+        return lines + ["No validation set (`data.validation`): no accuracy-against-time curves.", ""]
+    lines.append(f"Validation set: `{validation['dataset']}`, greedy unless `train.validation` says "
+                 "otherwise; its time is not counted as training time.")
+    if validation.get("on_benchmark"):
+        lines += ["", "**The validation set is not held out from the test benchmarks** "
+                  "(`data.validation_on_benchmark: true`, as the authors validate on the MATH test "
+                  "set, which holds MATH500): a choice made by validation accuracy is made on test problems."]
+    best = curves.NAMES.get(tta.attrs.get("target_method"), tta.attrs.get("target_method"))
+    lines += ["", "![validation accuracy against training time](validation_time.png)",
+              "![validation accuracy against optimizer steps](validation_steps.png)", "",
+              f"Training time until the mean validation accuracy (over seeds) first reaches X % of the "
+              f"best method's final validation accuracy ({best}: {100 * tta.attrs['best_final']:.2f} %), "
+              "read at the validations (so an upper bound), and its ratio to A*-PO's; also in "
+              "`time_to_accuracy.csv`:", "", curves.markdown(tta), ""]
+    return lines
+
+
+def sweep_markdown(runs: list[dict]) -> list[str]:
+    """The report's section on sweeps: every run of each method's grid, its final validation
+    accuracy and training time, and the pick."""
+    if not runs:
+        return []
+    rows = []
+    for r in runs:
+        v = pd.read_parquet(Path(r["dir"]) / "validation.parquet").sort_values("step").iloc[-1]
+        rows.append({"method": METHOD_NAMES.get(r["method"], r["method"]),
+                     **{k: f"{val:g}" for k, val in r["combo"].items()},
+                     "final val. acc. (%)": f"{100 * v['accuracy']:.2f}",
+                     "training time (min)": f"{v['train_time_s'] / 60:.2f}",
+                     "picked": "yes" if r["picked"] else ""})
+    table = pd.DataFrame(rows).fillna("–")
+    return ["## Sweep", "",
+            "Each method trained once per combination of the listed settings on the first seed; its "
+            "pick (the best final validation accuracy, never a benchmark's) is the run trained on "
+            "the other seeds and evaluated above.", "",
+            table.to_markdown(index=False, disable_numparse=True), ""]
+
+
 def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages: dict,
-             paper: pd.DataFrame | None = None, phases: pd.DataFrame | None = None) -> str:
+             paper: pd.DataFrame | None = None, phases: pd.DataFrame | None = None,
+             validation: list[str] | None = None) -> str:
     lines = [f"# Experiment `{experiment}`", "", "## Accuracy (pass@1 = avg@k, %)", ""]
     pivot = with_settings(table).pivot(index="model", columns="benchmark", values="accuracy")
     lines += [pivot.to_markdown(), ""]
@@ -205,6 +252,7 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
     if phases is not None:
         lines += ["Where the training time went (seconds, summed over optimizer steps):", "",
                   phases.round(1).to_markdown(), "", "![training time by phase](training_phases.png)", ""]
+    lines += validation or []
     lines += ["## Data", ""]
     for name, d in stages.items():
         counts_file = Path(d) / "counts.json"
@@ -247,8 +295,22 @@ def write(spec: dict, out_dir: str | os.PathLike) -> pd.DataFrame:
     with atomic_path(out_dir / "paper_table.csv") as tmp:
         paper.to_csv(tmp, float_format="%.4f")
     write_text(out_dir / "paper_table.tex", paper_table_latex(paper))
-    write_text(out_dir / "report.md", markdown(spec["experiment"], table, spec["trainings"], spec["stages"], paper, phases))
+    val = write_validation(spec, out_dir) + sweep_markdown(spec.get("sweep", []))
+    write_text(out_dir / "report.md",
+               markdown(spec["experiment"], table, spec["trainings"], spec["stages"], paper, phases, val))
     return table
+
+
+def write_validation(spec: dict, out_dir: Path) -> list[str]:
+    """validation_time.png, validation_steps.png, time_to_accuracy.csv; the report's section."""
+    points = curves.load(spec["trainings"])
+    title = f"{spec['experiment']}: validation accuracy"
+    curves.plot(points, "train_time_s", out_dir / "validation_time.png", title)
+    curves.plot(points, "optimizer_steps", out_dir / "validation_steps.png", title)
+    tta = curves.time_to_accuracy(points) if len(points) else None
+    with atomic_path(out_dir / "time_to_accuracy.csv") as tmp:
+        (tta if tta is not None else pd.DataFrame()).to_csv(tmp, index_label="method", float_format="%.4f")
+    return validation_markdown(spec.get("validation"), tta)
 
 
 def training_costs(trainings: list[dict]) -> list[dict]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apo import __version__, methods
+from apo import __version__, methods, sweep
 from apo.fingerprint import DigestCache, content_digest
 
 # Bump a stage's format version when its code changes what it writes for the same settings;
@@ -34,10 +34,13 @@ FORMAT_VERSION = {
     "vstar": 2,
     "train": 2,
     "eval": 2,
+    "pick": 1,
 }
 
 # train.* keys that change speed and memory, not results: passed to the job, not addressed
 RUNTIME_TRAIN_KEYS = ("gradient_checkpointing",)
+# train.* keys read only when data.validation is set: a run without one keeps its address
+VALIDATION_TRAIN_KEYS = ("validate_every", "validation")
 DEMO = "demo"  # the value of `model` / a dataset `path` that means "the embedded demo"
 HASH_LEN = 12
 
@@ -143,7 +146,9 @@ class Plan:
 
     Attributes name the stages by role: `demo` (or None), `model` (the reference model: the
     demo Stage or an External), `train_data`, `benchmarks` (name -> Stage),
-    `sample` (None when V* comes from a published table), `vstar`, `trains` (label -> Stage, one per method and seed), and `evals`:
+    `sample` (None when V* comes from a published table), `vstar`, `validation` (the
+    data.validation prompt set, or None), `grids` (method -> {combination label: Stage}, the
+    trainings of a sweep), `picks` (method -> the pick Stage of its sweep), `trains` (label -> Stage, one per method and seed), and `evals`:
     (model label, benchmark name) -> Stage.
     """
 
@@ -165,6 +170,8 @@ class Plan:
         grading = config["grading"]
         self.train_data = self._dataset(config["data"]["train"])
         self.benchmarks = {b["name"]: self._dataset(b) for b in config["data"]["benchmarks"]}
+        spec = config["data"].get("validation")
+        self.validation = self._dataset(spec) if spec is not None else None
 
         s, v = config["sample"], config["vstar"]
         if v["source"] == "table":
@@ -189,25 +196,14 @@ class Plan:
             )
             # Only what sampling-based V* reads: addresses stay those of earlier versions.
             self.vstar = self._add("vstar", _pick(v, ["beta1", "filter"]), {"samples": self.sample})
-        # One training run per (method, seed), labelled "apo" or "apo-seed1" when seeds vary.
+        self.models: dict[str, Stage | str] = {"reference": self.model}
         self.trains: dict[str, Stage] = {}
-        for method in config["methods"]:
-            for seed in config["seeds"]:
-                label = method if len(config["seeds"]) == 1 else f"{method}-seed{seed}"
-                self.trains[label] = self._train(method, seed)
-        self.models = {"reference": self.model, **self.trains}
         self.evals: dict[tuple[str, str], Stage] = {}
-        for label, model in self.models.items():
-            for name, bench in self.benchmarks.items():
-                self.evals[label, name] = self._add(
-                    "eval",
-                    {
-                        **self.eval_settings(name),
-                        "backend": config["generation"]["backend"],
-                        **_grading(grading),
-                    },
-                    {"model": model, "prompts": bench},
-                )
+        self.grids: dict[str, dict[str, Stage]] = {}
+        self.picks: dict[str, Stage] = {}
+        self.picked: dict[str, dict] = {}
+        self._add_evals("reference", self.model)
+        self._plan_trainings()
         self.digests.save()
 
     def eval_settings(self, benchmark: str) -> dict:
@@ -215,11 +211,60 @@ class Plan:
         spec = next(b for b in self.config["data"]["benchmarks"] if b["name"] == benchmark)
         return {**self.config["evaluate"], **spec.get("evaluate", {})}
 
-    def _train(self, method: str, seed: int) -> Stage:
+    def _plan_trainings(self) -> None:
+        """One training run per (method, seed), labelled "apo" or "apo-seed1" when seeds vary; a
+        method with listed values is first trained once per combination (apo.sweep), and its
+        runs join `trains` when its pick is known (`add_pick`)."""
+        config = self.config
+        for method in config["methods"]:
+            combos = sweep.grid(config["train"], self._reads(method))
+            if len(combos) == 1:
+                self._add_runs(method, combos[0])
+                continue
+            runs = {sweep.label(c): self._train(method, config["seeds"][0], c) for c in combos}
+            self.grids[method] = runs
+            settings = {"method": method, "criterion": "final validation accuracy", "grid": combos}
+            self.picks[method] = self._add("pick", settings, runs)
+
+    def _reads(self, method: str) -> set[str]:
+        """The top-level train.* keys a method's training reads."""
+        return (set(self.config["train"]) - methods.method_only_keys()) | set(methods.get(method).settings)
+
+    def _add_runs(self, method: str, combo: dict) -> None:
+        """The evaluated runs of a method: one per seed, with the combination's values."""
+        for seed in self.config["seeds"]:
+            label = method if len(self.config["seeds"]) == 1 else f"{method}-seed{seed}"
+            self.trains[label] = self.models[label] = self._train(method, seed, combo)
+            self._add_evals(label, self.trains[label])
+
+    def add_pick(self, method: str, combo: dict) -> None:
+        """A sweep's pick is known: its run on the first seed (the grid's), its runs on the
+        other seeds, and their evaluations join the plan."""
+        if combo not in self.picks[method].settings["grid"]:
+            raise ValueError(f"pick {combo} of {method} is not in its grid {self.picks[method].settings['grid']}")
+        self.picked[method] = combo
+        self._add_runs(method, combo)
+
+    def _add_evals(self, label: str, model) -> None:
+        for name, bench in self.benchmarks.items():
+            self.evals[label, name] = self._add(
+                "eval",
+                {
+                    **self.eval_settings(name),
+                    "backend": self.config["generation"]["backend"],
+                    **_grading(self.config["grading"]),
+                },
+                {"model": model, "prompts": bench},
+            )
+
+    def _train(self, method: str, seed: int, combo: dict) -> Stage:
         """A training stage reads the shared train settings and its own method's keys only
-        (apo.methods); A*-PO reads V* (and so the reference samples), the baselines do not."""
-        train, spec = self.config["train"], methods.get(method)
+        (apo.methods), with the combination's values where the config lists several; A*-PO
+        reads V* (and so the reference samples), the baselines do not."""
+        train, spec = sweep.apply(self.config["train"], combo), methods.get(method)
         skip = methods.method_only_keys() | set(RUNTIME_TRAIN_KEYS)
+        if self.validation is None:  # validation settings are read only with a validation set
+            skip |= set(VALIDATION_TRAIN_KEYS)
         settings = {k: v for k, v in train.items() if k not in skip}
         settings.update({k: train[k] for k in spec.settings})
         settings.update(
@@ -231,6 +276,8 @@ class Plan:
         inputs = {"model": self.model, "prompts": self.train_data}
         if spec.reads_vstar:
             inputs["vstar"] = self.vstar
+        if self.validation is not None:
+            inputs["validation"] = self.validation
         return self._add("train", settings, inputs)
 
     def _add(self, kind: str, settings: dict, inputs: dict) -> Stage:

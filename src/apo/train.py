@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from apo import methods
+from apo import methods, validate
 from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
@@ -112,6 +112,7 @@ class Trainer:
     sampling: SamplingSettings
     ckpt_root: Path
     gradient_checkpointing: bool
+    validation: validate.ValidationSet | None = None
 
     @property
     def trained(self) -> list:
@@ -188,8 +189,18 @@ def load_models(s: dict, model_path: str, accelerator, gradient_checkpointing: b
     return policy, reference, critic
 
 
+def engine_length(tokenizer, prompt_ids: list, s: dict, vs: validate.ValidationSet | None) -> int:
+    """The engine's context: the longest training prompt plus the response length, or the
+    longest validation prompt plus its response length where that is longer."""
+    length = max(map(len, prompt_ids)) + s["max_new_tokens"]
+    if vs is not None and len(vs.prompts):
+        ids = tokenizer(list(vs.prompts["prompt"]), add_special_tokens=False)["input_ids"]
+        length = max(length, max(map(len, ids)) + vs.sampling.max_new_tokens)
+    return length
+
+
 def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path, generation: dict,
-          gradient_checkpointing: bool) -> Trainer:
+          gradient_checkpointing: bool, validation_path: str | None = None) -> Trainer:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
@@ -201,6 +212,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     set_seed(s["seed"], device_specific=True)  # seed + process index
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data, prompt_ids = load_prompts(s, prompts_path, vstar_path, tokenizer)
+    vs = validate.load(s, validation_path, accelerator.process_index, world) if validation_path else None
     policy, reference, critic = load_models(s, model_path, accelerator, gradient_checkpointing)
     policy, optimizer, scheduler = optimize(accelerator, policy, s, s["lr"])
     critic_opt = critic_sched = None
@@ -211,7 +223,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     generator = make_generator(
         s["backend"], tokenizer, model=accelerator.unwrap_model(policy), model_path=model_path,
         batch_size=generation["batch_size"], seed=s["seed"],
-        max_model_len=max(map(len, prompt_ids)) + s["max_new_tokens"],
+        max_model_len=engine_length(tokenizer, prompt_ids, s, vs),
         vllm=VLLMSettings.from_runtime(generation), dtype=s["compute_dtype"],
     )
     method = methods.get(s["method"])
@@ -219,7 +231,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
                                 max_new_tokens=s["max_new_tokens"])
     return Trainer(s, method, method.bind(s), accelerator, world, n_minis, accum, tokenizer, policy, reference,
                    optimizer, scheduler, critic, critic_opt, critic_sched, generator, data, prompt_ids, sampling,
-                   out_dir / "checkpoints", gradient_checkpointing)
+                   out_dir / "checkpoints", gradient_checkpointing, vs)
 
 
 # --------------------------------------------------------------------------- one step
@@ -426,7 +438,7 @@ def train_step(t: Trainer, grader: Grader, step: int) -> dict:
 
 
 def after_step(t: Trainer, row: dict, history: list, monitor: CollapseMonitor, tracker) -> None:
-    """Log the step, watch for a collapse, checkpoint when due."""
+    """Log the step, watch for a collapse."""
     step = row["step"]
     history.append(row)
     if tracker is not None:
@@ -438,8 +450,29 @@ def after_step(t: Trainer, row: dict, history: list, monitor: CollapseMonitor, t
             tracker.set_tags({"collapse": collapse})
         if t.s["stop_on_collapse"]:
             raise RuntimeError(f"training stopped: {collapse} (train.stop_on_collapse is true)")
+
+
+def validate_if_due(t: Trainer, grader: Grader, history: list, validations: list, tracker) -> None:
+    """Score the policy on the validation set when the step count calls for it; the training
+    time it records is the sum of the steps' `time_step_s` (validation excluded)."""
+    step = len(history)
+    if t.validation is None or not validate.due(step, t.s["steps"], t.validation.every, validations):
+        return
+    row = validate.run(t, grader, t.validation, step, sum(h["time_step_s"] for h in history))
+    validations.append(row)
+    log.info("validation at step %d: accuracy %.4f (%.1f s)", step, row["accuracy"], row["time_validate_s"])
+    if tracker is not None:
+        tracker.log_metrics({"val_accuracy": row["accuracy"], "val_train_time_s": row["train_time_s"],
+                             "val_response_length": row["response_length"],
+                             "time_validate_s": row["time_validate_s"]}, step=step)
+
+
+def checkpoint_if_due(t: Trainer, history: list, validations: list, monitor: CollapseMonitor) -> None:
+    """A checkpoint holds the metric and validation histories, so a resumed run's outputs
+    are those of the uninterrupted run."""
+    step = len(history)
     if step % t.s["checkpoint_every"] == 0 or step == t.s["steps"]:
-        state = {"step": step, "history": history, "collapse": monitor.message}
+        state = {"step": step, "history": history, "validation": validations, "collapse": monitor.message}
         save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"])
 
 
@@ -453,16 +486,19 @@ def train(
     grading: dict,
     tracker=None,
     gradient_checkpointing: bool = False,
+    validation_path: str | None = None,
 ) -> dict:
     """Stage 2 from start (or from the last checkpoint) to `settings["steps"]`; writes
-    `out_dir/model` and returns the metric history and a summary."""
+    `out_dir/model` and returns the metric history, the validations (with a validation set at
+    `validation_path`) and a summary."""
     out_dir = Path(out_dir)
-    t = setup(settings, model_path, prompts_path, vstar_path, out_dir, generation, gradient_checkpointing)
+    t = setup(settings, model_path, prompts_path, vstar_path, out_dir, generation, gradient_checkpointing,
+              validation_path)
     monitor = CollapseMonitor(**settings["collapse"])
-    history = []
+    history, validations = [], []
     state = resume(t.accelerator, t.ckpt_root)
     if state is not None:
-        history = state["history"]
+        history, validations = state["history"], state.get("validation", [])
         for h in history:
             monitor.update(h["reward"], h["response_length"])
         t.generator.sync_weights(t.accelerator.unwrap_model(t.policy))  # the engine loaded step 0's
@@ -471,12 +507,16 @@ def train(
                mininterval=2, disable=not t.accelerator.is_main_process)
     # time bound and method from the stage's address; the worker count is a runtime knob
     with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"]) as grader:
+        validate_if_due(t, grader, history, validations, tracker)  # step 0
         for step in bar:
             row = train_step(t, grader, step)
             after_step(t, row, history, monitor, tracker)
+            validate_if_due(t, grader, history, validations, tracker)
+            checkpoint_if_due(t, history, validations, monitor)
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}", len=f"{row['response_length']:.1f}")
     save_model(t, out_dir)
-    return {"history": _metrics_frame(history), "summary": summarize(t, history, monitor)}
+    return {"history": _metrics_frame(history), "validation": validate.frame(validations),
+            "summary": summarize(t, history, monitor, validations)}
 
 
 def save_model(t: Trainer, out_dir: Path) -> None:
@@ -495,7 +535,7 @@ def _metrics_frame(history: list) -> pd.DataFrame:
     return metrics[["step", *sorted(c for c in metrics.columns if c != "step")]]
 
 
-def summarize(t: Trainer, history: list, monitor: CollapseMonitor) -> dict:
+def summarize(t: Trainer, history: list, monitor: CollapseMonitor, validations: list) -> dict:
     metrics = _metrics_frame(history)
     first = metrics.head(min(len(metrics), monitor.window))
     last_window = metrics.tail(min(len(metrics), monitor.window))
@@ -512,4 +552,8 @@ def summarize(t: Trainer, history: list, monitor: CollapseMonitor) -> dict:
         "peak_memory_mb": float(metrics["peak_memory_mb"].max()),
         "compute_dtype": t.s["compute_dtype"],
         "gradient_checkpointing": bool(t.gradient_checkpointing),
+        # validation: accuracy after the last step and the time it cost (not in train_time_s)
+        "val_accuracy_final": validations[-1]["accuracy"] if validations else None,
+        "val_accuracy_best": max(v["accuracy"] for v in validations) if validations else None,
+        "validate_time_s": sum(v["time_validate_s"] for v in validations),
     }

@@ -31,10 +31,45 @@ EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
 if workflow.is_main_process:
     workflow_plan(
         config,
-        {label: s.settings["method"] for label, s in PLAN.trains.items()},
+        {
+            method: method for method in config["methods"]
+        },  # a sweep's runs: its method's row
         model_path(PLAN.model),
         lambda text: print(text, file=sys.stderr),
     )
+
+
+def picked_combo(pick_file):
+    return json.loads(Path(pick_file).read_text())["picked"]
+
+
+# A sweep's pick made in an earlier run (or by the checkpoint before this job was started)
+# plans its runs on the other seeds and the evaluations; `resolve_picks` waits for the rest.
+for _method, _pick in PLAN.picks.items():
+    if Path(f"{_pick.dir}/pick.json").exists():
+        PLAN.add_pick(_method, picked_combo(f"{_pick.dir}/pick.json"))
+
+
+def resolve_picks():
+    """Every sweep's pick, in the plan; raises Snakemake's incomplete-checkpoint signal (so the
+    DAG waits for the pick job) while one is not made yet."""
+    for method, s in PLAN.picks.items():
+        if method not in PLAN.picked:
+            PLAN.add_pick(
+                method, picked_combo(checkpoints.pick.get(h=s.hash).output[0])
+            )
+
+
+def pick_runs(pick):
+    """params: the grid's runs of a pick stage, as JSON for `apo pick`."""
+    grid = {label: combo for label, combo in zip(pick.inputs, pick.settings["grid"])}
+    return json.dumps(
+        [
+            {"label": label, "combo": grid[label], "dir": s.dir}
+            for label, s in pick.inputs.items()
+        ]
+    )
+
 
 # Knobs that change how fast, not what: they are not part of any stage's address.
 RUNTIME = json.dumps(
@@ -43,7 +78,7 @@ RUNTIME = json.dumps(
             "batch_size": config["generation"]["batch_size"],
             "vllm": config["generation"]["vllm"],
         },
-        "grading": config["grading"],
+        "grading": {k: config["grading"][k] for k in ("timeout_s", "workers")},
         "tracking_uri": config["tracking_uri"],
         "train": {"gradient_checkpointing": config["train"]["gradient_checkpointing"]},
     }
@@ -143,8 +178,56 @@ def demo_dir(kind):
     return args
 
 
-def report_spec():
+def report_inputs(filename):
+    """Input function: a file of every evaluated training run (after the sweeps' picks)."""
+
+    def files(w):
+        resolve_picks()
+        return [f"{s.dir}/{filename}" for s in PLAN.trains.values()]
+
+    return files
+
+
+def swept(label):
+    """Whether an evaluated model is a run of a method with a sweep (known after its pick)."""
+    return label != "reference" and PLAN.trains[label].settings["method"] in PLAN.grids
+
+
+def fixed_scores():
+    """The evaluations planned before any pick: the reference's and those of unswept methods."""
+    return [
+        f"{s.dir}/scores.json"
+        for (label, _), s in PLAN.evals.items()
+        if not swept(label)
+    ]
+
+
+def picked_scores(w):
+    """Input function: the evaluations of the sweeps' picks (after the picks)."""
+    resolve_picks()
+    return [
+        f"{s.dir}/scores.json" for (label, _), s in PLAN.evals.items() if swept(label)
+    ]
+
+
+def sweep_spec():
+    """Every run of every sweep, its combination and whether it is the method's pick."""
+    return [
+        {
+            "method": method,
+            "label": f"{method}-{label}",
+            "combo": combo,
+            "dir": s.dir,
+            "picked": combo == PLAN.picked.get(method),
+        }
+        for method, runs in PLAN.grids.items()
+        for (label, s), combo in zip(runs.items(), PLAN.picks[method].settings["grid"])
+    ]
+
+
+def report_spec(w=None):
     """What the report reads: every evaluation and training run of this experiment."""
+    resolve_picks()
     return json.dumps(
         {
             "experiment": PLAN.experiment,
@@ -161,20 +244,36 @@ def report_spec():
                 }
                 for label, s in PLAN.trains.items()
             ],
+            "validation": validation_spec(),
+            "sweep": sweep_spec(),
             "stages": {
                 name: s.dir
                 for name, s in [
                     ("demo_model", PLAN.demo),
                     ("data_train", PLAN.train_data),
                     *[(f"data_{b}", s) for b, s in PLAN.benchmarks.items()],
+                    ("data_validation", PLAN.validation),
                     ("sample", PLAN.sample),
                     ("vstar", PLAN.vstar),
                     *[(f"train_{label}", s) for label, s in PLAN.trains.items()],
+                    *[(f"pick_{m}", s) for m, s in PLAN.picks.items()],
                 ]
                 if s is not None
             },
         }
     )
+
+
+def validation_spec():
+    """What the report says of the validation set: which it is, and whether the config
+    declares it a test benchmark's (data.validation_on_benchmark)."""
+    spec = config["data"]["validation"]
+    if spec is None:
+        return None
+    return {
+        "dataset": f"{spec['path']} split {spec['split']}",
+        "on_benchmark": config["data"]["validation_on_benchmark"],
+    }
 
 
 def job_resources(section):

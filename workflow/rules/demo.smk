@@ -4,6 +4,7 @@ rule demo_model:
         model=directory(f"{RESULTS}/demo_model/{{h}}/model"),
         train=f"{RESULTS}/demo_model/{{h}}/train.jsonl",
         test=f"{RESULTS}/demo_model/{{h}}/test.jsonl",
+        valid=f"{RESULTS}/demo_model/{{h}}/valid.jsonl",
     log:
         f"{RESULTS}/demo_model/{{h}}/log/demo_model.log",
     benchmark:

@@ -4,10 +4,12 @@ rule train:
         model=upstream_model("train"),
         prompts=upstream("train", "prompts", "prompts.parquet"),
         vstar=upstream("train", "vstar", "vstar.parquet"),
+        validation=upstream("train", "validation", "prompts.parquet"),
     output:
         model=directory(f"{RESULTS}/train/{{h}}/model"),
         metrics=f"{RESULTS}/train/{{h}}/metrics.parquet",
         summary=f"{RESULTS}/train/{{h}}/summary.json",
+        validation=f"{RESULTS}/train/{{h}}/validation.parquet",
     log:
         f"{RESULTS}/train/{{h}}/log/train.log",
     benchmark:
@@ -26,6 +28,9 @@ rule train:
         model=upstream_model_path("train"),
         revision=upstream_model_revision("train"),
         vstar=lambda w, input: ["--vstar", input.vstar] if input.vstar else [],
+        validation=lambda w, input: (
+            ["--validation", input.validation] if input.validation else []
+        ),
         launch=accelerate_args,
         port=accelerate_port,
     shell:
@@ -33,4 +38,4 @@ rule train:
         "accelerate launch {params.launch:q} {params.port} --module apo.cli train "
         "--manifest {params.manifest:q} --stage-dir {params.dir:q} "
         "--runtime {params.runtime:q} --model {params.model:q} {params.revision:q} --prompts {input.prompts:q} "
-        "{params.vstar:q} 2>> {log:q}"
+        "{params.vstar:q} {params.validation:q} 2>> {log:q}"
