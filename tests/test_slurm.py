@@ -99,7 +99,7 @@ def test_every_cluster_job_went_through_sbatch(slurm_run):
     ours = [j for j in records if j.get("WorkDir") == str(workdir)]
     done = {j["Comment"]: j for j in ours if j["JobState"] == "COMPLETED"}
     expected = expected_cluster_jobs(workdir / "results")
-    assert len(expected) == 11  # demo model, 2 datasets, 2 shards, V*, training, 2 x 2 evaluation shards
+    assert len(expected) == 12  # demo model, 3 datasets (train, benchmark, validation), 2 shards, V*, training, 2 x 2 evaluation shards
     assert set(done) == expected, f"Slurm records: {sorted(done)}; expected {sorted(expected)}"
     assert not any(j["Comment"].split("_wildcards")[0] in {f"rule_{r}" for r in LOCAL_RULES} for j in ours)
     for comment, job in done.items():
@@ -128,21 +128,27 @@ def test_slurm_results_equal_a_local_run(slurm_run, smoke_run):
         return {str(p.relative_to(root)) for kind in RULE_OF_STAGE for p in (root / kind).rglob("*")
                 if p.is_file() and "log" not in p.parts}
 
-    files = stage_files(slurm_results)
-    assert files == stage_files(local_results)  # the same stage addresses, the same files
-    # Wall-clock times (and what holds them) differ between runs; everything else is bit-equal.
-    timed = {"metrics.parquet", "summary.json", "trainer_state.json", "mlflow_run_id"}
+    # A job's lock file names the process that held it: not a result.
+    files = {f for f in stage_files(slurm_results) if not f.endswith(".lock")}
+    assert files == {f for f in stage_files(local_results) if not f.endswith(".lock")}  # the same addresses, files
+    # Wall-clock times (and what holds them: a training's manifest records its files' checksums)
+    # differ between runs; everything else is bit-equal.
+    timed = {"metrics.parquet", "summary.json", "trainer_state.json", "mlflow_run_id", "validation.parquet"}
     for rel in sorted(files):
         a, b = slurm_results / rel, local_results / rel
-        if Path(rel).name not in timed:
+        if Path(rel).name not in timed and not (rel.startswith("train/") and rel.endswith("manifest.json")):
             assert a.read_bytes() == b.read_bytes(), rel
+    for validation in (slurm_results / "train").glob("*/validation.parquet"):
+        local = local_results / validation.relative_to(slurm_results)
+        untimed = [c for c in pd.read_parquet(validation).columns if c not in ("train_time_s", "time_validate_s")]
+        pd.testing.assert_frame_equal(pd.read_parquet(validation)[untimed], pd.read_parquet(local)[untimed])
     for metrics in (slurm_results / "train").glob("*/metrics.parquet"):
         local = local_results / metrics.relative_to(slurm_results)
         pd.testing.assert_frame_equal(drop_timings(pd.read_parquet(metrics)), drop_timings(pd.read_parquet(local)))
     for summary in (slurm_results / "train").glob("*/summary.json"):
         a, b = (json.loads(p.read_text()) for p in (summary, local_results / summary.relative_to(slurm_results)))
-        for timing in ("train_time_s", "peak_memory_mb"):
-            a.pop(timing), b.pop(timing)
+        for timing in ("train_time_s", "peak_memory_mb", "validate_time_s"):
+            a.pop(timing, None), b.pop(timing, None)
         assert a == b
     pd.testing.assert_frame_equal(pd.read_csv(slurm_results / "smoke" / "summary.csv"),
                                   pd.read_csv(local_results / "smoke" / "summary.csv"))
