@@ -647,14 +647,6 @@ def workflow_plan(config: dict, trains: dict[str, str], model_dir: str, show) ->
     return plan
 
 
-def merge(base: dict, over: dict) -> dict:
-    """`over` merged into a copy of `base`, nested keys extended (as snakemake merges configs)."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def plan_from_files(
     paths: list[str], results: str = "results", gpu_memory_gb: float | None = None
 ) -> MemoryPlan:
@@ -662,7 +654,7 @@ def plan_from_files(
     MemoryPlanError when the model's size is unknown."""
     import yaml
 
-    from apo.config import validate_config
+    from apo.config import merge, validate_config
     from apo.settings import Plan, model_path
 
     raw: dict = {}
