@@ -19,30 +19,17 @@ wildcard_constraints:
     shard=r"\d+",
 
 
-# Every report output: one that is missing (e.g. new in this version) reruns the report.
+# The experiment's report: every file `apo report` writes (apo.report.FILES).
 rule all:
     input:
-        expand(
-            f"{EXPERIMENT_DIR}/{{name}}",
-            name=[
-                "report.md",
-                "summary.csv",
-                "paper_table.csv",
-                "paper_table.tex",
-                "training_curves.png",
-                "training_phases.png",
-                "validation_time.png",
-                "validation_steps.png",
-                "time_to_accuracy.csv",
-            ],
-        ),
+        expand(f"{EXPERIMENT_DIR}/{{name}}", name=REPORT_FILES),
 
 
 localrules:
     all,
     report,
-    scores,
-    pick,
+    evaluate,
+    sweep,
 
 
 include: "workflow/rules/demo.smk"

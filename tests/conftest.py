@@ -1,12 +1,15 @@
 import copy
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = ROOT / "src" / "apo" / "config.schema.yaml"
 
 
 @pytest.fixture
@@ -23,6 +26,20 @@ TINY_DEMO = {
               "num_heads": 1},
     "warm_start": {"steps": 10, "batch_size": 16, "lr": 3e-3},
 }
+SMOKE = ROOT / "tests" / "smoke_config.yaml"
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake on the repository's Snakefile with results under `workdir`."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+           "--directory", str(workdir), *args]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
@@ -40,8 +57,6 @@ def tiny_demo(tmp_path_factory) -> Path:
 def smoke_run(tmp_path_factory):
     """The smoke config run end to end once, locally; later tests read its results (the
     Slurm test compares its own run with this one)."""
-    from test_pipeline import SMOKE, snakemake
-
     workdir = tmp_path_factory.mktemp("smoke")
     shutil.copytree(ROOT / "config", workdir / "config")
     proc = snakemake(workdir, "--cores", "2", "--configfile", str(SMOKE))

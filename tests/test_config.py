@@ -1,10 +1,17 @@
 """Config validation: defaults filled, bad values and unknown keys named."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from apo.config import ConfigError, load_config, validate_config
+from apo.config import ConfigError, validate_config
 from conftest import ROOT, SCHEMA
+
+
+def load_config(path: Path) -> dict:
+    """A shipped config file, validated with its `extends` base (paths from the repository)."""
+    return validate_config(yaml.safe_load(path.read_text()), source=str(path), base_dir=ROOT)
 
 
 def test_demo_config_is_valid_and_gets_defaults(demo_config):
@@ -125,9 +132,9 @@ def test_vstar_table_needs_one_join_key_and_one_reward_layout(demo_config, table
 def test_resources_give_gpus_to_sampling_training_and_evaluation_only(demo_config):
     cfg = validate_config(demo_config, SCHEMA)
     r = cfg["resources"]
-    assert set(r) == {"demo_model", "data", "sample", "vstar", "train", "evaluate"}
+    assert set(r) == {"demo", "data", "sample", "vstar", "train", "evaluate"}
     assert {k: v["gpu"] for k, v in r.items()} == {
-        "demo_model": 0, "data": 0, "sample": 1, "vstar": 0, "train": 1, "evaluate": 1}
+        "demo": 0, "data": 0, "sample": 1, "vstar": 0, "train": 1, "evaluate": 1}
     assert r["train"]["distributed"] == "ddp"
     demo_config["resources"] = {"sample": {"gpu": 2}}  # a partial block: the rest from the generic defaults
     assert validate_config(demo_config, SCHEMA)["resources"]["sample"] == {
@@ -219,7 +226,7 @@ def test_more_shards_than_limited_prompts_is_rejected(demo_config):
 def test_a_shard_without_prompts_is_a_clear_error():
     import pandas as pd
 
-    from apo.rollout import shard_rows
+    from apo.sample import shard_rows
 
     prompts = pd.DataFrame({"id": ["a", "b", "c"]})
     assert [len(shard_rows(prompts, i, 3)) for i in range(3)] == [1, 1, 1]

@@ -59,7 +59,7 @@ def test_loss_is_zero_at_the_optimal_log_ratio():
     assert loss.item() == pytest.approx(0.0, abs=1e-10)
 
 
-# ---------------------------------------------------------------- baselines (issue 6)
+# ---------------------------------------------------------------- baselines
 
 from apo.losses import grpo_loss, group_advantages, rebel_loss  # noqa: E402
 

@@ -14,21 +14,7 @@ import pytest
 import yaml
 
 from apo.config import validate_config
-from conftest import ROOT
-
-SMOKE = ROOT / "tests" / "smoke_config.yaml"
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake on the repository's Snakefile with results under `workdir`."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-           "--directory", str(workdir), *args]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
+from conftest import ROOT, SMOKE, snakemake
 
 def planned_jobs(workdir: Path, *args: str) -> dict:
     """{rule: count} of a dry run."""
@@ -57,7 +43,7 @@ def test_smoke_config_runs_every_stage(smoke_run):
     assert paper.index.tolist() == ["reference", "A*-PO"] and paper.loc["A*-PO", "time_ratio"] == 1.0
     assert paper.loc["A*-PO", "train_hours"] > 0 and paper.loc["A*-PO", "peak_memory_gb"] > 0
     assert "A*-PO" in (results / "smoke" / "paper_table.tex").read_text()
-    for kind in ["demo_model", "data", "sample", "vstar", "train", "eval"]:
+    for kind in ["demo", "data", "sample", "vstar", "train", "evaluate"]:
         dirs = list((results / kind).iterdir())
         assert dirs and all((d / "manifest.json").exists() for d in dirs), kind
     shards = sorted((results / "sample").glob("*/shard-*.parquet"))
@@ -83,8 +69,9 @@ def test_second_run_is_a_noop(smoke_run):
 def test_changing_beta2_plans_no_sampling(smoke_run):
     workdir, _ = smoke_run
     jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "train={'beta2': 0.3}")
-    assert "sample_reference" not in jobs and "vstar" not in jobs and "demo_model" not in jobs
-    assert jobs.get("train") == 1 and jobs.get("evaluate") == 2 and jobs.get("scores") == 1
+    assert "vstar" not in jobs and "demo" not in jobs
+    # the sample rule's jobs are the new model's 2 evaluation shards only: no reference sampling
+    assert jobs.get("train") == 1 and jobs.get("sample") == 2 and jobs.get("evaluate") == 1
     assert jobs.get("report") == 1
 
 
@@ -103,7 +90,7 @@ def test_an_unfinished_evaluation_shard_is_the_only_evaluation_redone(smoke_run)
     """As after a killed evaluation: one shard, that benchmark's scores and the report not
     written yet (Snakemake does not regenerate a missing intermediate under a finished report)."""
     workdir, _ = smoke_run
-    shards = sorted((workdir / "results" / "eval").glob("*/shard-*.parquet"))
+    shards = sorted((workdir / "results" / "evaluate").glob("*/shard-*.parquet"))
     assert len(shards) == 2 * 2  # reference and apo, 2 shards each
     lost = [shards[0], shards[0].parent / "scores.json", shards[0].parent / "samples.parquet",
             workdir / "results" / "smoke"]
@@ -114,7 +101,7 @@ def test_an_unfinished_evaluation_shard_is_the_only_evaluation_redone(smoke_run)
     finally:
         for f in lost:
             f.with_name(f.name + ".kept").rename(f)
-    assert jobs == {"evaluate": 1, "scores": 1, "report": 1, "all": 1}
+    assert jobs == {"sample": 1, "evaluate": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -122,7 +109,7 @@ def test_adding_a_method_to_a_finished_experiment_trains_only_it(smoke_run):
     """The new method's training and evaluation, and the report (its set of inputs grew)."""
     workdir, _ = smoke_run
     jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "methods=['apo', 'rebel']")
-    assert jobs == {"train": 1, "evaluate": 2, "scores": 1, "report": 1, "all": 1}
+    assert jobs == {"train": 1, "sample": 2, "evaluate": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -142,12 +129,18 @@ def test_a_missing_report_output_reruns_the_report_only(smoke_run):
 def test_changing_sample_count_replans_sampling_and_downstream(smoke_run):
     workdir, _ = smoke_run
     jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "sample={'n': 3}")
-    assert jobs.get("sample_reference") == 2 and jobs.get("vstar") == 1
-    assert jobs.get("train") == 1 and jobs.get("evaluate") == 2 and jobs.get("report") == 1
-    assert "demo_model" not in jobs and "prepare_data" not in jobs
+    # 2 reference sampling shards and the new model's 2 evaluation shards
+    assert jobs.get("sample") == 2 + 2 and jobs.get("vstar") == 1
+    assert jobs.get("train") == 1 and jobs.get("evaluate") == 1 and jobs.get("report") == 1
+    assert "demo" not in jobs and "data" not in jobs
 
 
 PAPER = sorted((ROOT / "config" / "paper").glob("*.yaml"))
+
+
+def evaluation_shards(cfg: dict) -> int:
+    """Sampling jobs of one model's evaluation: the shards of every benchmark."""
+    return sum({**cfg["evaluate"], **b.get("evaluate", {})}["shards"] for b in cfg["data"]["benchmarks"])
 
 
 @pytest.mark.parametrize("config_file", PAPER, ids=lambda p: p.name)
@@ -160,13 +153,12 @@ def test_paper_configs_plan_the_full_dag(tmp_path, config_file):
     benches, models = len(cfg["data"]["benchmarks"]), 1 + len(cfg["methods"]) * len(cfg.get("seeds", [0]))
     assert cfg["methods"] == ["apo", "grpo", "rebel", "ppo"]  # the paper's comparison
     assert jobs == {
-        **({"demo_model": 1} if cfg["model"] == "demo" else {}),
-        "prepare_data": 1 + benches + (cfg["data"].get("validation") is not None),
-        "sample_reference": cfg["sample"]["shards"],
+        **({"demo": 1} if cfg["model"] == "demo" else {}),
+        "data": 1 + benches + (cfg["data"].get("validation") is not None),
+        "sample": cfg["sample"]["shards"] + models * evaluation_shards(cfg),
         "vstar": 1,
         "train": len(cfg["methods"]) * len(cfg.get("seeds", [0])),
-        "evaluate": models * benches * cfg["evaluate"].get("shards", 1),
-        "scores": models * benches,
+        "evaluate": models * benches,
         "report": 1,
         "all": 1,
     }
@@ -178,8 +170,9 @@ def test_compare_config_plans_the_sweep_before_its_picks(tmp_path):
     and every evaluation but the reference's wait for the picks (a checkpoint)."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
     jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config" / "compare.yaml"))
-    assert jobs == {"demo_model": 1, "prepare_data": 3, "sample_reference": 2, "vstar": 1, "train": 12,
-                    "pick": 4, "evaluate": 1, "scores": 1, "report": 1, "all": 1}
+    # the sample rule: 2 reference sampling shards and the reference's evaluation shard
+    assert jobs == {"demo": 1, "data": 3, "sample": 2 + 1, "vstar": 1, "train": 12,
+                    "sweep": 4, "evaluate": 1, "report": 1, "all": 1}
 
 
 def test_published_stage1_table_plans_no_sampling(tmp_path):
@@ -188,7 +181,8 @@ def test_published_stage1_table_plans_no_sampling(tmp_path):
              "prompt_field: extra_info.question, reward_fields: [eval_0, eval_1]}}")
     jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config/paper/qwen2.5-1.5b.yaml"),
                         "--config", f"vstar={table}")
-    assert "sample_reference" not in jobs and jobs["vstar"] == 1 and jobs["train"] == 4  # apo, grpo, rebel, ppo
+    cfg = validate_config(yaml.safe_load((ROOT / "config/paper/qwen2.5-1.5b.yaml").read_text()), base_dir=ROOT)
+    assert jobs["sample"] == 5 * evaluation_shards(cfg) and jobs["vstar"] == 1 and jobs["train"] == 4  # apo, grpo, rebel, ppo
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
@@ -247,7 +241,7 @@ if args[0] == "lock":  # apo lock FILE -- accelerate launch ...
 cmd = "train" if args[0] == "launch" else args[0]
 opt = lambda name: Path(args[args.index(name) + 1]) if name in args else None
 d = opt("--stage-dir")
-names = {"demo": ["train.jsonl", "test.jsonl", "valid.jsonl", "model"], "scores": ["scores.json", "samples.parquet"],
+names = {"demo": ["train.jsonl", "test.jsonl", "valid.jsonl", "model"], "evaluate": ["scores.json", "samples.parquet"],
          "train": ["metrics.parquet", "summary.json", "validation.parquet", "model"],
          "report": ["report.md", "summary.csv", "paper_table.csv", "paper_table.tex",
                     "training_curves.png", "training_phases.png", "validation_time.png",
@@ -297,8 +291,7 @@ def test_editing_a_local_train_file_replans_data_prep_and_after_only(tmp_path):
     lines[3] = lines[3].replace("finds 2 more", "finds 2 more today")
     train.write_text("".join(lines))
     assert planned_jobs(tmp_path, *args) == {
-        "prepare_data": 1, "sample_reference": 2, "vstar": 1, "train": 1, "evaluate": 2,
-        "scores": 1, "report": 1, "all": 1}
+        "data": 1, "sample": 2 + 2, "vstar": 1, "train": 1, "evaluate": 1, "report": 1, "all": 1}
 
 
 # What a stage job may receive besides its manifest: paths of its inputs and outputs (all

@@ -20,8 +20,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT
-from test_pipeline import snakemake
+from conftest import ROOT, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -105,9 +104,9 @@ def test_killed_sampling_and_training_resume_exactly(tmp_path, config_file, unin
     # 1. Kill while sampling: once the first shard job has finished, before the last.
     log1 = tmp_path / "run1.log"
     proc = start(tmp_path, config_file, log1)
-    wait_for(lambda: finished_outputs(log1.read_text(), "sample_reference"), proc, log1)
+    wait_for(lambda: finished_outputs(log1.read_text(), "sample"), proc, log1)
     kill_tree(proc)
-    finished = finished_outputs(log1.read_text(), "sample_reference")
+    finished = finished_outputs(log1.read_text(), "sample")
     assert 1 <= len(finished) < 4
     done_before = {name: next(results.glob(f"sample/*/{name}")).stat().st_mtime_ns for name in finished}
     # nothing half-written under a final name: every shard file present is a complete table
@@ -120,7 +119,7 @@ def test_killed_sampling_and_training_resume_exactly(tmp_path, config_file, unin
     ckpt = lambda: list(results.glob("train/*/checkpoints/step-*"))  # noqa: E731
     wait_for(ckpt, proc, log2, poll_s=0.01)
     kill_tree(proc)
-    assert job_counts(log2.read_text())["sample_reference"] == 4 - len(done_before)
+    assert job_counts(log2.read_text())["sample"] == 4 - len(done_before)
     for name, mtime in done_before.items():  # finished shards were not recomputed
         assert next(results.glob(f"sample/*/{name}")).stat().st_mtime_ns == mtime
     train_dir = next(results.glob("train/*"))
@@ -131,7 +130,7 @@ def test_killed_sampling_and_training_resume_exactly(tmp_path, config_file, unin
     proc = start(tmp_path, config_file, log3)
     assert proc.wait(timeout=900) == 0, log3.read_text()[-3000:]
     counts = job_counts(log3.read_text())
-    assert "sample_reference" not in counts and "vstar" not in counts and counts["train"] == 1
+    assert "vstar" not in counts and counts["train"] == 1
     resumed = re.findall(r"resumed from \S+ at step (\d+)", (train_dir / "log" / "train.log").read_text())
     assert resumed and int(resumed[-1]) >= 5
 

@@ -326,7 +326,7 @@ def test_validation_set_and_settings_are_part_of_the_training_address(demo_confi
     base = plan(demo_config)
     assert base.trains["apo"].inputs["validation"] is base.validation
     assert base.validation.settings["split"] == "valid"
-    for change in [{"train__validate_every": 25}, {"train__validation": {"temperature": 1.0, "k": 4}},
+    for change in [{"train__validate_every": 25}, {"train__validation": {"temperature": 0.5, "k": 2}},
                    {"data__validation": {**demo_config["data"]["validation"], "limit": 64}}]:
         assert changed(base, plan(demo_config, **change)) == {"train:apo", "eval:apo:demo_test"}, change
     # spelling out the default length (the training length) keeps the address

@@ -18,8 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT
-from test_pipeline import SMOKE
+from conftest import ROOT, SMOKE
 
 UP = ROOT / "scripts" / "slurm-local-up.sh"
 DOWN = ROOT / "scripts" / "slurm-local-down.sh"
@@ -30,11 +29,12 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 LOCAL_CLUSTER = ["--default-resources", "slurm_partition=debug", "--slurm-no-account",
                  "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1"]
 
-# Stage directory -> the rule that writes it.
-RULE_OF_STAGE = {"demo_model": "demo_model", "data": "prepare_data", "sample": "sample_reference",
-                 "vstar": "vstar", "train": "train", "eval": "evaluate"}
-GPU_RULES = {"sample_reference", "train", "evaluate"}
-LOCAL_RULES = {"all", "report", "scores"}  # `localrules` in the Snakefile
+# Stage directory -> the rule of its cluster jobs (an evaluation's shards are rule `sample`'s;
+# its scores are computed locally).
+RULE_OF_STAGE = {"demo": "demo", "data": "data", "sample": "sample", "vstar": "vstar", "train": "train",
+                 "evaluate": "sample"}
+GPU_RULES = {"sample", "train"}
+LOCAL_RULES = {"all", "report", "evaluate", "sweep"}  # `localrules` in the Snakefile
 
 
 def env_with_venv(**extra) -> dict:
@@ -86,8 +86,9 @@ def expected_cluster_jobs(results: Path) -> set[str]:
     jobs = set()
     for stage, rule in RULE_OF_STAGE.items():
         for d in (results / stage).iterdir():
-            if stage in ("sample", "eval"):  # one job per shard
-                jobs |= {f"rule_{rule}_wildcards_{d.name}_{p.stem.split('-')[1]}" for p in d.glob("shard-*.parquet")}
+            if stage in ("sample", "evaluate"):  # one job per shard; wildcards kind, h, shard
+                jobs |= {f"rule_{rule}_wildcards_{stage}_{d.name}_{p.stem.split('-')[1]}"
+                         for p in d.glob("shard-*.parquet")}
             else:
                 jobs.add(f"rule_{rule}_wildcards_{d.name}")
     return jobs
@@ -177,5 +178,5 @@ def test_dry_run_under_the_slurm_profile_shows_resources(configfile, tmp_path):
         assert (int(res["gpu"]) >= 1) == (rule in GPU_RULES), (rule, res)
         planned.append(f"{rule:18s} gpu={res['gpu']:>2s} mem_mb={res['mem_mb']:>7s} "
                        f"cpus_per_task={res['cpus_per_task']:>3s} runtime={res['runtime']} min")
-    assert {j.split()[0] for j in planned} >= {"prepare_data", "sample_reference", "train", "evaluate"}
+    assert {j.split()[0] for j in planned} >= {"data", "sample", "train"}
     print(f"\n{configfile.relative_to(ROOT)}: {len(planned)} cluster jobs\n  " + "\n  ".join(planned))

@@ -20,7 +20,7 @@ def test_a_list_plans_one_training_per_combination(demo_config):
     assert len({s.hash for g in p.grids.values() for s in g.values()}) == 12
     for method, grid in p.grids.items():
         assert all(s.settings["seed"] == 0 and s.settings["method"] == method for s in grid.values())
-        assert p.picks[method].inputs == grid  # the pick reads every run of its grid
+        assert p.sweeps[method].inputs == grid  # the sweep picks among every run of its grid
     grpo = p.grids["grpo"]["lr0.001-group_size4"].settings
     assert grpo["lr"] == 1e-3 and grpo["grpo"]["group_size"] == 4
     # nothing of a swept method is evaluated before its pick: only the reference
@@ -38,7 +38,7 @@ def test_a_changed_grid_keeps_the_finished_runs(demo_config):
     large = plan(demo_config, train__lr=[*LRS, 3.0e-3])
     assert {k: s.dir for k, s in small.grids["apo"].items()}.items() <= {
         k: s.dir for k, s in large.grids["apo"].items()}.items()
-    assert small.picks["apo"].dir != large.picks["apo"].dir  # a new pick, over four runs
+    assert small.sweeps["apo"].dir != large.sweeps["apo"].dir  # a new pick, over four runs
     # a grid run is the single run with the same values: shared with config/config.yaml's
     assert small.grids["apo"]["lr0.0003"].dir == plan(demo_config).trains["apo"].dir
 

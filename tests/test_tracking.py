@@ -76,7 +76,7 @@ def test_the_plan_stops_on_an_unreachable_tracking_server(tmp_path):
     """Before any job: not minutes of retries in each."""
     import time
 
-    from test_pipeline import SMOKE, snakemake
+    from conftest import SMOKE, snakemake
 
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()

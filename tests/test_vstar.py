@@ -123,18 +123,18 @@ def test_a_changed_or_truncated_stage_file_names_the_file_and_rule(tmp_path):
     shard = stage_file(tmp_path, "sample", "shard-0.parquet", graded([("a", 2)]))
     assert len(read_stage_parquet(shard)) == 2
     graded([("a", 1)]).to_parquet(shard)  # a valid parquet file, not the one its job wrote
-    with pytest.raises(StageFileError, match=rf"{shard}: its content does not match the checksum .*\(rule sample_reference"):
+    with pytest.raises(StageFileError, match=rf"{shard}: its content does not match the checksum .*\(rule sample writes it again"):
         read_stage_parquet(shard)
     shard.write_bytes(b"PAR1 truncated")
     (shard.parent / "manifest.json").write_text(json.dumps({"hash": "0123456789ab"}))  # results without checksums
-    with pytest.raises(StageFileError, match=rf"{shard}: not a readable parquet file .*\(rule sample_reference"):
+    with pytest.raises(StageFileError, match=rf"{shard}: not a readable parquet file .*\(rule sample writes it again"):
         read_stage_parquet(shard)
 
 
 def test_shard_jobs_of_one_stage_record_their_checksums_side_by_side(tmp_path):
-    d = tmp_path / "results" / "eval" / "0123456789ab"
+    d = tmp_path / "results" / "evaluate" / "0123456789ab"
     d.mkdir(parents=True)
     for i in range(2):
         graded([("a", i + 1)]).to_parquet(d / f"shard-{i}.parquet")
-        record_outputs(d, {"kind": "eval", "hash": "0123456789ab"}, [d / f"shard-{i}.parquet"])
+        record_outputs(d, {"kind": "evaluate", "hash": "0123456789ab"}, [d / f"shard-{i}.parquet"])
     assert set(json.loads((d / "manifest.json").read_text())["outputs"]) == {"shard-0.parquet", "shard-1.parquet"}

@@ -28,7 +28,7 @@ import yaml
 
 from apo.config import validate_config
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
-from apo.rollout import load_model
+from apo.sample import load_model
 from apo.settings import Plan, model_path
 
 

@@ -31,11 +31,11 @@ def job_outputs(args) -> list[Path]:
     """The files and directories one stage job writes: its rule's outputs (and counts)."""
     d = Path(args.stage_dir)
     named = {
-        "demo": ["train.jsonl", "test.jsonl", "model"],
+        "demo": ["train.jsonl", "test.jsonl", "valid.jsonl", "model"],
         "data": ["counts.json"],
         "vstar": ["counts.json"],
-        "train": ["metrics.parquet", "summary.json", "model"],
-        "scores": ["scores.json", "samples.parquet"],
+        "train": ["metrics.parquet", "summary.json", "validation.parquet", "model"],
+        "evaluate": ["scores.json", "samples.parquet"],
     }.get(args.command, [])
     return [d / name for name in named] + ([Path(args.out)] if getattr(args, "out", None) else [])
 
@@ -133,34 +133,18 @@ def cmd_lock(args):
 
 
 def cmd_demo(args):
-    import tempfile
-
     from apo import demo
-    from apo.io import move_into_place
 
-    out = Path(args.stage_dir)
-    with stage_job(args) as tracker, tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
-        settings = args.manifest["settings"]
-        info = demo.build(settings, tmp, settings["instruction"])
-        tracker.log_metrics(info)
-        for name in ("train.jsonl", "test.jsonl", "valid.jsonl", "model"):  # the model last: rules wait for it
-            move_into_place(Path(tmp) / name, out / name)
+    with stage_job(args) as tracker:
+        tracker.log_metrics(demo.run(args.manifest["settings"], args.stage_dir))
 
 
 def cmd_data(args):
-    from transformers import AutoTokenizer
-
     from apo import data
-    from apo.io import verify_stage_file, write_json, write_parquet
-    from apo.reward import Grader
+    from apo.io import write_json, write_parquet
 
-    s = args.manifest["settings"]
-    grading = args.runtime["grading"]
-    with stage_job(args) as tracker, Grader(grading["timeout_s"], grading["workers"], s["grading_method"]) as grader:
-        if args.demo_dir:
-            verify_stage_file(Path(args.demo_dir) / f"{s['split']}.jsonl")
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        df, counts = data.prepare(s, s["prompt"], tokenizer, args.demo_dir, grader)
+    with stage_job(args) as tracker:
+        df, counts = data.run(args.manifest["settings"], args.tokenizer, args.demo_dir, args.runtime["grading"])
         tracker.log_metrics(counts)
         write_parquet(args.out, df)
         write_json(Path(args.stage_dir) / "counts.json", counts)
@@ -171,76 +155,40 @@ def cmd_sample(args):
     from apo import sample
     from apo.io import write_parquet
 
-    s = args.manifest["settings"]
+    m = args.manifest
     with stage_job(args, run_suffix=f"-shard{args.shard}") as tracker:
-        df = sample.run(s, args.model, args.prompts, args.shard, args.runtime["generation"], args.runtime["grading"])
-        tracker.log_metrics(
-            {"mean_reward": df["reward"].mean(), "responses": len(df),
-             "ungraded": int((df["status"] != "ok").sum()), "mean_tokens": df["num_tokens"].mean()}
-        )
+        df, metrics = sample.run_shard(m["kind"], m["settings"], args.model, args.prompts, args.shard,
+                                       args.runtime["generation"], args.runtime["grading"])
+        tracker.log_metrics(metrics)
         write_parquet(args.out, df)
 
 
 def cmd_vstar(args):
-    import pandas as pd
-
     from apo import vstar
-    from apo.io import read_json, read_stage_parquet, write_json, write_parquet
+    from apo.io import write_json, write_parquet
 
-    s = args.manifest["settings"]
     with stage_job(args) as tracker:
-        prompts = read_stage_parquet(args.prompts)
-        if s.get("source") == "table":  # a published stage-1 table joined to the prompts
-            samples, counts = vstar.samples_from_table(s["table"], prompts)
-            if counts["prompts_unmatched"]:
-                log.warning("%d of %d training prompts are not in the stage-1 table %s: no V*, not trained on",
-                            counts["prompts_unmatched"], counts["prompts"], s["table"]["path"])
-        else:
-            samples = pd.concat([read_stage_parquet(p) for p in args.samples], ignore_index=True)
-            sample_dir = Path(args.samples[0]).parent
-            sampled = read_json(sample_dir / "manifest.json")["settings"]
-            vstar.check_samples(samples, prompts, sampled["n"], sampled["shards"], str(sample_dir))
-            counts = {"prompts": len(prompts)}
-        table = vstar.vstar_table(samples, s["beta1"])
-        kept = vstar.filter_prompts(table, s["filter"])
-        counts.update(prompts_kept=len(kept), dropped_by_filter=len(table) - len(kept))
-        tracker.log_metrics(
-            {**counts, "vstar_mean": table["vstar"].mean(),
-             "mean_reward": table["mean_reward"].mean(),
-             "unsolved": int((table["n_correct"] == 0).sum()),
-             "always_solved": int((table["n_correct"] == table["n_samples"]).sum())}
-        )
-        log.info("V* for %d prompts; %d kept by filter %s", len(table), len(kept), s["filter"])
+        kept, counts, metrics = vstar.run(args.manifest["settings"], args.prompts, args.samples or [])
+        tracker.log_metrics(metrics)
         write_json(Path(args.stage_dir) / "counts.json", counts)
         write_parquet(args.out, kept)
 
 
 def cmd_train(args):
     from apo import train
-    from apo.io import write_json, write_parquet
 
-    s = args.manifest["settings"]
-    out = Path(args.stage_dir)
-    run = functools.partial(
-        train.train, s, args.model, args.prompts, args.vstar, out, args.runtime["generation"],
-        args.runtime["grading"], gradient_checkpointing=args.runtime.get("train", {}).get("gradient_checkpointing", False),
-        validation_path=args.validation,
-    )
+    run = functools.partial(train.run, args.manifest["settings"], args.model, args.prompts, args.vstar,
+                            args.stage_dir, args.runtime, args.validation)
     if int(os.environ.get("RANK", 0)) != 0:
         # Under `accelerate launch` with several GPUs the other processes train their share of
         # each batch; the main process alone tracks and writes the outputs.
         run()
         return
-    with stage_job(args, run_id_file=str(out / "checkpoints" / "mlflow_run_id")) as tracker:
-        result = run(tracker=tracker)
-        tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items()
-                             if isinstance(v, (int, float))})
-        write_json(out / "summary.json", result["summary"])
-        write_parquet(out / "validation.parquet", result["validation"])
-        write_parquet(out / "metrics.parquet", result["history"])
+    with stage_job(args, run_id_file=str(Path(args.stage_dir) / "checkpoints" / "mlflow_run_id")) as tracker:
+        run(tracker=tracker)
 
 
-def cmd_pick(args):
+def cmd_sweep(args):
     from apo import sweep
     from apo.io import write_json
 
@@ -254,25 +202,11 @@ def cmd_pick(args):
 
 def cmd_evaluate(args):
     from apo import evaluate
-    from apo.io import write_parquet
+    from apo.io import write_json, write_parquet
 
-    s = args.manifest["settings"]
-    with stage_job(args, run_suffix=f"-shard{args.shard}"):
-        df = evaluate.run_shard(s, args.model, args.prompts, args.shard, args.runtime["generation"], args.runtime["grading"])
-        write_parquet(args.out, df)
-
-
-def cmd_scores(args):
-    import pandas as pd
-
-    from apo import evaluate
-    from apo.io import read_stage_parquet, write_json, write_parquet
-
-    s = args.manifest["settings"]
     out = Path(args.stage_dir)
     with stage_job(args) as tracker:
-        samples = pd.concat([read_stage_parquet(f) for f in args.shards], ignore_index=True)
-        scores = evaluate.scores(s, read_stage_parquet(args.prompts), samples)
+        samples, scores = evaluate.run(args.manifest["settings"], args.prompts, args.shards)
         tracker.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
         write_parquet(out / "samples.parquet", samples)
         write_json(out / "scores.json", scores)
@@ -288,8 +222,7 @@ def cmd_report(args):
     tracker = Tracker(uri, run_name=f"report-{spec['experiment']}", params={"stages": spec["stages"]},
                       tags={"stage": "report", "experiment": spec["experiment"]})
     tracker.log_metrics({f"accuracy.{r.model}.{r.benchmark}": r.accuracy for r in table.itertuples()})
-    for name in ("report.md", "summary.csv", "paper_table.csv", "paper_table.tex", "training_curves.png",
-                 "validation_time.png", "validation_steps.png", "time_to_accuracy.csv"):
+    for name in report.FILES:
         tracker.log_artifact(out / name)
     tracker.finish()
 
@@ -336,53 +269,48 @@ def cmd_bench_grading(args):
     bench_grading.run(args.responses, args.workers, args.repeats, args.seed, args.timeout_s)
 
 
+# The stage commands the rules call: (name, function, help, their own arguments). Every one
+# also takes --manifest, --stage-dir and --runtime.
+MODEL = ("--model", {"required": True, "help": "a stage's model directory, a local model or a hub id"})
+REVISION = ("--model-revision", {"help": "hub revision of the model (model_revision)"})
+PROMPTS = ("--prompts", {"required": True, "help": "a data stage's prompts.parquet"})
+OUT = ("--out", {"required": True})
+STAGE_COMMANDS = [
+    ("demo", cmd_demo, "build the demo task and reference model", []),
+    ("data", cmd_data, "prepare a prompt set into parquet",
+     [("--tokenizer", {"required": True}), ("--model-revision", {"help": "hub revision of the tokenizer's model"}),
+      ("--demo-dir", {}), OUT]),
+    ("sample", cmd_sample, "sample and grade responses: one shard of reference sampling or of an evaluation",
+     [MODEL, REVISION, PROMPTS, ("--shard", {"type": int, "required": True}), OUT]),
+    ("vstar", cmd_vstar, "V* table from graded reference samples or a published stage-1 table",
+     [("--samples", {"nargs": "+", "help": "the sample stage's shards (vstar.source: sample)"}), PROMPTS, OUT]),
+    ("train", cmd_train, "stage 2: A*-PO or a baseline, on-policy",
+     [MODEL, REVISION, PROMPTS, ("--vstar", {"help": "V* table (A*-PO only)"}),
+      ("--validation", {"help": "validation prompts (data.validation), scored during training"})]),
+    ("sweep", cmd_sweep, "a sweep's pick: the grid run with the best final validation accuracy",
+     [("--runs", {"type": _json, "required": True, "help": "[{label, combo, dir}] of the grid's runs (JSON)"}), OUT]),
+    ("evaluate", cmd_evaluate, "a benchmark's avg@k from its sampled shards",
+     [PROMPTS, ("--shards", {"nargs": "+", "required": True})]),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-
-    def stage(name, fn, help_):
+    for name, fn, help_, arguments in STAGE_COMMANDS:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--manifest", type=_json, required=True, help="stage manifest (JSON)")
         sp.add_argument("--stage-dir", required=True, help="results/<stage>/<hash>")
         sp.add_argument("--runtime", type=_json, default={}, help="runtime knobs (JSON)")
+        for flag, kwargs in arguments:
+            sp.add_argument(flag, **kwargs)
         sp.set_defaults(fn=fn)
-        return sp
+    add_tool_commands(sub)
+    return p
 
-    stage("demo", cmd_demo, "build the demo task and reference model")
-    sp = stage("data", cmd_data, "prepare a prompt set into parquet")
-    sp.add_argument("--tokenizer", required=True)
-    sp.add_argument("--model-revision", help="hub revision of the tokenizer's model (model_revision)")
-    sp.add_argument("--demo-dir")
-    sp.add_argument("--out", required=True)
-    sp = stage("sample", cmd_sample, "sample and grade reference responses (one shard)")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
-    sp.add_argument("--prompts", required=True)
-    sp.add_argument("--shard", type=int, required=True)
-    sp.add_argument("--out", required=True)
-    sp = stage("vstar", cmd_vstar, "V* table from graded reference samples")
-    sp.add_argument("--samples", nargs="+", help="graded reference samples (vstar.source: sample)")
-    sp.add_argument("--prompts", required=True, help="the prepared training prompts")
-    sp.add_argument("--out", required=True)
-    sp = stage("train", cmd_train, "A*-PO stage 2 training")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
-    sp.add_argument("--prompts", required=True)
-    sp.add_argument("--vstar", help="V* table (A*-PO only)")
-    sp.add_argument("--validation", help="validation prompts (data.validation), scored during training")
-    sp = stage("pick", cmd_pick, "a sweep's pick: the grid run with the best final validation accuracy")
-    sp.add_argument("--runs", type=_json, required=True, help="[{label, combo, dir}] of the grid's runs (JSON)")
-    sp.add_argument("--out", required=True)
-    sp = stage("evaluate", cmd_evaluate, "sample and grade k responses per problem (one shard of a benchmark)")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--model-revision", help="hub revision of the model (model_revision)")
-    sp.add_argument("--prompts", required=True)
-    sp.add_argument("--shard", type=int, required=True)
-    sp.add_argument("--out", required=True)
-    sp = stage("scores", cmd_scores, "a benchmark's avg@k from its evaluation shards")
-    sp.add_argument("--prompts", required=True)
-    sp.add_argument("--shards", nargs="+", required=True)
 
+def add_tool_commands(sub) -> None:
+    """Commands that are not stages: the training rule's lock, the report, benchmarks, the plan."""
     sp = sub.add_parser("lock", help="run a command holding a stage job's lock (the training rule's launcher)")
     sp.add_argument("file")
     sp.add_argument("command_line", nargs=argparse.REMAINDER)
@@ -403,14 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-layers", type=int, default=None, help="... and depth (demo architecture and tokenizer)")
     sp.set_defaults(fn=cmd_bench_generation)
 
-    sp = sub.add_parser("plan", help="per-GPU memory plan of each training job of a config")
-    sp.add_argument("configfile", nargs="+", help="config files, merged in order as snakemake --configfile does")
-    sp.add_argument("--results", default="results", help="where a built demo or local model is looked for")
-    sp.add_argument("--gpu-memory-gb", type=float, default=None,
-                    help="check against this GPU memory (GiB) instead of resources.train.gpu_memory_gb")
-    sp.set_defaults(fn=cmd_plan)
-
-
     sp = sub.add_parser("bench-grading", help="grading throughput: worker pool vs sequential, side by side")
     sp.add_argument("--responses", type=int, default=2000)
     sp.add_argument("--workers", type=int, default=2, help="pool size (grading.workers' default)")
@@ -418,7 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--timeout-s", type=float, default=5.0)
     sp.set_defaults(fn=cmd_bench_grading)
-    return p
+
+    sp = sub.add_parser("plan", help="per-GPU memory plan of each training job of a config")
+    sp.add_argument("configfile", nargs="+", help="config files, merged in order as snakemake --configfile does")
+    sp.add_argument("--results", default="results", help="where a built demo or local model is looked for")
+    sp.add_argument("--gpu-memory-gb", type=float, default=None,
+                    help="check against this GPU memory (GiB) instead of resources.train.gpu_memory_gb")
+    sp.set_defaults(fn=cmd_plan)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Config validation against workflow/schemas/config.schema.yaml, with defaults filled in.
+"""Config validation against the schema (src/apo/config.schema.yaml, shipped in the package),
+with defaults filled in.
 
 Runs when the workflow starts, before any job: a bad value or an unknown key stops the run
 with an error that names the key (e.g. ``config key 'train.lr': 'fast' is not of type
@@ -19,7 +20,7 @@ import yaml
 
 from apo import methods, sweep
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 class ConfigError(ValueError):
@@ -277,7 +278,7 @@ def _check_names(config: dict, source: str) -> None:
 
 def _check_shards(config: dict, source: str) -> None:
     """A shard job needs at least one prompt. The prompt count is known here only where a
-    `limit` bounds it; the stage checks the rest (`apo.rollout.shard_rows`)."""
+    `limit` bounds it; the stage checks the rest (`apo.sample.shard_rows`)."""
     pairs = [("sample.shards", config["sample"]["shards"], "data.train", config["data"]["train"])]
     if config["vstar"]["source"] == "table":
         pairs = []
@@ -289,11 +290,6 @@ def _check_shards(config: dict, source: str) -> None:
                 f"invalid {source}: config key '{key}' ({shards}) is larger than "
                 f"'{where}.limit' ({spec['limit']}): a shard would have no prompts"
             )
-
-
-def load_config(path: str | Path) -> dict:
-    with open(path) as fh:
-        return validate_config(yaml.safe_load(fh) or {}, source=str(path))
 
 
 def _check_vstar_table(v: dict, source: str) -> None:

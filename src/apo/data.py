@@ -216,3 +216,18 @@ def _drop_bad_golds(rows: list[dict], grader, where: str) -> tuple[list[dict], i
     if bad:
         log.warning("%s: dropped %d rows whose gold answer cannot be graded against", where, len(bad))
     return [r for r, p in zip(rows, problems) if p is None], len(bad)
+
+
+def run(settings: dict, tokenizer_path: str, demo_dir: str | None, grading: dict) -> tuple[pd.DataFrame, dict]:
+    """Stage entry: the prompt set `settings` describes (a data stage's manifest settings),
+    formatted with the tokenizer's template, and its counts (counts.json)."""
+    from transformers import AutoTokenizer
+
+    from apo.io import verify_stage_file
+    from apo.reward import Grader
+
+    if demo_dir:
+        verify_stage_file(Path(demo_dir) / f"{settings['split']}.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"]) as grader:
+        return prepare(settings, settings["prompt"], tokenizer, demo_dir, grader)

@@ -158,7 +158,7 @@ def chat_prompt(tokenizer, question: str, instruction: str) -> str:
     )
 
 
-def warm_start(model, tokenizer, prompts: list[str], responses: list[str], ws: dict, seed: int):
+def warm_start(model, tokenizer, prompts: list[str], responses: list[str], settings: dict, seed: int):
     """Supervised fine-tuning on (prompt, response); loss on response tokens only."""
     g = torch.Generator().manual_seed(seed)
     eos = tokenizer.convert_tokens_to_ids(EOS)
@@ -167,8 +167,8 @@ def warm_start(model, tokenizer, prompts: list[str], responses: list[str], ws: d
         p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(r, add_special_tokens=False)["input_ids"] + [eos]
         examples.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
-    opt = torch.optim.AdamW(model.parameters(), lr=ws["lr"], weight_decay=0.0, betas=(0.9, 0.98))
-    steps, warmup = ws["steps"], max(1, ws["steps"] // 20)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.0, betas=(0.9, 0.98))
+    steps, warmup = settings["steps"], max(1, settings["steps"] // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
@@ -176,7 +176,7 @@ def warm_start(model, tokenizer, prompts: list[str], responses: list[str], ws: d
     model.train()
     bar = tqdm(range(steps), desc="demo warm start", mininterval=2)
     for step in bar:
-        idx = torch.randint(len(examples), (ws["batch_size"],), generator=g).tolist()
+        idx = torch.randint(len(examples), (settings["batch_size"],), generator=g).tolist()
         width = max(len(examples[i][0]) for i in idx)
         ids = torch.full((len(idx), width), tokenizer.pad_token_id)
         labels = torch.full((len(idx), width), -100)
@@ -232,3 +232,19 @@ def build(settings: dict, out_dir: str | Path, instruction: str) -> dict:
                 f.write(json.dumps(row) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     return {"warm_start_loss": final_loss, "num_parameters": n_params, "vocab_size": len(tokenizer)}
+
+
+def run(settings: dict, out_dir: str | Path) -> dict:
+    """Stage entry: `build` into a temporary directory inside `out_dir`, then each file moved
+    into place (the model last: the rules wait for it), so a killed job leaves nothing that
+    looks finished. Returns the metrics to log."""
+    import tempfile
+
+    from apo.io import move_into_place
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
+        info = build(settings, tmp, settings["instruction"])
+        for name in ("train.jsonl", "test.jsonl", "valid.jsonl", "model"):
+            move_into_place(Path(tmp) / name, out_dir / name)
+    return info

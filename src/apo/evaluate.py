@@ -1,15 +1,13 @@
 """Benchmark evaluation: pass@1 as avg@k (the mean reward over k samples per problem).
 
-A benchmark is split into `evaluate.shards` jobs (so a killed or preempted evaluation redoes only
-its unfinished shards); `scores` then reads the shards' per-problem samples.
+A benchmark is split into `evaluate.shards` jobs (so a killed or preempted evaluation redoes
+only its unfinished shards), each sampled and graded like a reference sampling shard
+(`apo.sample.run_shard`); `run` then scores the benchmark from its shards.
 """
 
 from __future__ import annotations
 
 import pandas as pd
-
-from apo.generation import SamplingSettings
-from apo.rollout import sample_shard
 
 
 def avg_at_k(samples: pd.DataFrame) -> float:
@@ -17,10 +15,12 @@ def avg_at_k(samples: pd.DataFrame) -> float:
     return float(samples.groupby("id")["reward"].mean().mean())
 
 
-def run_shard(settings: dict, model_path: str, prompts_path: str, shard: int, generation: dict, grading: dict):
-    """k graded samples for every problem of one shard."""
-    sampling = SamplingSettings.from_config(settings, n=settings["k"])
-    return sample_shard(settings, sampling, model_path, prompts_path, shard, generation, grading, "evaluate.shards")
+def run(settings: dict, prompts_path: str, shard_paths: list[str]) -> tuple[pd.DataFrame, dict]:
+    """Stage entry: every shard's samples in one table, and the benchmark's scores."""
+    from apo.io import read_stage_parquet
+
+    samples = pd.concat([read_stage_parquet(p) for p in shard_paths], ignore_index=True)
+    return samples, scores(settings, read_stage_parquet(prompts_path), samples)
 
 
 def scores(settings: dict, prompts: pd.DataFrame, samples: pd.DataFrame) -> dict:

@@ -32,16 +32,16 @@ class DigestCache:
                 self.entries = {}  # a damaged cache only costs a re-read
 
     def file_digest(self, path: Path) -> str:
-        st = path.stat()
+        stat = path.stat()
         key = str(path.resolve())
         known = self.entries.get(key)
-        if known is not None and known[:2] == [st.st_size, st.st_mtime_ns]:
+        if known is not None and known[:2] == [stat.st_size, stat.st_mtime_ns]:
             return known[2]
         h = hashlib.sha256()
         with open(path, "rb") as fh:
             while chunk := fh.read(CHUNK):
                 h.update(chunk)
-        self.entries[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+        self.entries[key] = [stat.st_size, stat.st_mtime_ns, h.hexdigest()]
         self.dirty = True
         return h.hexdigest()
 

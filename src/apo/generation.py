@@ -18,7 +18,7 @@ from typing import Iterable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from apo.config import resolve_backend, vllm_available
+from apo.config import vllm_available
 
 
 @dataclass(frozen=True)
@@ -242,18 +242,22 @@ def make_generator(
 ) -> Generator:
     """The configured backend. hf samples from `model` itself; vLLM loads its own copy of
     `model_path`, in `dtype` if given, else in `model`'s dtype (so that a synced policy fits it
-    exactly); a trainer with float32 master weights and bfloat16 compute passes "bfloat16"."""
-    backend = resolve_backend(backend)
+    exactly); a trainer with float32 master weights and bfloat16 compute passes "bfloat16".
+
+    `backend` is what the stage's address names: `auto` was resolved once, when the config was
+    validated (`apo.config.validate_config`), so a job samples with the engine its address says
+    or fails naming it."""
     if backend == "hf":
         if model is None:
             raise ValueError("the hf backend needs the transformers model")
         return HFGenerator(model, tokenizer, batch_size)
     if backend != "vllm":
-        raise ValueError(f"generation.backend: unknown backend {backend!r} (expected auto, vllm or hf)")
+        raise ValueError(f"generation.backend: unknown backend {backend!r} (expected vllm or hf, auto resolved)")
     if not vllm_available():
         raise RuntimeError(
-            "generation.backend is 'vllm' but vLLM is not installed: install envs/cpu.txt (CPU) "
-            "or envs/gpu.txt (GPU), or set generation.backend: hf"
+            "this stage's address names the vllm engine (generation.backend, where `auto` was resolved "
+            "on the planning host) but vLLM is not installed here: install envs/cpu.txt (CPU) or "
+            "envs/gpu.txt (GPU) on every node, or set generation.backend: hf"
         )
     from transformers import GenerationConfig
 

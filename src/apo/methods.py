@@ -4,7 +4,8 @@ An entry says what the trainer, the content addresses and the report need to kno
 method: its display name, how many responses it samples per prompt, whether it reads V*,
 whether it needs the log-probs of the policy that sampled (pi_old) or a critic, which
 `train.*` settings only it reads, and its loss. Adding a method is one loss function in
-`apo.losses` and one `register_method` entry here.
+`apo.losses` and one `register_method` entry here, which reads the loss's inputs off a
+`MicroBatch`.
 """
 
 from __future__ import annotations
@@ -81,31 +82,31 @@ def method_only_keys() -> set[str]:
 
 
 @register_method("apo", "A*-PO", samples=1, settings=("beta2",), reads_vstar=True)
-def _apo(mb: MicroBatch, beta2: float):
+def apo_micro_batch_loss(batch: MicroBatch, beta2: float):
     from apo.losses import apo_loss
 
-    return apo_loss(mb.logp, mb.ref_logp, mb.mask, mb.rewards, mb.vstar, beta2)
+    return apo_loss(batch.logp, batch.ref_logp, batch.mask, batch.rewards, batch.vstar, beta2)
 
 
 @register_method("grpo", "GRPO", samples=lambda s: s["grpo"]["group_size"], settings=("grpo",), needs_old_logp=True)
-def _grpo(mb: MicroBatch, grpo: dict):
+def grpo_micro_batch_loss(batch: MicroBatch, grpo: dict):
     from apo.losses import group_advantages, grpo_loss
 
-    adv = group_advantages(mb.rewards.view(-1, grpo["group_size"])).flatten()
-    return grpo_loss(mb.logp, mb.old_logp, mb.ref_logp, mb.mask, adv, grpo["clip_eps"], grpo["kl_coef"],
-                     mb.loss_agg, mb.tokens)
+    adv = group_advantages(batch.rewards.view(-1, grpo["group_size"])).flatten()
+    return grpo_loss(batch.logp, batch.old_logp, batch.ref_logp, batch.mask, adv, grpo["clip_eps"], grpo["kl_coef"],
+                     batch.loss_agg, batch.tokens)
 
 
 @register_method("rebel", "REBEL", samples=2, settings=("rebel",), needs_old_logp=True)
-def _rebel(mb: MicroBatch, rebel: dict):
+def rebel_micro_batch_loss(batch: MicroBatch, rebel: dict):
     from apo.losses import rebel_loss
 
-    return rebel_loss(mb.logp, mb.old_logp, mb.mask, mb.rewards, rebel["eta"])
+    return rebel_loss(batch.logp, batch.old_logp, batch.mask, batch.rewards, rebel["eta"])
 
 
 @register_method("ppo", "PPO", samples=1, settings=("ppo",), needs_old_logp=True, critic=True)
-def _ppo(mb: MicroBatch, ppo: dict):
+def ppo_micro_batch_loss(batch: MicroBatch, ppo: dict):
     from apo.losses import ppo_loss
 
-    return ppo_loss(mb.logp, mb.old_logp, mb.mask, mb.advantages, mb.values, mb.old_values, mb.returns,
-                    ppo["clip_eps"], ppo["value_clip"], mb.loss_agg, mb.tokens)
+    return ppo_loss(batch.logp, batch.old_logp, batch.mask, batch.advantages, batch.values, batch.old_values, batch.returns,
+                    ppo["clip_eps"], ppo["value_clip"], batch.loss_agg, batch.tokens)

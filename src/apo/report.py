@@ -60,9 +60,14 @@ def with_settings(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(benchmark=table.apply(eval_label, axis=1)) if len(table) else table
 
 
+# Every file `write` puts in results/<experiment>/: the report rule declares these as its
+# outputs (tests/test_report.py checks the two agree) and `apo report` logs them to MLflow.
+FILES = ["report.md", "summary.csv", "paper_table.csv", "paper_table.tex", "training_curves.png",
+         "training_phases.png", "validation_time.png", "validation_steps.png", "time_to_accuracy.csv"]
+
+
 # Row order and display names of the paper's table (Lee et al. 2025, Tables 1-2).
 METHOD_NAMES = {"reference": "reference", **{m.name: m.display for m in METHODS.values()}}
-COST_COLUMNS = ["train_hours", "peak_memory_gb", "time_ratio", "memory_ratio"]
 
 
 def paper_table(accuracy: pd.DataFrame, trainings: list[dict]) -> pd.DataFrame:

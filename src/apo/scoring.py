@@ -92,5 +92,5 @@ def score_batch(fn, model, prompts, responses, parts: list[slice], pad_id: int):
     """`fn` (e.g. token_logprobs or token_values) over a batch, one micro-batch (`parts`) at a
     time, without gradients; returns (scores, mask), each one zero-padded [B, T] tensor."""
     with torch.no_grad():
-        outs = [fn(model, prompts[sl], responses[sl], pad_id) for sl in parts]
+        outs = [fn(model, prompts[part], responses[part], pad_id) for part in parts]
     return pad_cat([x for x, _ in outs]), pad_cat([m for _, m in outs])

@@ -28,14 +28,17 @@ from apo.fingerprint import DigestCache, content_digest
 # Bump a stage's format version when its code changes what it writes for the same settings;
 # every downstream address changes with it.
 FORMAT_VERSION = {
-    "demo_model": 2,
+    "demo": 2,
     "data": 2,
     "sample": 2,
     "vstar": 2,
     "train": 2,
-    "eval": 2,
-    "pick": 1,
+    "evaluate": 2,
+    "sweep": 1,
 }
+# One name per stage: the config section, the rule, the `apo` command, the results folder and
+# the module all use the stage's kind (the sampling and evaluation shards share rule `sample`).
+STAGES = tuple(FORMAT_VERSION)
 
 # train.* keys that change speed and memory, not results: passed to the job, not addressed
 RUNTIME_TRAIN_KEYS = ("gradient_checkpointing",)
@@ -132,7 +135,7 @@ class Stage:
         }
 
 
-def _pick(section: dict, keys: list[str]) -> dict:
+def _subset(section: dict, keys: list[str]) -> dict:
     return {k: section[k] for k in keys}
 
 
@@ -148,7 +151,9 @@ class Plan:
     demo Stage or an External), `train_data`, `benchmarks` (name -> Stage),
     `sample` (None when V* comes from a published table), `vstar`, `validation` (the
     data.validation prompt set, or None), `grids` (method -> {combination label: Stage}, the
-    trainings of a sweep), `picks` (method -> the pick Stage of its sweep), `trains` (label -> Stage, one per method and seed), and `evals`:
+    trainings of a sweep), `sweeps` (method -> its sweep Stage, which picks one of the grid's
+    runs), `picked` (method -> the picked combination, once known), `trains` (label -> Stage,
+    one per method and seed), and `evals`:
     (model label, benchmark name) -> Stage.
     """
 
@@ -164,7 +169,7 @@ class Plan:
         )
         # The demo's tokenizer and warm start are trained on prompts with the instruction.
         demo = {**config["demo"], "instruction": config["prompt"]["instruction"]}
-        self.demo = self._add("demo_model", demo, {}) if uses_demo else None
+        self.demo = self._add("demo", demo, {}) if uses_demo else None
         self.model = self.demo if config["model"] == DEMO else self.external(config["model"], config["model_revision"])
 
         grading = config["grading"]
@@ -173,34 +178,34 @@ class Plan:
         spec = config["data"].get("validation")
         self.validation = self._dataset(spec) if spec is not None else None
 
-        s, v = config["sample"], config["vstar"]
-        if v["source"] == "table":
+        sample, vstar = config["sample"], config["vstar"]
+        if vstar["source"] == "table":
             # A published stage-1 table replaces reference sampling: no sample stage at all.
             # The address covers the table's location and field mapping (the table itself is
             # external, like a hub model) and the prompts it is joined to.
             self.sample = None
             self.vstar = self._add(
                 "vstar",
-                {**_pick(v, ["beta1", "filter", "source"]), "table": v["table"]},
-                {"table": self.external(v["table"]["path"], v["table"]["revision"]), "prompts": self.train_data},
+                {**_subset(vstar, ["beta1", "filter", "source"]), "table": vstar["table"]},
+                {"table": self.external(vstar["table"]["path"], vstar["table"]["revision"]), "prompts": self.train_data},
             )
         else:
             self.sample = self._add(
                 "sample",
                 {
-                    **_pick(s, ["n", "temperature", "top_p", "max_new_tokens", "seed", "shards"]),
+                    **_subset(sample, ["n", "temperature", "top_p", "max_new_tokens", "seed", "shards"]),
                     "backend": config["generation"]["backend"],
                     **_grading(grading),
                 },
                 {"model": self.model, "prompts": self.train_data},
             )
-            # Only what sampling-based V* reads: addresses stay those of earlier versions.
-            self.vstar = self._add("vstar", _pick(v, ["beta1", "filter"]), {"samples": self.sample})
+            # What sampling-based V* reads (the table keys are for a published table only).
+            self.vstar = self._add("vstar", _subset(vstar, ["beta1", "filter"]), {"samples": self.sample})
         self.models: dict[str, Stage | str] = {"reference": self.model}
         self.trains: dict[str, Stage] = {}
         self.evals: dict[tuple[str, str], Stage] = {}
         self.grids: dict[str, dict[str, Stage]] = {}
-        self.picks: dict[str, Stage] = {}
+        self.sweeps: dict[str, Stage] = {}
         self.picked: dict[str, dict] = {}
         self._add_evals("reference", self.model)
         self._plan_trainings()
@@ -224,7 +229,7 @@ class Plan:
             runs = {sweep.label(c): self._train(method, config["seeds"][0], c) for c in combos}
             self.grids[method] = runs
             settings = {"method": method, "criterion": "final validation accuracy", "grid": combos}
-            self.picks[method] = self._add("pick", settings, runs)
+            self.sweeps[method] = self._add("sweep", settings, runs)
 
     def _reads(self, method: str) -> set[str]:
         """The top-level train.* keys a method's training reads."""
@@ -240,15 +245,16 @@ class Plan:
     def add_pick(self, method: str, combo: dict) -> None:
         """A sweep's pick is known: its run on the first seed (the grid's), its runs on the
         other seeds, and their evaluations join the plan."""
-        if combo not in self.picks[method].settings["grid"]:
-            raise ValueError(f"pick {combo} of {method} is not in its grid {self.picks[method].settings['grid']}")
+        grid = self.sweeps[method].settings["grid"]
+        if combo not in grid:
+            raise ValueError(f"pick {combo} of {method} is not in its grid {grid}")
         self.picked[method] = combo
         self._add_runs(method, combo)
 
     def _add_evals(self, label: str, model) -> None:
         for name, bench in self.benchmarks.items():
             self.evals[label, name] = self._add(
-                "eval",
+                "evaluate",
                 {
                     **self.eval_settings(name),
                     "backend": self.config["generation"]["backend"],
@@ -290,8 +296,8 @@ class Plan:
         # benchmark's display name and how it is evaluated do not change the file.
         settings = {k: v for k, v in spec.items() if k not in ("name", "evaluate")}
         settings["prompt"] = self.config["prompt"]
-        # Which golds are kept depends on what the grading method can read.
-        settings["grading_method"] = self.config["grading"]["method"]
+        # Which golds are kept depends on what the grader can read (and in what time).
+        settings.update(_grading(self.config["grading"]))
         inputs = {"tokenizer": self.model}
         if spec["path"] == DEMO:
             inputs["source"] = self.demo

@@ -557,3 +557,21 @@ def summarize(t: Trainer, history: list, monitor: CollapseMonitor, validations: 
         "val_accuracy_best": max(v["accuracy"] for v in validations) if validations else None,
         "validate_time_s": sum(v["time_validate_s"] for v in validations),
     }
+
+
+def run(settings: dict, model_path: str, prompts_path: str, vstar_path: str | None, out_dir: str | os.PathLike,
+        runtime: dict, validation_path: str | None = None, tracker=None) -> dict:
+    """Stage entry: `train`, then (in the process given the tracker: the main one) its
+    outputs written next to the model: metrics.parquet, validation.parquet, summary.json."""
+    from apo.io import write_json, write_parquet
+
+    result = train(settings, model_path, prompts_path, vstar_path, out_dir, runtime["generation"], runtime["grading"],
+                   tracker=tracker, validation_path=validation_path,
+                   gradient_checkpointing=runtime.get("train", {}).get("gradient_checkpointing", False))
+    if tracker is not None:
+        out_dir = Path(out_dir)
+        tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items() if isinstance(v, (int, float))})
+        write_json(out_dir / "summary.json", result["summary"])
+        write_parquet(out_dir / "validation.parquet", result["validation"])
+        write_parquet(out_dir / "metrics.parquet", result["history"])
+    return result

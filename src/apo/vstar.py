@@ -211,7 +211,7 @@ def check_samples(samples: pd.DataFrame, prompts: pd.DataFrame, n: int, shards: 
     """Every prepared prompt has exactly `n` graded samples and no sample is of another prompt.
 
     `where` is the sample stage directory; a prompt's shard file is named from its position
-    (shards are contiguous blocks, `apo.rollout.shard_rows`)."""
+    (shards are contiguous blocks, `apo.sample.shard_rows`)."""
     per_prompt = samples.groupby("id").size()
     ids = prompts["id"].reset_index(drop=True)
     blocks = np.array_split(np.arange(len(ids)), shards)
@@ -222,13 +222,13 @@ def check_samples(samples: pd.DataFrame, prompts: pd.DataFrame, n: int, shards: 
         raise CoverageError(
             f"{where}/shard-{shard_of[first]}.parquet: prompt {first!r} has {got} graded samples, "
             f"expected sample.n = {n} ({len(bad)} of {len(ids)} prompts differ); the shard file is "
-            "partial: delete it and rerun snakemake (rule sample_reference writes it again)"
+            "partial: delete it and rerun snakemake (rule sample writes it again)"
         )
     extra = sorted(set(per_prompt.index) - set(ids))
     if extra:
         raise CoverageError(
             f"{where}: samples of {len(extra)} ids that are not among the prepared prompts, e.g. "
-            f"{extra[:3]}; delete the shard files and rerun snakemake (rule sample_reference)"
+            f"{extra[:3]}; delete the shard files and rerun snakemake (rule sample)"
         )
 
 
@@ -260,3 +260,32 @@ def training_data(prompts_path: str, vstar_path: str | None) -> pd.DataFrame:
     log.info("training on %d of %d prompts: %d dropped by vstar.filter, %d not in the stage-1 table",
              len(prompts) - left_out, len(prompts), counts["dropped_by_filter"], counts.get("prompts_unmatched", 0))
     return prompts.merge(table[["id", "vstar"]], on="id", how="inner")
+
+
+def run(settings: dict, prompts_path: str, sample_paths: list[str]) -> tuple[pd.DataFrame, dict, dict]:
+    """Stage entry: the V* table of the prompts kept by `vstar.filter`, the prompt counts
+    (counts.json) and summary metrics. V* comes from the sample stage's shards (checked to
+    hold exactly `sample.n` graded samples for every prepared prompt) or, with
+    `vstar.source: table`, from a published stage-1 table joined to the prompts."""
+    from apo.io import read_json, read_stage_parquet
+
+    prompts = read_stage_parquet(prompts_path)
+    if settings.get("source") == "table":
+        samples, counts = samples_from_table(settings["table"], prompts)
+        if counts["prompts_unmatched"]:
+            log.warning("%d of %d training prompts are not in the stage-1 table %s: no V*, not trained on",
+                        counts["prompts_unmatched"], counts["prompts"], settings["table"]["path"])
+    else:
+        samples = pd.concat([read_stage_parquet(p) for p in sample_paths], ignore_index=True)
+        sample_dir = Path(sample_paths[0]).parent
+        sampled = read_json(sample_dir / "manifest.json")["settings"]
+        check_samples(samples, prompts, sampled["n"], sampled["shards"], str(sample_dir))
+        counts = {"prompts": len(prompts)}
+    table = vstar_table(samples, settings["beta1"])
+    kept = filter_prompts(table, settings["filter"])
+    counts.update(prompts_kept=len(kept), dropped_by_filter=len(table) - len(kept))
+    log.info("V* for %d prompts; %d kept by filter %s", len(table), len(kept), settings["filter"])
+    metrics = {**counts, "vstar_mean": table["vstar"].mean(), "mean_reward": table["mean_reward"].mean(),
+               "unsolved": int((table["n_correct"] == 0).sum()),
+               "always_solved": int((table["n_correct"] == table["n_samples"]).sum())}
+    return kept, counts, metrics

@@ -2,8 +2,9 @@ import json
 import sys
 from pathlib import Path
 
-from apo.config import validate_config
+from apo.config import SCHEMA_PATH, validate_config
 from apo.memory import workflow_plan
+from apo.report import FILES as REPORT_FILES
 from apo.settings import External, Plan, Stage, model_path
 from apo.tracking import check_reachable
 
@@ -12,7 +13,7 @@ from apo.tracking import check_reachable
 # profiles/default), with its `extends` file under it; nothing else is merged in.
 _validated = validate_config(
     config,
-    Path(workflow.basedir) / "workflow/schemas/config.schema.yaml",
+    SCHEMA_PATH,
     base_dir=workflow.basedir,
 )
 config.clear()
@@ -45,28 +46,28 @@ def picked_combo(pick_file):
 
 # A sweep's pick made in an earlier run (or by the checkpoint before this job was started)
 # plans its runs on the other seeds and the evaluations; `resolve_picks` waits for the rest.
-for _method, _pick in PLAN.picks.items():
-    if Path(f"{_pick.dir}/pick.json").exists():
-        PLAN.add_pick(_method, picked_combo(f"{_pick.dir}/pick.json"))
+for _method, _sweep in PLAN.sweeps.items():
+    if Path(f"{_sweep.dir}/pick.json").exists():
+        PLAN.add_pick(_method, picked_combo(f"{_sweep.dir}/pick.json"))
 
 
 def resolve_picks():
     """Every sweep's pick, in the plan; raises Snakemake's incomplete-checkpoint signal (so the
-    DAG waits for the pick job) while one is not made yet."""
-    for method, s in PLAN.picks.items():
+    DAG waits for the sweep job) while one is not made yet."""
+    for method, sweep in PLAN.sweeps.items():
         if method not in PLAN.picked:
             PLAN.add_pick(
-                method, picked_combo(checkpoints.pick.get(h=s.hash).output[0])
+                method, picked_combo(checkpoints.sweep.get(h=sweep.hash).output[0])
             )
 
 
-def pick_runs(pick):
-    """params: the grid's runs of a pick stage, as JSON for `apo pick`."""
-    grid = {label: combo for label, combo in zip(pick.inputs, pick.settings["grid"])}
+def sweep_runs(sweep):
+    """params: the grid's runs of a sweep stage, as JSON for `apo sweep`."""
+    grid = dict(zip(sweep.inputs, sweep.settings["grid"]))
     return json.dumps(
         [
-            {"label": label, "combo": grid[label], "dir": s.dir}
-            for label, s in pick.inputs.items()
+            {"label": label, "combo": grid[label], "dir": run.dir}
+            for label, run in sweep.inputs.items()
         ]
     )
 
@@ -78,7 +79,8 @@ RUNTIME = json.dumps(
             "batch_size": config["generation"]["batch_size"],
             "vllm": config["generation"]["vllm"],
         },
-        "grading": {k: config["grading"][k] for k in ("timeout_s", "workers")},
+        # grading.timeout_s changes grades: it is in the addresses, read from the manifest
+        "grading": {"workers": config["grading"]["workers"]},
         "tracking_uri": config["tracking_uri"],
         "train": {"gradient_checkpointing": config["train"]["gradient_checkpointing"]},
     }
@@ -88,17 +90,55 @@ HASH = r"[0-9a-f]{12}"
 
 
 def stage(kind, wildcards):
-    return PLAN.get(kind, wildcards.h)
+    """The planned stage of a job: of `kind`, or of the job's `kind` wildcard when None (the
+    sample rule serves the sample and evaluate stages)."""
+    return PLAN.get(kind or wildcards.kind, wildcards.h)
 
 
-def manifest(kind):
+def manifest(kind=None):
     """params: the stage's manifest as JSON, for the `apo` command line."""
     return lambda w: json.dumps(stage(kind, w).manifest())
 
 
-def stage_dir(kind):
+def stage_dir(kind=None):
     """params: the stage's directory, results/<kind>/<hash>."""
     return lambda w: stage(kind, w).dir
+
+
+# What every stage command takes (`apo.cli.STAGE_COMMANDS`), from `stage_params`.
+STAGE_ARGS = "--manifest {params.manifest:q} --stage-dir {params.dir:q} --runtime {params.runtime:q}"
+
+
+def stage_params(kind=None, **extra):
+    """params of a stage rule: what STAGE_ARGS passes, and the rule's own."""
+    return {
+        "manifest": manifest(kind),
+        "dir": stage_dir(kind),
+        "runtime": RUNTIME,
+        **extra,
+    }
+
+
+def stage_file(kind, name):
+    """An output path in a stage's directory, results/<kind>/{h}/<name>."""
+    return f"{RESULTS}/{kind}/{{h}}/{name}"
+
+
+def stage_log(kind, name):
+    return f"{RESULTS}/{kind}/{{h}}/log/{name}.log"
+
+
+def stage_benchmark(kind, name):
+    return f"{RESULTS}/{kind}/{{h}}/log/{name}.benchmark.tsv"
+
+
+def addressed(path):
+    """A content-addressed output. Snakemake would otherwise delete a job's existing outputs
+    when it starts the job: a second run that planned the job while the first was still
+    writing them would delete them under the first run's readers. Kept instead, the job takes
+    the stage's lock, finds the outputs complete and does nothing (`apo.cli.outputs_done`).
+    """
+    return update(path)
 
 
 def external_input(ref):
@@ -147,17 +187,17 @@ def upstream(kind, role, filename=None):
     return files
 
 
-def upstream_model(kind, role="model"):
+def upstream_model(kind=None, role="model"):
     """Input function: the saved model of the upstream stage (nothing for a hub id)."""
     return lambda w: model_input(stage(kind, w).inputs[role])
 
 
-def upstream_model_path(kind, role="model"):
+def upstream_model_path(kind=None, role="model"):
     """params: what `from_pretrained` loads: a stage's model directory or a hub id / path."""
     return lambda w: model_path(stage(kind, w).inputs[role])
 
 
-def upstream_model_revision(kind, role="model"):
+def upstream_model_revision(kind=None, role="model"):
     """params: `--model-revision <rev>` for a hub model pinned by `model_revision`, else none."""
 
     def args(w):
@@ -221,7 +261,7 @@ def sweep_spec():
             "picked": combo == PLAN.picked.get(method),
         }
         for method, runs in PLAN.grids.items()
-        for (label, s), combo in zip(runs.items(), PLAN.picks[method].settings["grid"])
+        for (label, s), combo in zip(runs.items(), PLAN.sweeps[method].settings["grid"])
     ]
 
 
@@ -249,14 +289,14 @@ def report_spec(w=None):
             "stages": {
                 name: s.dir
                 for name, s in [
-                    ("demo_model", PLAN.demo),
+                    ("demo", PLAN.demo),
                     ("data_train", PLAN.train_data),
                     *[(f"data_{b}", s) for b, s in PLAN.benchmarks.items()],
                     ("data_validation", PLAN.validation),
                     ("sample", PLAN.sample),
                     ("vstar", PLAN.vstar),
                     *[(f"train_{label}", s) for label, s in PLAN.trains.items()],
-                    *[(f"pick_{m}", s) for m, s in PLAN.picks.items()],
+                    *[(f"sweep_{m}", s) for m, s in PLAN.sweeps.items()],
                 ]
                 if s is not None
             },
@@ -276,12 +316,15 @@ def validation_spec():
     }
 
 
-def job_resources(section):
-    """resources: what one job asks the cluster for, from config `resources.<section>`.
+def job_resources(kind=None):
+    """resources: what one job asks the cluster for, from config `resources.<kind>` (of the
+    job's `kind` wildcard when None).
 
     `gpu` becomes sbatch --gpus under the Slurm profile; locally it is only a label."""
-    r = config["resources"][section]
-    return {k: r[k] for k in ("gpu", "mem_mb", "runtime", "cpus_per_task")}
+    keys = ("gpu", "mem_mb", "runtime", "cpus_per_task")
+    if kind is not None:
+        return {k: config["resources"][kind][k] for k in keys}
+    return {k: lambda w, k=k: config["resources"][w.kind][k] for k in keys}
 
 
 ACCELERATE_CONFIGS = Path(workflow.basedir) / "workflow" / "accelerate"

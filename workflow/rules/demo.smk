@@ -1,23 +1,20 @@
-rule demo_model:
+rule demo:
     """The embedded demo: synthetic word problems and a tiny warm-started Qwen2 model."""
     output:
-        model=directory(f"{RESULTS}/demo_model/{{h}}/model"),
-        train=f"{RESULTS}/demo_model/{{h}}/train.jsonl",
-        test=f"{RESULTS}/demo_model/{{h}}/test.jsonl",
-        valid=f"{RESULTS}/demo_model/{{h}}/valid.jsonl",
+        model=addressed(directory(stage_file("demo", "model"))),
+        train=addressed(stage_file("demo", "train.jsonl")),
+        test=addressed(stage_file("demo", "test.jsonl")),
+        valid=addressed(stage_file("demo", "valid.jsonl")),
     log:
-        f"{RESULTS}/demo_model/{{h}}/log/demo_model.log",
+        stage_log("demo", "demo"),
     benchmark:
-        f"{RESULTS}/demo_model/{{h}}/log/demo_model.benchmark.tsv"
+        stage_benchmark("demo", "demo")
     conda:
         "../../envs/apo.yaml"
     threads: 2
     resources:
-        **job_resources("demo_model"),
+        **job_resources("demo"),
     params:
-        manifest=manifest("demo_model"),
-        dir=stage_dir("demo_model"),
-        runtime=RUNTIME,
+        **stage_params("demo"),
     shell:
-        "apo demo --manifest {params.manifest:q} --stage-dir {params.dir:q} "
-        "--runtime {params.runtime:q} 2> {log:q}"
+        f"apo demo {STAGE_ARGS} 2> {{log:q}}"

@@ -1,28 +1,28 @@
-rule sample_reference:
-    """Stage 1: N graded reference samples per training prompt, one shard per job."""
+rule sample:
+    """One shard of a sampling stage: graded responses to every prompt of the shard from one
+    model. A*-PO's stage 1 (kind `sample`: `sample.n` reference samples per training prompt)
+    and a benchmark's evaluation (kind `evaluate`: `evaluate.k` samples per problem) are this
+    one operation with different settings."""
     input:
-        model=upstream_model("sample"),
-        prompts=upstream("sample", "prompts", "prompts.parquet"),
+        model=upstream_model(),
+        prompts=upstream(None, "prompts", "prompts.parquet"),
     output:
-        f"{RESULTS}/sample/{{h}}/shard-{{shard}}.parquet",
+        addressed(stage_file("{kind}", "shard-{shard}.parquet")),
     log:
-        f"{RESULTS}/sample/{{h}}/log/shard-{{shard}}.log",
+        stage_log("{kind}", "shard-{shard}"),
     benchmark:
-        f"{RESULTS}/sample/{{h}}/log/shard-{{shard}}.benchmark.tsv"
+        stage_benchmark("{kind}", "shard-{shard}")
+    wildcard_constraints:
+        kind="sample|evaluate",
     conda:
         "../../envs/apo.yaml"
     # vLLM's CPU engine pins its OpenMP threads to every core it is given and spins on them:
     # two engines sharing cores slow each other down many times over, so a job takes them all.
     threads: workflow.cores
     resources:
-        **job_resources("sample"),
+        **job_resources(),
     params:
-        manifest=manifest("sample"),
-        dir=stage_dir("sample"),
-        runtime=RUNTIME,
-        model=upstream_model_path("sample"),
-        revision=upstream_model_revision("sample"),
+        **stage_params(model=upstream_model_path(), revision=upstream_model_revision()),
     shell:
-        "apo sample --manifest {params.manifest:q} --stage-dir {params.dir:q} "
-        "--runtime {params.runtime:q} --model {params.model:q} {params.revision:q} --prompts {input.prompts:q} "
-        "--shard {wildcards.shard} --out {output:q} 2> {log:q}"
+        f"apo sample {STAGE_ARGS} --model {{params.model:q}} {{params.revision:q}} "
+        "--prompts {input.prompts:q} --shard {wildcards.shard} --out {output:q} 2> {log:q}"

@@ -1,22 +1,20 @@
-checkpoint pick:
+checkpoint sweep:
     """A sweep's pick: the grid run of a method with the best final validation accuracy. A
     checkpoint: the runs on the other seeds and the evaluations follow from what it picks.
     """
     input:
         lambda w: [
-            f"{s.dir}/validation.parquet" for s in stage("pick", w).inputs.values()
+            f"{s.dir}/validation.parquet" for s in stage("sweep", w).inputs.values()
         ],
     output:
-        f"{RESULTS}/pick/{{h}}/pick.json",
+        addressed(stage_file("sweep", "pick.json")),
     log:
-        f"{RESULTS}/pick/{{h}}/log/pick.log",
+        stage_log("sweep", "sweep"),
+    benchmark:
+        stage_benchmark("sweep", "sweep")
     conda:
         "../../envs/apo.yaml"
     params:
-        manifest=manifest("pick"),
-        dir=stage_dir("pick"),
-        runtime=RUNTIME,
-        runs=lambda w: pick_runs(stage("pick", w)),
+        **stage_params("sweep", runs=lambda w: sweep_runs(stage("sweep", w))),
     shell:
-        "apo pick --manifest {params.manifest:q} --stage-dir {params.dir} "
-        "--runtime {params.runtime:q} --runs {params.runs:q} --out {output} 2> {log}"
+        f"apo sweep {STAGE_ARGS} --runs {{params.runs:q}} --out {{output:q}} 2> {{log:q}}"

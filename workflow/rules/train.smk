@@ -6,14 +6,14 @@ rule train:
         vstar=upstream("train", "vstar", "vstar.parquet"),
         validation=upstream("train", "validation", "prompts.parquet"),
     output:
-        model=directory(f"{RESULTS}/train/{{h}}/model"),
-        metrics=f"{RESULTS}/train/{{h}}/metrics.parquet",
-        summary=f"{RESULTS}/train/{{h}}/summary.json",
-        validation=f"{RESULTS}/train/{{h}}/validation.parquet",
+        model=addressed(directory(stage_file("train", "model"))),
+        metrics=addressed(stage_file("train", "metrics.parquet")),
+        summary=addressed(stage_file("train", "summary.json")),
+        validation=addressed(stage_file("train", "validation.parquet")),
     log:
-        f"{RESULTS}/train/{{h}}/log/train.log",
+        stage_log("train", "train"),
     benchmark:
-        f"{RESULTS}/train/{{h}}/log/train.benchmark.tsv"
+        stage_benchmark("train", "train")
     conda:
         "../../envs/apo.yaml"
     # The colocated vLLM engine pins every core it is given (see sample.smk); one training
@@ -22,20 +22,19 @@ rule train:
     resources:
         **job_resources("train"),
     params:
-        manifest=manifest("train"),
-        dir=stage_dir("train"),
-        runtime=RUNTIME,
-        model=upstream_model_path("train"),
-        revision=upstream_model_revision("train"),
-        vstar=lambda w, input: ["--vstar", input.vstar] if input.vstar else [],
-        validation=lambda w, input: (
-            ["--validation", input.validation] if input.validation else []
+        **stage_params(
+            "train",
+            model=upstream_model_path("train"),
+            revision=upstream_model_revision("train"),
+            vstar=lambda w, input: ["--vstar", input.vstar] if input.vstar else [],
+            validation=lambda w, input: (
+                ["--validation", input.validation] if input.validation else []
+            ),
+            launch=accelerate_args,
+            port=accelerate_port,
         ),
-        launch=accelerate_args,
-        port=accelerate_port,
     shell:
         "apo lock {params.dir:q}/.train.lock -- "
         "accelerate launch {params.launch:q} {params.port} --module apo.cli train "
-        "--manifest {params.manifest:q} --stage-dir {params.dir:q} "
-        "--runtime {params.runtime:q} --model {params.model:q} {params.revision:q} --prompts {input.prompts:q} "
+        f"{STAGE_ARGS} --model {{params.model:q}} {{params.revision:q}} --prompts {{input.prompts:q}} "
         "{params.vstar:q} {params.validation:q} 2>> {log:q}"

@@ -6,21 +6,22 @@ rule vstar:
         prompts=vstar_prompts,
         table=upstream("vstar", "table"),
     output:
-        f"{RESULTS}/vstar/{{h}}/vstar.parquet",
+        addressed(stage_file("vstar", "vstar.parquet")),
     log:
-        f"{RESULTS}/vstar/{{h}}/log/vstar.log",
+        stage_log("vstar", "vstar"),
     benchmark:
-        f"{RESULTS}/vstar/{{h}}/log/vstar.benchmark.tsv"
+        stage_benchmark("vstar", "vstar")
     conda:
         "../../envs/apo.yaml"
     resources:
         **job_resources("vstar"),
     params:
-        manifest=manifest("vstar"),
-        dir=stage_dir("vstar"),
-        runtime=RUNTIME,
-        samples=lambda w, input: ["--samples", *input.samples] if input.samples else [],
+        **stage_params(
+            "vstar",
+            samples=lambda w, input: (
+                ["--samples", *input.samples] if input.samples else []
+            ),
+        ),
     shell:
-        "apo vstar --manifest {params.manifest:q} --stage-dir {params.dir:q} "
-        "--runtime {params.runtime:q} {params.samples:q} --prompts {input.prompts:q} "
+        f"apo vstar {STAGE_ARGS} {{params.samples:q}} --prompts {{input.prompts:q}} "
         "--out {output:q} 2> {log:q}"
