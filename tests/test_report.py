@@ -161,3 +161,14 @@ def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
     assert md.split("## Sweep")[1].count("| yes") == 1
     for name in ("validation_time.png", "validation_steps.png"):
         assert (tmp_path / "out" / name).stat().st_size > 5000
+
+
+def test_the_report_rule_declares_every_file_the_report_writes():
+    """apo.report.FILES is the one list (rule all asks for it, `apo report` logs it): the
+    report rule's outputs must be exactly those files."""
+    from apo.report import FILES
+    from conftest import ROOT
+
+    rule = (ROOT / "workflow" / "rules" / "report.smk").read_text()
+    declared = re.findall(r'f"\{EXPERIMENT_DIR\}/([^"/]+)"', rule.split("    output:")[1].split("    log:")[0])
+    assert sorted(declared) == sorted(FILES)

@@ -3,7 +3,7 @@
 import copy
 
 from apo.config import validate_config
-from apo.settings import Plan, digest
+from apo.settings import STAGES, Plan, digest
 from conftest import ROOT, SCHEMA
 
 
@@ -340,3 +340,27 @@ def test_without_a_validation_set_its_settings_are_not_read(demo_config):
     assert base.validation is None and "validation" not in base.trains["apo"].inputs
     assert "validate_every" not in base.trains["apo"].settings
     assert changed(base, plan(demo_config, train__validate_every=7)) == set()
+
+
+def test_an_experiment_cannot_be_named_like_a_stage_folder():
+    """results/<experiment>/ and results/<stage>/<hash>/ share the results folder: the schema
+    refuses every stage's name (and MLflow's artifact folder) as an experiment name."""
+    import yaml
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert set(schema["properties"]["experiment"]["not"]["enum"]) == {*STAGES, "mlartifacts"}
+
+
+def test_every_stage_output_is_kept_when_its_job_starts():
+    """Snakemake deletes a job's existing outputs when it starts the job unless they are
+    flagged `update`: with two runs at once, the second would delete outputs the first had
+    just written and its readers need (common.smk, `addressed`)."""
+    import re
+
+    for kind in STAGES:
+        rule = ROOT / "workflow" / "rules" / f"{kind}.smk"  # one rule file per stage
+        blocks = re.findall(r"\n    output:\n((?:        .*\n)+)", rule.read_text())
+        assert blocks, rule.name
+        for block in blocks:
+            entries = re.findall(r"^        (?:\w+=)?(.+?),?$", block, flags=re.M)
+            assert entries and all(e.startswith("addressed(") for e in entries), (rule.name, entries)

@@ -135,6 +135,18 @@ class Stage:
         }
 
 
+def runtime_knobs(config: dict) -> dict:
+    """What every job receives besides its manifest: settings that change how fast a stage
+    runs, or where it logs, never what it writes, and so are part of no address. (The grading
+    time limit changes grades: it is addressed, and jobs read it from their manifest.)"""
+    return {
+        "generation": {"batch_size": config["generation"]["batch_size"], "vllm": config["generation"]["vllm"]},
+        "grading": {"workers": config["grading"]["workers"]},
+        "tracking_uri": config["tracking_uri"],
+        "train": {key: config["train"][key] for key in RUNTIME_TRAIN_KEYS},
+    }
+
+
 def _subset(section: dict, keys: list[str]) -> dict:
     return {k: section[k] for k in keys}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from apo.config import SCHEMA_PATH, validate_config
 from apo.memory import workflow_plan
 from apo.report import FILES as REPORT_FILES
-from apo.settings import External, Plan, Stage, model_path
+from apo.settings import External, Plan, Stage, model_path, runtime_knobs
 from apo.tracking import check_reachable
 
 # Validate before any job is planned: a bad key stops the run here, naming the key. The
@@ -72,19 +72,9 @@ def sweep_runs(sweep):
     )
 
 
-# Knobs that change how fast, not what: they are not part of any stage's address.
-RUNTIME = json.dumps(
-    {
-        "generation": {
-            "batch_size": config["generation"]["batch_size"],
-            "vllm": config["generation"]["vllm"],
-        },
-        # grading.timeout_s changes grades: it is in the addresses, read from the manifest
-        "grading": {"workers": config["grading"]["workers"]},
-        "tracking_uri": config["tracking_uri"],
-        "train": {"gradient_checkpointing": config["train"]["gradient_checkpointing"]},
-    }
-)
+# Knobs that change how fast, not what (apo.settings.runtime_knobs): passed to every job,
+# part of no address.
+RUNTIME = json.dumps(runtime_knobs(config))
 
 HASH = r"[0-9a-f]{12}"
 
