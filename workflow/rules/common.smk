@@ -144,9 +144,11 @@ def model_input(model):
     return [model_path(model)] if isinstance(model, Stage) else external_input(model)
 
 
-def shard_files(s):
+def shard_files(sharded):
     """A sharded stage's (sampling, evaluation) per-job outputs."""
-    return [f"{s.dir}/shard-{i}.parquet" for i in range(s.settings["shards"])]
+    return [
+        f"{sharded.dir}/shard-{i}.parquet" for i in range(sharded.settings["shards"])
+    ]
 
 
 def vstar_samples(vstar):
@@ -213,7 +215,7 @@ def report_inputs(filename):
 
     def files(w):
         resolve_picks()
-        return [f"{s.dir}/{filename}" for s in PLAN.trains.values()]
+        return [f"{run.dir}/{filename}" for run in PLAN.trains.values()]
 
     return files
 
@@ -226,8 +228,8 @@ def swept(label):
 def fixed_scores():
     """The evaluations planned before any pick: the reference's and those of unswept methods."""
     return [
-        f"{s.dir}/scores.json"
-        for (label, _), s in PLAN.evals.items()
+        f"{evaluation.dir}/scores.json"
+        for (label, _), evaluation in PLAN.evals.items()
         if not swept(label)
     ]
 
@@ -236,7 +238,9 @@ def picked_scores(w):
     """Input function: the evaluations of the sweeps' picks (after the picks)."""
     resolve_picks()
     return [
-        f"{s.dir}/scores.json" for (label, _), s in PLAN.evals.items() if swept(label)
+        f"{evaluation.dir}/scores.json"
+        for (label, _), evaluation in PLAN.evals.items()
+        if swept(label)
     ]
 
 
@@ -247,11 +251,13 @@ def sweep_spec():
             "method": method,
             "label": f"{method}-{label}",
             "combo": combo,
-            "dir": s.dir,
+            "dir": run.dir,
             "picked": combo == PLAN.picked.get(method),
         }
         for method, runs in PLAN.grids.items()
-        for (label, s), combo in zip(runs.items(), PLAN.sweeps[method].settings["grid"])
+        for (label, run), combo in zip(
+            runs.items(), PLAN.sweeps[method].settings["grid"]
+        )
     ]
 
 
@@ -262,33 +268,33 @@ def report_spec(w=None):
         {
             "experiment": PLAN.experiment,
             "evals": [
-                {"model": label, "benchmark": bench, "dir": s.dir}
-                for (label, bench), s in PLAN.evals.items()
+                {"model": label, "benchmark": bench, "dir": evaluation.dir}
+                for (label, bench), evaluation in PLAN.evals.items()
             ],
             "trainings": [
                 {
                     "label": label,
-                    "dir": s.dir,
-                    "method": s.settings["method"],
-                    "seed": s.settings["seed"],
+                    "dir": run.dir,
+                    "method": run.settings["method"],
+                    "seed": run.settings["seed"],
                 }
-                for label, s in PLAN.trains.items()
+                for label, run in PLAN.trains.items()
             ],
             "validation": validation_spec(),
             "sweep": sweep_spec(),
             "stages": {
-                name: s.dir
-                for name, s in [
+                name: used.dir
+                for name, used in [
                     ("demo", PLAN.demo),
                     ("data_train", PLAN.train_data),
-                    *[(f"data_{b}", s) for b, s in PLAN.benchmarks.items()],
+                    *[(f"data_{b}", d) for b, d in PLAN.benchmarks.items()],
                     ("data_validation", PLAN.validation),
                     ("sample", PLAN.sample),
                     ("vstar", PLAN.vstar),
-                    *[(f"train_{label}", s) for label, s in PLAN.trains.items()],
-                    *[(f"sweep_{m}", s) for m, s in PLAN.sweeps.items()],
+                    *[(f"train_{label}", run) for label, run in PLAN.trains.items()],
+                    *[(f"sweep_{m}", sweep) for m, sweep in PLAN.sweeps.items()],
                 ]
-                if s is not None
+                if used is not None
             },
         }
     )

@@ -5,7 +5,7 @@ rule report:
     input:
         # known before any pick (the reference, methods without a sweep), then the picks'
         scores=fixed_scores(),
-        picks=[f"{s.dir}/pick.json" for s in PLAN.sweeps.values()],
+        picks=[f"{sweep.dir}/pick.json" for sweep in PLAN.sweeps.values()],
         picked_scores=picked_scores,
         metrics=report_inputs("metrics.parquet"),
         validation=report_inputs("validation.parquet"),

@@ -4,7 +4,7 @@ checkpoint sweep:
     """
     input:
         lambda w: [
-            f"{s.dir}/validation.parquet" for s in stage("sweep", w).inputs.values()
+            f"{run.dir}/validation.parquet" for run in stage("sweep", w).inputs.values()
         ],
     output:
         addressed(stage_file("sweep", "pick.json")),
