@@ -4,7 +4,8 @@ checkpoint sweep:
     """
     input:
         lambda w: [
-            f"{run.dir}/validation.parquet" for run in stage("sweep", w).inputs.values()
+            f"{run.dir}/validation.parquet"
+            for run in stage("sweep", w).inputs.values()
         ],
     output:
         addressed(stage_file("sweep", "pick.json")),
