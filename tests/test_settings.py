@@ -330,7 +330,8 @@ def test_validation_set_and_settings_are_part_of_the_training_address(demo_confi
                    {"data__validation": {**demo_config["data"]["validation"], "limit": 64}}]:
         assert changed(base, plan(demo_config, **change)) == {"train:apo", "eval:apo:demo_test"}, change
     # spelling out the default length (the training length) keeps the address
-    same = plan(demo_config, train__validation={"max_new_tokens": demo_config["train"]["max_new_tokens"]})
+    same = plan(demo_config, train__validation={**demo_config["train"]["validation"],
+                                                "max_new_tokens": demo_config["train"]["max_new_tokens"]})
     assert changed(base, same) == set()
 
 
