@@ -1,4 +1,5 @@
-"""Policy losses as small pure tensor functions (one per method).
+"""Policy losses as small pure tensor functions (one per method). docs/method.md states each
+formula and why (sections 3 and 4).
 
 Shapes: B = responses in the (micro-)batch. Every function returns a scalar loss to
 minimise and a dict of detached statistics for logging.
@@ -27,8 +28,8 @@ def apo_loss(
         L = mean_b ( beta2 * sum_t [log pi(y_t|x,y_<t) - log pi_ref(y_t|x,y_<t)]
                      - (r(x,y) - V*(x)) )^2
 
-    (Lee et al. 2025, arXiv 2505.20686, stage 2; the authors' code: ZhaolinGao/A-PO,
-    verl/trainer/apo/core_algos.py, compute_policy_loss, lines 163-177.)
+    (Lee et al. 2025, arXiv 2505.20686, stage 2; docs/method.md, section 3; the authors' code:
+    ZhaolinGao/A-PO, verl/trainer/apo/core_algos.py, compute_policy_loss, lines 163-177.)
 
     The log-ratio is summed over response tokens (a sequence log-ratio), not averaged.
 

@@ -1,10 +1,11 @@
 """Stage 1 of A*-PO: the optimal value V*(x) estimated from reference samples.
 
-    V*_hat(x) = beta1 * log( (1/N) * sum_i exp(r_i / beta1) )        (apo-method.md, stage 1)
+    V*_hat(x) = beta1 * log( (1/N) * sum_i exp(r_i / beta1) )
 
-computed with logsumexp so large 1/beta1 does not overflow. Limits: beta1 -> 0 gives
-max_i r_i, beta1 -> inf the plain mean; beta1 = 0 means "use the mean", as in the authors'
-code.
+(Lee et al. 2025, arXiv 2505.20686, stage 1; docs/method.md, section 2), computed with
+logsumexp so large 1/beta1 does not overflow. Limits: beta1 -> 0 gives max_i r_i, beta1 -> inf
+the plain mean; beta1 = 0 means "use the mean", as in the authors' code (ZhaolinGao/A-PO,
+verl/utils/dataset/rl_dataset.py, lines 140-149).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ FILTERS = ("keep_all", "drop_unsolved", "drop_unsolved_and_solved")
 
 
 def filter_prompts(table: pd.DataFrame, how: str) -> pd.DataFrame:
-    """Prompt filtering from stage 1 (apo-method.md): prompts no reference sample solved give
-    no learning signal (the paper reports 28% less stage-2 time from dropping them); prompts
-    every sample solved give little.
+    """Prompt filtering from stage 1 (docs/method.md, section 2): prompts no reference sample
+    solved give no learning signal (the paper reports 28% less stage-2 time from dropping
+    them); prompts every sample solved give little.
 
     how: keep_all | drop_unsolved | drop_unsolved_and_solved.
     """
