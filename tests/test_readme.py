@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from apo.settings import STAGES
 from conftest import ROOT
 
 README = ROOT / "README.md"
@@ -60,6 +61,11 @@ SKIP = {
 APO_HELP_ONLY = {
     "bench-grading": "grades 2,000 responses 3 times, sequentially and in a pool (about 30 s on 2 cores)",
     "bench-generation": "builds the demo model and times both engines (minutes)",
+    # the stage commands the rules call with a stage's manifest (the README names them in its
+    # stage table); the end-to-end tests run every one of them
+    **{name: "a stage command, run by its rule with a manifest (tests/test_pipeline.py)"
+       for name in STAGES},
+    "report": "run by the report rule with the experiment's spec (tests/test_pipeline.py)",
 }
 CHEAP_APO = {"plan"}  # reads configs, prints a table: a second
 
