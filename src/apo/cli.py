@@ -263,6 +263,12 @@ def cmd_plan(args):
         raise SystemExit(str(e)) from None
 
 
+def cmd_bench_steps(args):
+    from apo import bench_steps
+
+    bench_steps.run(args.runs, args.config, args.steps, args.rounds)
+
+
 def cmd_bench_grading(args):
     from apo import bench_grading
 
@@ -338,6 +344,13 @@ def add_tool_commands(sub) -> None:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--timeout-s", type=float, default=5.0)
     sp.set_defaults(fn=cmd_bench_grading)
+
+    sp = sub.add_parser("bench-steps", help="seconds per training step of each method, side by side")
+    sp.add_argument("runs", nargs="+", help="finished training runs, e.g. results/compare/stages/train_*")
+    sp.add_argument("--config", default="config/config.yaml", help="whose runtime knobs (engine batch, graders)")
+    sp.add_argument("--steps", type=int, default=20, help="steps per timed run (the first 2 are not counted)")
+    sp.add_argument("--rounds", type=int, default=2, help="runs per method, the methods taking turns")
+    sp.set_defaults(fn=cmd_bench_steps)
 
     sp = sub.add_parser("plan", help="per-GPU memory plan of each training job of a config")
     sp.add_argument("configfile", nargs="+", help="config files, merged in order as snakemake --configfile does")
