@@ -224,7 +224,7 @@ def cmd_train(args):
     run = functools.partial(
         train.train, s, args.model, args.prompts, args.vstar, out, args.runtime["generation"],
         args.runtime["grading"], gradient_checkpointing=args.runtime.get("train", {}).get("gradient_checkpointing", False),
-        validation_path=args.validation,
+        validation_path=args.validation, distributed=args.runtime.get("train", {}).get("distributed", "ddp"),
     )
     if int(os.environ.get("RANK", 0)) != 0:
         # Under `accelerate launch` with several GPUs the other processes train their share of

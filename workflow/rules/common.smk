@@ -80,7 +80,10 @@ RUNTIME = json.dumps(
         },
         "grading": {k: config["grading"][k] for k in ("timeout_s", "workers")},
         "tracking_uri": config["tracking_uri"],
-        "train": {"gradient_checkpointing": config["train"]["gradient_checkpointing"]},
+        "train": {
+            "gradient_checkpointing": config["train"]["gradient_checkpointing"],
+            "distributed": config["resources"]["train"]["distributed"],
+        },
     }
 )
 
