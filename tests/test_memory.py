@@ -164,6 +164,9 @@ def test_compute_copies_and_reference():
     # root unit + two of the three layers in flight, 2c + 4 = 8 bytes each; the trainer shards
     # the reference too (bf16 here: 2 bytes a parameter / 2 GPUs)
     assert fsdp.compute == (ROOT_PARAMS + 2 * LAYER) * 8 and fsdp.reference == PARAMS
+    untied = replace(TINY, tie_word_embeddings=False)
+    # untied, the embedding and the LM head are units of their own: one of them in flight
+    assert estimate(untied, replace(JOB, distributed="fsdp", gpus=2)).compute == (ROOT_PARAMS + 2 * LAYER) * 8
     ddp = estimate(TINY, replace(JOB, distributed="ddp", gpus=2))
     assert ddp.reference == 2 * PARAMS  # whole on every GPU
     fp32 = estimate(TINY, replace(JOB, compute_bytes=4, reference_bytes=4))
@@ -262,9 +265,10 @@ def test_the_7b_paper_model_on_one_gpu_stops_naming_the_settings():
     # 7.616e9 parameters x (4 + 4 + 8 + 2 reference) bytes = 127.7 GiB, the bf16 copies of all
     # but the embedding lookup 13.2, the engine asleep 2, activations 3.8 (logits 1280 x
     # 152064 x 16 B = 2.9), other 1
-    # with 4 GPUs under fsdp (reference sharded too) the peak is the generation phase: weights 7.1 + optimizer 14.2 +
-    # reference 3.5 + engine 24.0 + the sync's gathered embedding 1.3 + other 1.0 (apo plan)
-    assert "resources.train.gpu: 4 with resources.train.distributed: fsdp -> 51.1 GiB" in msg
+    # under fsdp with the reference sharded too and the untied LM head a unit of its own, two
+    # GPUs suffice: the update holds weights 14.2 + gradients 14.2 + optimizer 28.4 + units in
+    # flight 7.5 + reference 7.1 + engine asleep 2.0 + activations 3.7 + other 1.0
+    assert "resources.train.gpu: 2 with resources.train.distributed: fsdp -> 78.1 GiB" in msg
     assert "training job 'grpo'" in msg
     fits = memory.memory_plan(
         _config(gpu=4, distributed="fsdp", gpu_memory_gb=80), {"apo": "apo"}, "nowhere"

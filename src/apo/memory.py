@@ -22,9 +22,10 @@ Sharding over the job's N = `resources.train.gpu` processes (`resources.train.di
   optimizer state sharded, the optimizer state being an fp32 copy of the shard plus the two
   moments (12 bytes a parameter / N; ZeRO clones the shard even when the weights are fp32).
 - fsdp (FSDP2 full shard, apo.sharding): weights, gradients, optimizer state and the
-  reference sharded / N. In flight: the root unit (embeddings, LM head, final norm:
-  never resharded during a micro-batch) and two decoder layers (the one computing and the
-  one prefetched), gathered in the compute dtype, with their unsharded gradients (compute
+  reference sharded / N. In flight: the root unit (final norm, a tied embedding, the
+  critic's scalar head: never resharded during a micro-batch), the LM head or the embedding
+  (each a unit of its own when untied, gathered only around its own use) and two decoder
+  layers (the one computing and the one prefetched), gathered in the compute dtype, with their unsharded gradients (compute
   dtype, plus an fp32 copy for the reduce-scatter): 2c + 4 bytes a parameter in flight.
   FSDP's mixed-precision policy does the casting (param_dtype = compute dtype), as the
   trainer sets it; autocast over fp32 unsharded weights would instead keep a bf16 copy of
@@ -373,8 +374,10 @@ def compute_copies(shape: ModelShape, job: Job, critic: bool = False) -> float:
     c = job.compute_bytes
     params = shape.critic_params if critic else shape.params
     if job.distributed == "fsdp":
-        layers = shape.num_hidden_layers * shape.layer_params
-        return (params - layers + 2 * shape.layer_params) * (2 * c + 4)  # the root unit, two layers
+        outside = params - shape.num_hidden_layers * shape.layer_params  # root, embedding, LM head
+        if not critic and not shape.tie_word_embeddings:
+            outside -= shape.embedding_params  # the embedding and the LM head are never both in flight
+        return (outside + 2 * shape.layer_params) * (2 * c + 4)
     if c == 4:
         return 0.0
     # Autocast casts what goes through a linear layer: the decoder layers and the LM head (the

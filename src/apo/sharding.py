@@ -5,7 +5,7 @@ The trainer shards its networks itself rather than through accelerate's FSDP plu
 accelerate only enables FSDP on accelerators, and this path has to run (and be tested) on CPU
 with gloo as well. What sharding needs beyond the data-parallel loop lives here:
 
-- `shard`: one FSDP unit per decoder layer plus the root (embeddings, final norm, LM head),
+- `shard`: one FSDP unit per decoder layer, the untied embedding and LM head, and the root,
   with FSDP's mixed precision (weights gathered in the compute dtype, gradients reduced in
   float32) over float32 master weights, as the authors' verl FSDP workers run it. The frozen
   reference is sharded the same way.
@@ -57,12 +57,26 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype, device_type: str) 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     param_dtype = None if compute_dtype == torch.float32 else compute_dtype
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    blocks = block_classes(model)
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, mp_policy=policy)
+    for unit in units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules sharded as units of their own, below the root: every transformer block,
+    and the input embedding and LM head when they are not tied (a tied weight must stay in
+    one unit: the root's). Each is gathered only while it computes, so the root unit in
+    flight holds just the final norm (and a tied embedding)."""
+    blocks = block_classes(model)
+    out = [m for m in model.modules() if type(m).__name__ in blocks]
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or head.weight is not embedding.weight:
+        out.append(embedding)
+        if head is not None:
+            out.append(head)
+    return out
 
 
 def full_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:

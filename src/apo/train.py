@@ -189,13 +189,11 @@ def optimize(accelerator, model, s: dict, lr: float, fsdp: bool = False):
     """AdamW (betas 0.9/0.999, as verl) on float32 parameters, and the LR schedule, which steps
     once per generation step (as verl's actor does) and is saved with every checkpoint.
 
-    Under FSDP the model is sharded before the optimizer sees its parameters, and neither goes
-    through accelerate (whose checkpoints would save rank 0's shards only): the optimizer is
+    Under FSDP (`model` sharded by `load_models`) neither the model nor the optimizer goes
+    through accelerate, whose checkpoints would save rank 0's shards only: the optimizer is
     stepped at the end of each mini-batch and saved by `sharding.save_sharded`."""
     from transformers import get_scheduler
 
-    if fsdp:
-        model = sharding.shard(model, getattr(torch, s["compute_dtype"]), accelerator.device.type)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s["weight_decay"], betas=(0.9, 0.999))
     scheduler = get_scheduler(s["lr_schedule"], optimizer, num_warmup_steps=s["warmup_steps"],
                               num_training_steps=s["steps"])
@@ -208,20 +206,25 @@ def optimize(accelerator, model, s: dict, lr: float, fsdp: bool = False):
 def load_models(s: dict, model_path: str, accelerator, gradient_checkpointing: bool, fsdp: bool = False):
     """Policy (float32 master weights), frozen reference (train.reference_dtype) and, for PPO,
     the critic: the reference architecture with a fresh scalar head (a one-label token
-    classifier), trained by its own optimizer at its own rate. Under FSDP the reference is
-    sharded like the policy (its weights gathered in the compute dtype, one layer at a time)."""
+    classifier), trained by its own optimizer at its own rate.
+
+    Under FSDP each network, the reference included, is sharded as soon as it is loaded: a
+    process then holds one whole network in host memory at a time, not all of them."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    compute = getattr(torch, s["compute_dtype"])
+
+    def placed(model):
+        return sharding.shard(model, compute, accelerator.device.type) if fsdp else model
+
+    policy = placed(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, s["reference_dtype"]))
     reference.requires_grad_(False).eval()
-    if fsdp:
-        sharding.shard(reference, getattr(torch, s["compute_dtype"]), accelerator.device.type)
-    else:
-        reference.to(accelerator.device)
+    reference = placed(reference) if fsdp else reference.to(accelerator.device)
     critic = None
     if methods.get(s["method"]).critic:
-        critic = AutoModelForTokenClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+        critic = placed(AutoModelForTokenClassification.from_pretrained(model_path, num_labels=1,
+                                                                        dtype=torch.float32))
     for model in (policy, critic):
         if model is not None and gradient_checkpointing:
             # Takes effect in train mode only; the loop switches to train mode around the
