@@ -216,6 +216,22 @@ def test_engine_and_peak_by_hand():
     )
 
 
+def test_under_fsdp_the_critic_adds_only_its_root_and_embedding_in_flight():
+    """The critic's layers are gathered after the policy's are freed: in flight at once are
+    both roots and the larger of the two networks' other units."""
+    job = replace(JOB, method="ppo", distributed="fsdp", gpus=2)
+    e, states = estimate(TINY, job), 16 * CRITIC / 2
+    # tied: the policy's root holds the embedding; the critic adds its embedding unit, norm and head
+    assert e.critic == states + (CRITIC - 3 * LAYER) * 8
+    untied = replace(TINY, tie_word_embeddings=False)
+    u = estimate(untied, job)
+    critic_params = untied.critic_params
+    # untied: the policy's LM head unit is as large as the critic's embedding unit
+    assert u.critic == 16 * critic_params / 2 + (critic_params - 3 * LAYER - 256) * 8
+    ddp = estimate(TINY, replace(job, distributed="ddp"))
+    assert ddp.critic - 20 * CRITIC == 2 * (3 * LAYER + 8 + 1)  # DDP states, autocast copies: nothing shared
+
+
 def test_fsdp_weight_sync_gathers_one_tensor_at_a_time():
     """The engine's sync holds the largest gathered tensor (the embedding, bf16) and its cast
     shard on top of the awake engine; nothing without sharding."""

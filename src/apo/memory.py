@@ -61,7 +61,10 @@ copy is kept for backward, and the backward of logsumexp and gather adds up to t
 buffers of that shape: LOGIT_BYTES = 16 bytes an element at the peak (about 8 in the forward
 pass); tests/test_memory.py measures it on CPU (the process's resident high-water mark), and
 the per-layer bytes against what autograd keeps. PPO's critic runs in the same micro-batch
-and backward as the policy, so its layer activations (no logits) add to the policy's.
+and backward as the policy, so its layer activations (no logits) add to the policy's. Under
+fsdp its units in flight do not: the critic's forward follows the policy's, and autograd runs
+the later-recorded nodes first, so the critic's backward is done before the policy's starts;
+only the two root units are gathered throughout (modelled, not measured).
 
 Also counted: OTHER_GIB a process (CUDA context, NCCL buffers). Not counted: allocator
 fragmentation, the rollout tensors of a batch (token ids, per-token log-probs: megabytes),
@@ -386,6 +389,16 @@ def compute_copies(shape: ModelShape, job: Job, critic: bool = False) -> float:
     return c * (shape.num_hidden_layers * shape.layer_params + head)
 
 
+def fsdp_overlap(shape: ModelShape, job: Job) -> float:
+    """Under fsdp, of PPO's critic's units in flight, what the policy's already count: the two
+    layers, and the embedding unit where the policy has one as large (an untied LM head); the
+    two networks' non-root units are never gathered at once (module docstring)."""
+    if job.distributed != "fsdp":
+        return 0.0
+    policy_big = 0 if shape.tie_word_embeddings else shape.embedding_params
+    return (2 * shape.layer_params + policy_big) * (2 * job.compute_bytes + 4)
+
+
 def layer_activation_bytes(shape: ModelShape, c: int) -> float:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
     h, kv, i = shape.hidden_size, shape.kv_width, shape.intermediate_size
@@ -438,7 +451,7 @@ def estimate(shape: ModelShape, job: Job) -> Estimate:
     critic_act = (0.0, 0.0)
     if job.method == "ppo":
         cw, cg, ckept, co = states(shape.critic_params, job)
-        ccompute = compute_copies(shape, job, critic=True)
+        ccompute = compute_copies(shape, job, critic=True) - fsdp_overlap(shape, job)
         critic, critic_update_only = cw + cg + co + ccompute, cg - ckept + ccompute
         critic_act = tuple(activations(shape, job, ckpt, logits=False) for ckpt in (True, False))
     awake, asleep, generating = engine(shape, job)
