@@ -83,8 +83,9 @@ def main(args: dict) -> None:
         if int(os.environ["RANK"]) == 0:
             res["history"].to_parquet(Path(args["out"]) / "metrics.parquet")
         return
-    t = T.setup(args["settings"], *args["inputs"], Path(args["out"]), args["runtime"][0], False,
-                distributed="fsdp")
+    t = T.setup(args["settings"], *args["inputs"], Path(args["out"]), args["runtime"][0],
+                args.get("gradient_checkpointing", False), distributed="fsdp")
+    assert t.policy.is_gradient_checkpointing == args.get("gradient_checkpointing", False)
     full = update_once(t)
     t.generator.sync_weights(t.policy)
     mismatch = engine_logprob_gaps(t, full, args["inputs"][0])

@@ -56,8 +56,9 @@ def untied_inputs(train_inputs, tmp_path):
 def test_sharded_update_matches_one_process_and_reaches_both_engines(untied_inputs, tmp_path):
     train_inputs = untied_inputs
     runtime = [GENERATION, RUNTIME[1]]
+    # with gradient checkpointing (as the 3B and 7B paper configs train), against one process without
     torchrun({"mode": "update", "settings": FSDP_SETTINGS, "inputs": train_inputs, "out": str(tmp_path),
-              "runtime": runtime}, 29591)
+              "runtime": runtime, "gradient_checkpointing": True}, 29591)
     sharded = torch.load(tmp_path / "policy.pt")
 
     for rank in (0, 1):  # each engine samples from the gathered policy, no longer from the old one

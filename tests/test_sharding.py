@@ -47,5 +47,9 @@ def test_full_weights_of_a_plain_model_name_every_tensor_in_the_asked_dtype():
 ])
 def test_trainer_refuses_what_fsdp_cannot_run(distributed, backend, error, match):
     with pytest.raises(error, match=match):
-        T.check_distributed({"backend": backend}, distributed)
-    T.check_distributed({"backend": backend}, "ddp")  # the data-parallel path takes either engine
+        T.check_distributed({"backend": backend}, distributed, world=2)
+    T.check_distributed({"backend": backend}, "ddp", world=2)  # the data-parallel path takes either engine
+
+
+def test_one_process_under_fsdp_shards_nothing_and_takes_either_engine():
+    T.check_distributed({"backend": "hf"}, "fsdp", world=1)

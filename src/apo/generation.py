@@ -242,15 +242,6 @@ class VLLMGenerator:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
-    def engine_weights(self) -> dict[str, torch.Tensor]:
-        """The engine's own parameters (vLLM's names: fused qkv_proj and gate_up_proj), copied
-        to the CPU: what it samples with."""
-
-        def read(worker):
-            return {k: v.detach().cpu().clone() for k, v in worker.model_runner.model.named_parameters()}
-
-        return self.llm.collective_rpc(read)[0]
-
 
 def make_generator(
     backend: str, tokenizer, *, model=None, model_path: str | None = None, batch_size: int = 64,

@@ -133,13 +133,13 @@ class Trainer:
         return nets
 
 
-def check_distributed(s: dict, distributed: str) -> None:
-    """FSDP needs an engine that holds its own full weights: the hf engine samples from the
-    local module, which FSDP shards."""
+def check_distributed(s: dict, distributed: str, world: int) -> None:
+    """FSDP over several processes needs an engine that holds its own full weights: the hf
+    engine samples from the local module, which FSDP shards (one process shards nothing)."""
     if distributed not in sharding.MODES:
         raise ValueError(f"{sharding.DISTRIBUTED_KEY}: unknown mode {distributed!r} (expected one of "
                          f"{', '.join(sharding.MODES)})")
-    if distributed == "fsdp" and resolve_backend(s["backend"]) == "hf":
+    if distributed == "fsdp" and world > 1 and resolve_backend(s["backend"]) == "hf":
         raise NotImplementedError(
             f"{sharding.DISTRIBUTED_KEY}: fsdp shards the policy, and generation.backend hf samples from "
             "the local module; use generation.backend vllm (it holds its own full weights, synced after "
@@ -220,7 +220,7 @@ def load_models(s: dict, model_path: str, accelerator, gradient_checkpointing: b
     policy = placed(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, s["reference_dtype"]))
     reference.requires_grad_(False).eval()
-    reference = placed(reference) if fsdp else reference.to(accelerator.device)
+    reference = placed(reference) if fsdp else reference.to(accelerator.device)  # sharded: on its device
     critic = None
     if methods.get(s["method"]).critic:
         critic = placed(AutoModelForTokenClassification.from_pretrained(model_path, num_labels=1,
@@ -252,7 +252,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     # on its 1/N of every batch with its own generation engine on its own device; under FSDP
     # the networks are sharded over the processes and the engines get the gathered weights.
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by the launcher (before any process group)
-    check_distributed(s, distributed)
+    check_distributed(s, distributed, world)
     fsdp = distributed == "fsdp" and world > 1
     n_minis, accum = batch_layout(s, world)
     accelerator = make_accelerator(s, accum)
