@@ -1,7 +1,8 @@
 """Fully sharded training (resources.train.distributed: fsdp) as a multi-GPU job runs it, on
 CPU: two processes (gloo) started by torchrun, each with its own vLLM engine. The update
-matches one process on the same global batch, the engines hold the gathered policy, and a run
-that lost its last checkpoint resumes to the same metrics."""
+matches one process on the same global batch, the engines hold the gathered policy, and a PPO
+run (policy and critic sharded) that lost its last checkpoint resumes to the same metrics and
+final weights."""
 
 import json
 import os
@@ -19,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from apo import train as T
 from apo.config import vllm_available
 from fsdp_worker import update_once
-from test_train import RUNTIME, SETTINGS, train_inputs  # noqa: F401 (a fixture)
+from test_train import PPO, RUNTIME, SETTINGS, train_inputs  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
 
@@ -77,13 +78,16 @@ def test_sharded_update_matches_one_process_and_reaches_both_engines(untied_inpu
 
 
 def test_sharded_training_checkpoints_shards_and_resumes(train_inputs, tmp_path):
+    """PPO, so that both trained networks (policy and critic) are sharded, saved and restored."""
     out = tmp_path / "train"
-    args = {"mode": "train", "settings": FSDP_SETTINGS, "inputs": train_inputs, "out": str(out),
+    ppo = {**{k: v for k, v in FSDP_SETTINGS.items() if k != "beta2"}, **PPO, "method": "ppo"}
+    args = {"mode": "train", "settings": ppo, "inputs": train_inputs, "out": str(out),
             "runtime": [GENERATION, RUNTIME[1]]}
     torchrun(args, 29593)
     ckpt = out / "checkpoints" / "step-000003"
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    assert {p.name for p in (ckpt / "policy").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    for net in ("policy", "critic"):
+        assert {p.name for p in (ckpt / net).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert not list(ckpt.glob("optimizer*")) and not list(ckpt.glob("model*"))  # only in the shards
     saved = (out / "model" / "model.safetensors")
     assert saved.exists()
