@@ -27,12 +27,6 @@ DISTRIBUTED_KEY = "resources.train.distributed"
 MODES = ("ddp", "fsdp", "deepspeed")
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def block_classes(model: torch.nn.Module) -> set[str]:
     """The transformer block classes of a Hugging Face model (its `_no_split_modules`): the
     units FSDP gathers one at a time."""
