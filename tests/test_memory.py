@@ -161,9 +161,14 @@ def test_compute_copies_and_reference():
     # bf16 copies of what goes through a linear layer (layers, LM head), the reference whole
     assert e.compute == 2 * CAST and e.reference == 2 * PARAMS
     fsdp = estimate(TINY, replace(JOB, distributed="fsdp", gpus=2))
-    # root unit + two of the three layers in flight, 2c + 4 = 8 bytes each; the trainer keeps
-    # the reference whole on every GPU
-    assert fsdp.compute == (ROOT_PARAMS + 2 * LAYER) * 8 and fsdp.reference == 2 * PARAMS
+    # root unit + two of the three layers in flight, 2c + 4 = 8 bytes each; the trainer shards
+    # the reference too (bf16 here: 2 bytes a parameter / 2 GPUs)
+    assert fsdp.compute == (ROOT_PARAMS + 2 * LAYER) * 8 and fsdp.reference == PARAMS
+    untied = replace(TINY, tie_word_embeddings=False)
+    # untied, the embedding and the LM head are units of their own: one of them in flight
+    assert estimate(untied, replace(JOB, distributed="fsdp", gpus=2)).compute == (ROOT_PARAMS + 2 * LAYER) * 8
+    ddp = estimate(TINY, replace(JOB, distributed="ddp", gpus=2))
+    assert ddp.reference == 2 * PARAMS  # whole on every GPU
     fp32 = estimate(TINY, replace(JOB, compute_bytes=4, reference_bytes=4))
     assert fp32.compute == 0 and fp32.reference == 4 * PARAMS
 
@@ -211,6 +216,38 @@ def test_engine_and_peak_by_hand():
     )
 
 
+def test_under_fsdp_the_critic_adds_only_its_root_and_embedding_in_flight():
+    """The critic's layers are gathered after the policy's are freed: in flight at once are
+    both roots and the larger of the two networks' other units."""
+    job = replace(JOB, method="ppo", distributed="fsdp", gpus=2)
+    e, states = estimate(TINY, job), 16 * CRITIC / 2
+    # tied: the policy's root holds the embedding; the critic adds its embedding unit, norm and head
+    assert e.critic == states + (CRITIC - 3 * LAYER) * 8
+    untied = replace(TINY, tie_word_embeddings=False)
+    u = estimate(untied, job)
+    critic_params = untied.critic_params
+    # untied: the policy's LM head unit is as large as the critic's embedding unit
+    assert u.critic == 16 * critic_params / 2 + (critic_params - 3 * LAYER - 256) * 8
+    ddp = estimate(TINY, replace(job, distributed="ddp"))
+    assert ddp.critic - 20 * CRITIC == 2 * (3 * LAYER + 8 + 1)  # DDP states, autocast copies: nothing shared
+
+
+def test_fsdp_weight_sync_gathers_one_tensor_at_a_time():
+    """The engine's sync holds the largest gathered tensor (the embedding, bf16) and its cast
+    shard on top of the awake engine; nothing without sharding."""
+    fsdp = estimate(TINY, replace(JOB, distributed="fsdp", gpus=2))
+    assert fsdp.engine_generating == TINY.embedding_params * 2 * 1.5
+    assert estimate(TINY, JOB).engine_generating == 0
+    assert fsdp.generation_peak() - replace(fsdp, engine_generating=0.0).generation_peak() == 3 * TINY.embedding_params
+
+
+def test_the_hf_engine_under_fsdp_is_refused_by_the_plan():
+    hf = estimate(TINY, replace(JOB, backend="hf", distributed="fsdp", gpus=2, gpu_memory_gb=80.0))
+    problem = memory.engine_problem(hf)
+    assert "generation.backend hf" in problem and "resources.train.distributed: fsdp" in problem
+    assert memory.engine_problem(replace(hf, job=replace(hf.job, distributed="ddp"))) is None
+
+
 def _config(**train_resources) -> dict:
     """Qwen2.5-7B with the settings the numbers below assume, whatever the paper config says."""
     cfg = validate_config(yaml.safe_load((ROOT / "config/paper/qwen2.5-7b.yaml").read_text()))
@@ -244,7 +281,10 @@ def test_the_7b_paper_model_on_one_gpu_stops_naming_the_settings():
     # 7.616e9 parameters x (4 + 4 + 8 + 2 reference) bytes = 127.7 GiB, the bf16 copies of all
     # but the embedding lookup 13.2, the engine asleep 2, activations 3.8 (logits 1280 x
     # 152064 x 16 B = 2.9), other 1
-    assert "resources.train.gpu: 4 with resources.train.distributed: fsdp -> 60.9 GiB" in msg  # reference whole
+    # under fsdp with the reference sharded too and the untied LM head a unit of its own, two
+    # GPUs suffice: the update holds weights 14.2 + gradients 14.2 + optimizer 28.4 + units in
+    # flight 7.5 + reference 7.1 + engine asleep 2.0 + activations 3.7 + other 1.0
+    assert "resources.train.gpu: 2 with resources.train.distributed: fsdp -> 78.1 GiB" in msg
     assert "training job 'grpo'" in msg
     fits = memory.memory_plan(
         _config(gpu=4, distributed="fsdp", gpu_memory_gb=80), {"apo": "apo"}, "nowhere"

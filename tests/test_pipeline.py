@@ -299,7 +299,7 @@ def test_editing_a_local_train_file_replans_data_prep_and_after_only(tmp_path):
 JOB_OPTIONS = {"--manifest", "--stage-dir", "--runtime", "--model", "--model-revision", "--tokenizer",
                "--prompts", "--samples", "--shard", "--shards", "--out", "--demo-dir", "--vstar", "--validation"}
 RUNTIME_KEYS = {"generation": {"batch_size", "vllm"}, "grading": {"workers"},
-                "tracking_uri": None, "train": {"gradient_checkpointing"}}
+                "tracking_uri": None, "train": {"gradient_checkpointing", "distributed"}}
 
 
 def test_jobs_receive_settings_only_through_their_manifest(tmp_path):

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from apo.io import read_json, write_json
+from apo.sharding import load_sharded, save_sharded
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,10 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(accelerator, ckpt_root: Path, step: int, state: dict, keep: int) -> None:
-    """Every process writes its part (its RNG state; its shards under ZeRO) into one hidden
-    directory, which the main process renames to `step-N` when all are done."""
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, state: dict, keep: int, sharded: dict | None = None) -> None:
+    """Every process writes its part (its RNG state; its shards under ZeRO, and of the
+    `sharded` {name: (model, optimizer)} under FSDP, in `name/`) into one hidden directory,
+    which the main process renames to `step-N` when all are done."""
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp"
     if accelerator.is_main_process:
@@ -40,6 +42,8 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, state: dict, keep: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    for name, (model, optimizer) in (sharded or {}).items():
+        save_sharded(tmp / name, model, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / "trainer_state.json", state)
@@ -59,7 +63,7 @@ def _set_aside(path: Path) -> Path:
     return target
 
 
-def resume(accelerator, ckpt_root: Path) -> dict | None:
+def resume(accelerator, ckpt_root: Path, sharded: dict | None = None) -> dict | None:
     """Load the newest checkpoint that loads into the prepared models and optimizers; returns
     its trainer state, or None when there is none (a fresh start).
 
@@ -70,6 +74,8 @@ def resume(accelerator, ckpt_root: Path) -> dict | None:
         try:
             state = read_json(ckpt / "trainer_state.json")
             accelerator.load_state(str(ckpt))
+            for name, (model, optimizer) in (sharded or {}).items():
+                load_sharded(ckpt / name, model, optimizer)
         except Exception as e:  # any failure to read it means: this checkpoint is unusable
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:

@@ -167,6 +167,7 @@ class VLLMGenerator:
         from vllm import LLM
 
         self.tokenizer, self.settings = tokenizer, settings
+        self.dtype = getattr(torch, dtype) if dtype != "auto" else None  # of the tensors sync_weights passes
         self.on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
         self.stop_ids = stop_ids
         self.llm = LLM(
@@ -226,13 +227,19 @@ class VLLMGenerator:
             self.asleep = False
 
     def sync_weights(self, model: torch.nn.Module) -> None:
+        """Push `model`'s weights into the engine; a sharded (FSDP) model's are gathered one
+        tensor at a time in the engine's dtype while the engine loads them, so neither a second
+        full float32 copy nor a full list of gathered tensors is ever held."""
+        from apo.sharding import full_weights
+
         self.wake_up()
-        self.load_weights(model.state_dict().items())
+        self.load_weights(full_weights(model, self.dtype))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Overwrite the engine's weights in place from (name, tensor) pairs named as in the
-        Hugging Face checkpoint; vLLM maps them onto its fused layers."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(weights))})
+        Hugging Face checkpoint; vLLM maps them onto its fused layers, consuming the pairs one
+        by one (the engine runs in this process, so a lazy iterator is passed as it is)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
 

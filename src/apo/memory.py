@@ -8,9 +8,10 @@ arithmetic below. All sizes are bytes; the table prints GiB (2**30 bytes).
 Precision (the paper's recipe, as verl's FSDP trainer runs it): the trained networks keep
 fp32 master weights, fp32 gradients and two fp32 AdamW moments (4 + 4 + 8 bytes a parameter);
 the forward and backward run in the compute dtype `train.compute_dtype` (bf16: autocast); the
-frozen reference is held whole on every GPU in `train.reference_dtype` (the trainer does not
-shard it). PPO's critic is the same network with a scalar head
-instead of the LM head, trained with its own AdamW.
+frozen reference is held in `train.reference_dtype`, whole on every GPU except under fsdp,
+which shards it like the policy (apo.sharding; its passes come before the update and gather one
+layer at a time, not counted). PPO's critic is the same network with a scalar head instead of
+the LM head, trained with its own AdamW.
 
 Sharding over the job's N = `resources.train.gpu` processes (`resources.train.distributed`):
 - one process: everything whole.
@@ -20,14 +21,17 @@ Sharding over the job's N = `resources.train.gpu` processes (`resources.train.di
 - deepspeed (ZeRO-2, workflow/accelerate/deepspeed.yaml): weights whole; gradients and
   optimizer state sharded, the optimizer state being an fp32 copy of the shard plus the two
   moments (12 bytes a parameter / N; ZeRO clones the shard even when the weights are fp32).
-- fsdp (FSDP2 full shard, workflow/accelerate/fsdp.yaml): weights, gradients and optimizer
-  state sharded / N. In flight: the root unit (embeddings, LM head, final norm:
-  never resharded during a micro-batch) and two decoder layers (the one computing and the
-  one prefetched), gathered in the compute dtype, with their unsharded gradients (compute
+- fsdp (FSDP2 full shard, apo.sharding): weights, gradients, optimizer state and the
+  reference sharded / N. In flight: the root unit (final norm, a tied embedding, the
+  critic's scalar head: never resharded during a micro-batch), the LM head or the embedding
+  (each a unit of its own when untied, gathered only around its own use) and two decoder
+  layers (the one computing and the one prefetched), gathered in the compute dtype, with their unsharded gradients (compute
   dtype, plus an fp32 copy for the reduce-scatter): 2c + 4 bytes a parameter in flight.
-  This assumes FSDP's mixed-precision policy does the casting (param_dtype = compute dtype).
-  Autocast over fp32 unsharded weights would instead keep a bf16 copy of every weight in
-  autocast's cache (the full 2 bytes a parameter on every GPU, as without sharding).
+  FSDP's mixed-precision policy does the casting (param_dtype = compute dtype), as the
+  trainer sets it; autocast over fp32 unsharded weights would instead keep a bf16 copy of
+  every weight in autocast's cache (the full 2 bytes a parameter on every GPU). The weight
+  sync after each step gathers one tensor at a time in bf16 while the engine is awake: the
+  largest (the embedding) and its shard, counted in the generation phase.
 Without FSDP, bf16 compute holds a bf16 copy of every weight that goes through a linear layer
 (autocast's cache, and the copies the linear layers save for backward): the decoder layers
 and the LM head, c bytes a parameter, the "compute" column. The embedding lookup stays fp32.
@@ -37,8 +41,8 @@ of the GPU for its weights and KV cache while it generates; in the update, with 
 (`generation.vllm.sleep`), it keeps only ENGINE_ASLEEP_GIB (CUDA graphs, workspace), and
 without sleep mode its whole share. The backend is the one the config resolves to (auto:
 vLLM where it is installed, as in the GPU environment, envs/gpu.txt). The transformers
-engine generates with the policy itself: its KV cache for `generation.batch_size` sequences,
-and under FSDP the gathered full weights in the compute dtype.
+engine generates with the policy itself: its KV cache for `generation.batch_size` sequences
+(the trainer refuses it under fsdp, where the policy is sharded; the plan says so).
 
 Activations of one micro-batch (micro_batch_size prompts x samples per prompt sequences of
 L = prompt.max_prompt_tokens + train.max_new_tokens tokens, SDPA / flash attention, so no
@@ -57,7 +61,10 @@ copy is kept for backward, and the backward of logsumexp and gather adds up to t
 buffers of that shape: LOGIT_BYTES = 16 bytes an element at the peak (about 8 in the forward
 pass); tests/test_memory.py measures it on CPU (the process's resident high-water mark), and
 the per-layer bytes against what autograd keeps. PPO's critic runs in the same micro-batch
-and backward as the policy, so its layer activations (no logits) add to the policy's.
+and backward as the policy, so its layer activations (no logits) add to the policy's. Under
+fsdp its units in flight do not: the critic's forward follows the policy's, and autograd runs
+the later-recorded nodes first, so the critic's backward is done before the policy's starts;
+only the two root units are gathered throughout (modelled, not measured).
 
 Also counted: OTHER_GIB a process (CUDA context, NCCL buffers). Not counted: allocator
 fragmentation, the rollout tensors of a batch (token ids, per-token log-probs: megabytes),
@@ -370,14 +377,26 @@ def compute_copies(shape: ModelShape, job: Job, critic: bool = False) -> float:
     c = job.compute_bytes
     params = shape.critic_params if critic else shape.params
     if job.distributed == "fsdp":
-        layers = shape.num_hidden_layers * shape.layer_params
-        return (params - layers + 2 * shape.layer_params) * (2 * c + 4)  # the root unit, two layers
+        outside = params - shape.num_hidden_layers * shape.layer_params  # root, embedding, LM head
+        if not critic and not shape.tie_word_embeddings:
+            outside -= shape.embedding_params  # the embedding and the LM head are never both in flight
+        return (outside + 2 * shape.layer_params) * (2 * c + 4)
     if c == 4:
         return 0.0
     # Autocast casts what goes through a linear layer: the decoder layers and the LM head (the
     # critic's scalar head), not the embedding lookup.
     head = shape.hidden_size + 1 if critic else shape.embedding_params
     return c * (shape.num_hidden_layers * shape.layer_params + head)
+
+
+def fsdp_overlap(shape: ModelShape, job: Job) -> float:
+    """Under fsdp, of PPO's critic's units in flight, what the policy's already count: the two
+    layers, and the embedding unit where the policy has one as large (an untied LM head); the
+    two networks' non-root units are never gathered at once (module docstring)."""
+    if job.distributed != "fsdp":
+        return 0.0
+    policy_big = 0 if shape.tie_word_embeddings else shape.embedding_params
+    return (2 * shape.layer_params + policy_big) * (2 * job.compute_bytes + 4)
 
 
 def layer_activation_bytes(shape: ModelShape, c: int) -> float:
@@ -412,10 +431,12 @@ def engine(shape: ModelShape, job: Job) -> tuple[float, float, float]:
         kv_cache = job.generation_batch * job.seq_len * kv_bytes_per_token(shape, job.compute_bytes)
         gathered = shape.params * job.compute_bytes if job.distributed == "fsdp" else 0.0
         return kv_cache, 0.0, gathered
+    # the sync's largest gathered tensor (bf16, the engine's dtype) and its cast shard
+    syncing = shape.embedding_params * 2 * (1 + 1 / job.shards) if job.distributed == "fsdp" else 0.0
     if job.gpu_memory_gb is None:
-        return 0.0, 0.0, 0.0  # a share of an unknown size: shown as a share, not counted
+        return 0.0, 0.0, syncing  # a share of an unknown size: shown as a share, not counted
     share = job.engine_share * job.gpu_memory_gb * GIB
-    return share, (min(ENGINE_ASLEEP_GIB * GIB, share) if job.engine_sleeps else share), 0.0
+    return share, (min(ENGINE_ASLEEP_GIB * GIB, share) if job.engine_sleeps else share), syncing
 
 
 def kv_bytes_per_token(shape: ModelShape, c: int = 2) -> int:
@@ -425,12 +446,12 @@ def kv_bytes_per_token(shape: ModelShape, c: int = 2) -> int:
 def estimate(shape: ModelShape, job: Job) -> Estimate:
     weights, grads, kept, optimizer = states(shape.params, job)
     compute = compute_copies(shape, job)
-    ref = shape.params * job.reference_bytes
+    ref = shape.params * job.reference_bytes / (job.shards if job.distributed == "fsdp" else 1)
     critic = critic_update_only = 0.0
     critic_act = (0.0, 0.0)
     if job.method == "ppo":
         cw, cg, ckept, co = states(shape.critic_params, job)
-        ccompute = compute_copies(shape, job, critic=True)
+        ccompute = compute_copies(shape, job, critic=True) - fsdp_overlap(shape, job)
         critic, critic_update_only = cw + cg + co + ccompute, cg - ckept + ccompute
         critic_act = tuple(activations(shape, job, ckpt, logits=False) for ckpt in (True, False))
     awake, asleep, generating = engine(shape, job)
@@ -536,8 +557,15 @@ class MemoryPlan:
 
 
 def engine_problem(e: Estimate) -> str | None:
-    """vLLM must hold the weights (bf16) and the KV cache of one whole sequence in its share."""
+    """vLLM must hold the weights (bf16) and the KV cache of one whole sequence in its share;
+    the hf engine samples from the policy, which fsdp shards (the trainer refuses it)."""
     j = e.job
+    if j.backend == "hf" and j.distributed == "fsdp":
+        return (
+            f"memory plan: training job '{j.label}': generation.backend hf samples from the policy, which "
+            "resources.train.distributed: fsdp shards; the trainer refuses it: use generation.backend vllm, "
+            "or resources.train.distributed: ddp or deepspeed"
+        )
     if j.backend != "vllm" or j.gpu_memory_gb is None:
         return None
     need = e.shape.params * 2 + j.seq_len * kv_bytes_per_token(e.shape) + GIB

@@ -143,7 +143,9 @@ def runtime_knobs(config: dict) -> dict:
         "generation": {"batch_size": config["generation"]["batch_size"], "vllm": config["generation"]["vllm"]},
         "grading": {"workers": config["grading"]["workers"]},
         "tracking_uri": config["tracking_uri"],
-        "train": {key: config["train"][key] for key in RUNTIME_TRAIN_KEYS},
+        # how the training job spreads over its GPUs (ddp or fsdp): placement, like resources
+        "train": {**{key: config["train"][key] for key in RUNTIME_TRAIN_KEYS},
+                  "distributed": config["resources"]["train"]["distributed"]},
     }
 
 

@@ -21,6 +21,7 @@ compute, and per generation step
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -31,8 +32,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from apo import methods, validate
+from apo import methods, sharding, validate
 from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
+from apo.config import resolve_backend
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
 from apo.losses import aggregate, gae, masked_whiten, ppo_token_rewards
@@ -113,16 +115,43 @@ class Trainer:
     ckpt_root: Path
     gradient_checkpointing: bool
     validation: validate.ValidationSet | None = None
+    fsdp: bool = False
 
     @property
     def trained(self) -> list:
         return [self.policy] if self.critic is None else [self.policy, self.critic]
 
+    @property
+    def sharded(self) -> dict:
+        """The sharded networks and their optimizers by name, which a checkpoint stores in
+        torch.distributed.checkpoint format (empty unless training under FSDP)."""
+        if not self.fsdp:
+            return {}
+        nets = {"policy": (self.policy, self.optimizer)}
+        if self.critic is not None:
+            nets["critic"] = (self.critic, self.critic_optimizer)
+        return nets
+
+
+def check_distributed(s: dict, distributed: str, world: int) -> None:
+    """FSDP over several processes needs an engine that holds its own full weights: the hf
+    engine samples from the local module, which FSDP shards (one process shards nothing)."""
+    if distributed not in sharding.MODES:
+        raise ValueError(f"{sharding.DISTRIBUTED_KEY}: unknown mode {distributed!r} (expected one of "
+                         f"{', '.join(sharding.MODES)})")
+    if distributed == "fsdp" and world > 1 and resolve_backend(s["backend"]) == "hf":
+        raise NotImplementedError(
+            f"{sharding.DISTRIBUTED_KEY}: fsdp shards the policy, and generation.backend hf samples from "
+            "the local module; use generation.backend vllm (it holds its own full weights, synced after "
+            f"every step), or {sharding.DISTRIBUTED_KEY}: ddp or deepspeed"
+        )
+
 
 def make_accelerator(s: dict, accum: int):
     """Accelerate with bf16 autocast when train.compute_dtype is bfloat16: the prepared models
     keep float32 parameters (the master weights) and AdamW keeps float32 state, as the
-    authors' FSDP mixed precision does."""
+    authors' FSDP mixed precision does. Under FSDP the trainer shards the networks itself
+    (apo.sharding) and accelerate runs a plain multi-process setup around them."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
@@ -130,10 +159,10 @@ def make_accelerator(s: dict, accum: int):
         gradient_accumulation_steps=accum, mixed_precision="bf16" if s["compute_dtype"] == "bfloat16" else "no"
     )
     kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP and s["backend"] == "hf":
-        raise NotImplementedError(
-            "resources.train.distributed: fsdp shards the policy, and the hf generation engine samples "
-            "from the local module; use ddp or deepspeed (ZeRO-2 keeps full weights on every GPU)"
+    if kind == DistributedType.FSDP:
+        raise ValueError(
+            "accelerate was launched with its own FSDP plugin; the trainer shards the networks itself: "
+            f"launch with workflow/accelerate/fsdp.yaml and {sharding.DISTRIBUTED_KEY}: fsdp"
         )
     if kind == DistributedType.DEEPSPEED and s["method"] == "ppo":
         raise NotImplementedError(
@@ -156,31 +185,46 @@ def load_prompts(s: dict, prompts_path: str, vstar_path: str | None, tokenizer):
     return data, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in data["prompt"]]
 
 
-def optimize(accelerator, model, s: dict, lr: float):
+def optimize(accelerator, model, s: dict, lr: float, fsdp: bool = False):
     """AdamW (betas 0.9/0.999, as verl) on float32 parameters, and the LR schedule, which steps
-    once per generation step (as verl's actor does) and is saved with every checkpoint."""
+    once per generation step (as verl's actor does) and is saved with every checkpoint.
+
+    Under FSDP (`model` sharded by `load_models`) neither the model nor the optimizer goes
+    through accelerate, whose checkpoints would save rank 0's shards only: the optimizer is
+    stepped at the end of each mini-batch and saved by `sharding.save_sharded`."""
     from transformers import get_scheduler
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s["weight_decay"], betas=(0.9, 0.999))
     scheduler = get_scheduler(s["lr_schedule"], optimizer, num_warmup_steps=s["warmup_steps"],
                               num_training_steps=s["steps"])
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     return model, optimizer, scheduler
 
 
-def load_models(s: dict, model_path: str, accelerator, gradient_checkpointing: bool):
+def load_models(s: dict, model_path: str, accelerator, gradient_checkpointing: bool, fsdp: bool = False):
     """Policy (float32 master weights), frozen reference (train.reference_dtype) and, for PPO,
     the critic: the reference architecture with a fresh scalar head (a one-label token
-    classifier), trained by its own optimizer at its own rate."""
+    classifier), trained by its own optimizer at its own rate.
+
+    Under FSDP each network, the reference included, is sharded as soon as it is loaded: a
+    process then holds one whole network in host memory at a time, not all of them."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    compute = getattr(torch, s["compute_dtype"])
+
+    def placed(model):
+        return sharding.shard(model, compute, accelerator.device.type) if fsdp else model
+
+    policy = placed(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
     reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, s["reference_dtype"]))
-    reference.requires_grad_(False).eval().to(accelerator.device)
+    reference.requires_grad_(False).eval()
+    reference = placed(reference) if fsdp else reference.to(accelerator.device)  # sharded: on its device
     critic = None
     if methods.get(s["method"]).critic:
-        critic = AutoModelForTokenClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+        critic = placed(AutoModelForTokenClassification.from_pretrained(model_path, num_labels=1,
+                                                                        dtype=torch.float32))
     for model in (policy, critic):
         if model is not None and gradient_checkpointing:
             # Takes effect in train mode only; the loop switches to train mode around the
@@ -200,24 +244,27 @@ def engine_length(tokenizer, prompt_ids: list, s: dict, vs: validate.ValidationS
 
 
 def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path, generation: dict,
-          gradient_checkpointing: bool, validation_path: str | None = None) -> Trainer:
+          gradient_checkpointing: bool, validation_path: str | None = None, distributed: str = "ddp") -> Trainer:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
     # Data parallel (`accelerate launch --num_processes N`): each process samples and trains
-    # on its 1/N of every batch with its own generation engine on its own device.
+    # on its 1/N of every batch with its own generation engine on its own device; under FSDP
+    # the networks are sharded over the processes and the engines get the gathered weights.
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by the launcher (before any process group)
+    check_distributed(s, distributed, world)
+    fsdp = distributed == "fsdp" and world > 1
     n_minis, accum = batch_layout(s, world)
     accelerator = make_accelerator(s, accum)
     set_seed(s["seed"], device_specific=True)  # seed + process index
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data, prompt_ids = load_prompts(s, prompts_path, vstar_path, tokenizer)
     vs = validate.load(s, validation_path, accelerator.process_index, world) if validation_path else None
-    policy, reference, critic = load_models(s, model_path, accelerator, gradient_checkpointing)
-    policy, optimizer, scheduler = optimize(accelerator, policy, s, s["lr"])
+    policy, reference, critic = load_models(s, model_path, accelerator, gradient_checkpointing, fsdp)
+    policy, optimizer, scheduler = optimize(accelerator, policy, s, s["lr"], fsdp)
     critic_opt = critic_sched = None
     if critic is not None:
-        critic, critic_opt, critic_sched = optimize(accelerator, critic, s, s["ppo"]["critic_lr"])
+        critic, critic_opt, critic_sched = optimize(accelerator, critic, s, s["ppo"]["critic_lr"], fsdp)
         critic.eval()
     # Colocated engine: vLLM lives in this process and gets the new weights after every step.
     generator = make_generator(
@@ -231,7 +278,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
                                 max_new_tokens=s["max_new_tokens"])
     return Trainer(s, method, method.bind(s), accelerator, world, n_minis, accum, tokenizer, policy, reference,
                    optimizer, scheduler, critic, critic_opt, critic_sched, generator, data, prompt_ids, sampling,
-                   out_dir / "checkpoints", gradient_checkpointing, vs)
+                   out_dir / "checkpoints", gradient_checkpointing, vs, fsdp)
 
 
 # --------------------------------------------------------------------------- one step
@@ -373,20 +420,24 @@ def update(t: Trainer, r: Rollout, step: int) -> dict:
     acc, stats, norms = t.accelerator, [], []
     for model in t.trained:
         model.train(t.gradient_checkpointing)  # unchanged (eval) without checkpointing
+    # A sharded model is not wrapped by accelerate, whose wrapper casts the forward: the same
+    # autocast as in `score`, so that pi_old and the policy are computed alike.
+    forward_context = acc.autocast if t.fsdp else contextlib.nullcontext
     for mini, tokens in zip(micro_slices(t), mini_batch_tokens(t, r)):
         for sl in mini:
             with acc.accumulate(*t.trained):
-                loss, st = micro_loss(t, r, sl, tokens, step)
+                with forward_context():
+                    loss, st = micro_loss(t, r, sl, tokens, step)
                 acc.backward(loss)
-                if acc.sync_gradients:
+                if acc.sync_gradients:  # the mini-batch's last micro-batch
                     norm = acc.clip_grad_norm_(t.policy.parameters(), t.s["max_grad_norm"])
-                    norms.append(float("nan") if norm is None else float(norm))  # DeepSpeed: may be None
+                    norms.append(grad_norm(norm))
                     if t.critic is not None:
                         acc.clip_grad_norm_(t.critic.parameters(), t.s["max_grad_norm"])
-                for opt in (t.optimizer, t.critic_optimizer):
-                    if opt is not None:
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
+                    for opt in (t.optimizer, t.critic_optimizer):
+                        if opt is not None:
+                            opt.step()
+                            opt.zero_grad(set_to_none=True)
             stats.append(st)
     for sched in (t.scheduler, t.critic_scheduler):
         if sched is not None:
@@ -395,6 +446,14 @@ def update(t: Trainer, r: Rollout, step: int) -> dict:
         model.eval()
     means = {k: sum(x[k] for x in stats) / len(stats) for k in stats[0]}
     return {**means, "grad_norm": sum(norms) / len(norms), "optimizer_steps": len(norms)}
+
+
+def grad_norm(norm) -> float:
+    """The clipped gradients' total norm as a number (DeepSpeed may return None; FSDP a
+    replicated DTensor)."""
+    if norm is None:
+        return float("nan")
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def step_row(t: Trainer, r: Rollout, step: int, st: dict, times: dict) -> dict:
@@ -473,7 +532,7 @@ def checkpoint_if_due(t: Trainer, history: list, validations: list, monitor: Col
     step = len(history)
     if step % t.s["checkpoint_every"] == 0 or step == t.s["steps"]:
         state = {"step": step, "history": history, "validation": validations, "collapse": monitor.message}
-        save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"])
+        save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"], t.sharded)
 
 
 def train(
@@ -487,16 +546,17 @@ def train(
     tracker=None,
     gradient_checkpointing: bool = False,
     validation_path: str | None = None,
+    distributed: str = "ddp",
 ) -> dict:
     """Stage 2 from start (or from the last checkpoint) to `settings["steps"]`; writes
     `out_dir/model` and returns the metric history, the validations (with a validation set at
     `validation_path`) and a summary."""
     out_dir = Path(out_dir)
     t = setup(settings, model_path, prompts_path, vstar_path, out_dir, generation, gradient_checkpointing,
-              validation_path)
+              validation_path, distributed)
     monitor = CollapseMonitor(**settings["collapse"])
     history, validations = [], []
-    state = resume(t.accelerator, t.ckpt_root)
+    state = resume(t.accelerator, t.ckpt_root, t.sharded)
     if state is not None:
         history, validations = state["history"], state.get("validation", [])
         for h in history:
@@ -522,11 +582,34 @@ def train(
 def save_model(t: Trainer, out_dir: Path) -> None:
     """The trained policy in the compute dtype (what the evaluation engines run), atomically."""
     final = t.accelerator.unwrap_model(t.policy)
+    dtype = getattr(torch, t.s["compute_dtype"])
+    if t.fsdp:  # gathered on every process (collectives), kept by the main one
+        final = unsharded_copy(final, dtype, keep=t.accelerator.is_main_process)
     t.accelerator.wait_for_everyone()
     if t.accelerator.is_main_process:
         with atomic_path(out_dir / "model", is_dir=True) as tmp:
-            final.to(getattr(torch, t.s["compute_dtype"])).save_pretrained(tmp)
+            final.to(dtype).save_pretrained(tmp)
             t.tokenizer.save_pretrained(tmp)
+
+
+def unsharded_copy(model, dtype: torch.dtype, keep: bool):
+    """A plain copy of a sharded model in `dtype` on the CPU, built from its gathered tensors
+    one at a time; None where not `keep` (the gathers still run there: each is a collective)."""
+    from transformers import AutoModelForCausalLM
+
+    weights = {}
+    for name, tensor in sharding.full_weights(model, dtype):
+        if keep:
+            weights[name] = tensor.cpu()
+    if not keep:
+        return None
+    with torch.device("meta"):  # no allocation: every saved tensor is assigned below
+        copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    missing, unexpected = copy.load_state_dict(weights, strict=False, assign=True)
+    copy.tie_weights()
+    if unexpected or any(p.is_meta for p in copy.parameters()):
+        raise RuntimeError(f"gathered weights do not fill the model: missing {missing}, unexpected {unexpected}")
+    return copy
 
 
 def _metrics_frame(history: list) -> pd.DataFrame:
@@ -565,9 +648,11 @@ def run(settings: dict, model_path: str, prompts_path: str, vstar_path: str | No
     outputs written next to the model: metrics.parquet, validation.parquet, summary.json."""
     from apo.io import write_json, write_parquet
 
+    knobs = runtime.get("train", {})
     result = train(settings, model_path, prompts_path, vstar_path, out_dir, runtime["generation"], runtime["grading"],
                    tracker=tracker, validation_path=validation_path,
-                   gradient_checkpointing=runtime.get("train", {}).get("gradient_checkpointing", False))
+                   gradient_checkpointing=knobs.get("gradient_checkpointing", False),
+                   distributed=knobs.get("distributed", "ddp"))
     if tracker is not None:
         out_dir = Path(out_dir)
         tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items() if isinstance(v, (int, float))})
