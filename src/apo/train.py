@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from apo import methods, sharding, validate
 from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
-from apo.config import resolve_backend
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
 from apo.losses import aggregate, gae, masked_whiten, ppo_token_rewards
@@ -139,7 +138,7 @@ def check_distributed(s: dict, distributed: str, world: int) -> None:
     if distributed not in sharding.MODES:
         raise ValueError(f"{sharding.DISTRIBUTED_KEY}: unknown mode {distributed!r} (expected one of "
                          f"{', '.join(sharding.MODES)})")
-    if distributed == "fsdp" and world > 1 and resolve_backend(s["backend"]) == "hf":
+    if distributed == "fsdp" and world > 1 and s["backend"] == "hf":  # resolved at planning
         raise NotImplementedError(
             f"{sharding.DISTRIBUTED_KEY}: fsdp shards the policy, and generation.backend hf samples from "
             "the local module; use generation.backend vllm (it holds its own full weights, synced after "
@@ -346,7 +345,7 @@ def score(t: Trainer, r: Rollout, times: dict) -> None:
     policy itself and the update reads them off its own forward pass); PPO's critic values,
     per-token rewards and GAE advantages, whitened over the whole batch."""
     s, pad = t.s, t.tokenizer.pad_token_id
-    parts = [sl for mini in micro_slices(t) for sl in mini]
+    parts = [rows for mini in micro_slices(t) for rows in mini]
     temp = s["temperature"]
 
     def logprobs(model, p, resp, pad_id):
@@ -375,29 +374,29 @@ def score(t: Trainer, r: Rollout, times: dict) -> None:
 def mini_batch_tokens(t: Trainer, r: Rollout) -> list[float]:
     """token_mean denominators: each mini-batch's response tokens over all processes, divided
     by the micro-batch losses averaged into its gradient (accumulation x processes)."""
-    counts = torch.tensor([float(sum(r.mask[sl].sum() for sl in mini)) for mini in micro_slices(t)],
+    counts = torch.tensor([float(sum(r.mask[rows].sum() for rows in mini)) for mini in micro_slices(t)],
                           device=t.accelerator.device)
     if t.world > 1:
         counts = t.accelerator.reduce(counts, "sum")
     return (counts / (t.accum * t.world)).tolist()
 
 
-def micro_loss(t: Trainer, r: Rollout, sl: slice, tokens: float, step: int):
+def micro_loss(t: Trainer, r: Rollout, rows: slice, tokens: float, step: int):
     """The loss of one micro-batch (with grad) and its detached statistics."""
     s, pad = t.s, t.tokenizer.pad_token_id
     with_entropy = s["entropy_coef"] > 0
-    logp, entropy, _ = token_logprobs_and_entropy(t.policy, r.p_ids[sl], r.r_ids[sl], pad, s["temperature"],
+    logp, entropy, _ = token_logprobs_and_entropy(t.policy, r.p_ids[rows], r.r_ids[rows], pad, s["temperature"],
                                                   entropy=with_entropy)
     width = logp.shape[1]  # this micro-batch's longest response
-    cut = (lambda x: None if x is None else x[sl, :width])
-    mask = r.mask[sl, :width]
+    cut = (lambda x: None if x is None else x[rows, :width])
+    mask = r.mask[rows, :width]
     old_logp = cut(r.old_logp) if r.old_logp is not None else logp.detach()
-    mb = MicroBatch(logp=logp, old_logp=old_logp, ref_logp=cut(r.ref_logp), mask=mask, rewards=r.rewards[sl],
-                    vstar=r.vstars[sl], tokens=tokens, loss_agg=s["loss_agg"], old_values=cut(r.old_values),
+    batch = MicroBatch(logp=logp, old_logp=old_logp, ref_logp=cut(r.ref_logp), mask=mask, rewards=r.rewards[rows],
+                    vstar=r.vstars[rows], tokens=tokens, loss_agg=s["loss_agg"], old_values=cut(r.old_values),
                     advantages=cut(r.advantages), returns=cut(r.returns))
     if t.critic is not None:
-        mb.values, _ = token_values(t.critic, r.p_ids[sl], r.r_ids[sl], pad)
-    loss, stats = t.loss_fn(mb)
+        batch.values, _ = token_values(t.critic, r.p_ids[rows], r.r_ids[rows], pad)
+    loss, stats = t.loss_fn(batch)
     if with_entropy:  # the authors' bonus: loss - entropy_coef * entropy (dp_actor_apo.py, line 257)
         ent = aggregate(entropy, mask, s["loss_agg"], tokens)
         loss = loss - s["entropy_coef"] * ent
@@ -408,7 +407,7 @@ def micro_loss(t: Trainer, r: Rollout, sl: slice, tokens: float, step: int):
             f"is {latest_checkpoint(t.ckpt_root)}"
         )
     # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
-    stats["kl"] = ((logp.detach() - mb.ref_logp) * mask).sum(-1).mean().item()
+    stats["kl"] = ((logp.detach() - batch.ref_logp) * mask).sum(-1).mean().item()
     stats["loss"] = loss.item()
     return loss, stats
 
@@ -424,10 +423,10 @@ def update(t: Trainer, r: Rollout, step: int) -> dict:
     # autocast as in `score`, so that pi_old and the policy are computed alike.
     forward_context = acc.autocast if t.fsdp else contextlib.nullcontext
     for mini, tokens in zip(micro_slices(t), mini_batch_tokens(t, r)):
-        for sl in mini:
+        for rows in mini:
             with acc.accumulate(*t.trained):
                 with forward_context():
-                    loss, st = micro_loss(t, r, sl, tokens, step)
+                    loss, micro_stats = micro_loss(t, r, rows, tokens, step)
                 acc.backward(loss)
                 if acc.sync_gradients:  # the mini-batch's last micro-batch
                     norm = acc.clip_grad_norm_(t.policy.parameters(), t.s["max_grad_norm"])
@@ -438,7 +437,7 @@ def update(t: Trainer, r: Rollout, step: int) -> dict:
                         if opt is not None:
                             opt.step()
                             opt.zero_grad(set_to_none=True)
-            stats.append(st)
+            stats.append(micro_stats)
     for sched in (t.scheduler, t.critic_scheduler):
         if sched is not None:
             sched.step()
@@ -456,7 +455,7 @@ def grad_norm(norm) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def step_row(t: Trainer, r: Rollout, step: int, st: dict, times: dict) -> dict:
+def step_row(t: Trainer, r: Rollout, step: int, update_stats: dict, times: dict) -> dict:
     """The step's metrics (the whole batch's means when several processes train)."""
     lengths = [len(ids) for ids in r.r_ids]
     row = {
@@ -466,7 +465,7 @@ def step_row(t: Trainer, r: Rollout, step: int, st: dict, times: dict) -> dict:
         "truncated": sum(not f for f in r.finished) / len(r.finished),
         "vstar": float(r.vstars.mean()),
         "lr": t.scheduler.get_last_lr()[0],
-        **st,  # loss, kl, grad_norm, optimizer_steps and the loss's own statistics
+        **update_stats,  # loss, kl, grad_norm, optimizer_steps and the loss's own statistics
         "tokens": sum(len(t.prompt_ids[i]) for i in r.idx) * t.sampling.n + sum(lengths),
         **{f"time_{k}_s": v for k, v in times.items()},
         "peak_memory_mb": peak_memory_mb(t.accelerator.device),
