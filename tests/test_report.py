@@ -147,11 +147,13 @@ def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
              {"method": "apo", "label": "apo-lr0.0003", "combo": {"lr": 3e-4}, "dir": trainings[0]["dir"],
               "picked": True}]
     spec = {"experiment": "x", "evals": evals, "trainings": trainings, "stages": {},
-            "validation": {"dataset": "demo split valid", "on_benchmark": True}, "sweep": sweep}
+            "validation": {"dataset": "demo split valid", "on_benchmark": True, "k": 4, "temperature": 1.0},
+            "sweep": sweep}
     report.write(spec, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "![validation accuracy against training time](validation_time.png)" in md
     assert "not held out from the test benchmarks" in md and "demo split valid" in md
+    assert "scored as avg@4 at temperature 1 (`train.validation`)" in md
     tta = pd.read_csv(tmp_path / "out" / "time_to_accuracy.csv", index_col="method")
     # best final 0.8 (both); 95 % = 0.76: A*-PO at 120 s, GRPO at 300 s; 100 %: 120 s and 600 s
     assert tta.loc["apo", "time_to_95_s"] == 120 and tta.loc["grpo", "time_to_95_s"] == 300

@@ -183,8 +183,10 @@ def validation_markdown(validation: dict | None, tta: pd.DataFrame | None) -> li
     lines = ["## Validation during training", ""]
     if not validation or tta is None or tta.empty:
         return lines + ["No validation set (`data.validation`): no accuracy-against-time curves.", ""]
-    lines.append(f"Validation set: `{validation['dataset']}`, greedy unless `train.validation` says "
-                 "otherwise; its time is not counted as training time.")
+    scored = ("greedily" if validation.get("temperature", 0.0) == 0 and validation.get("k", 1) == 1
+              else f"as avg@{validation['k']} at temperature {validation['temperature']:g}")
+    lines.append(f"Validation set: `{validation['dataset']}`, scored {scored} (`train.validation`); its "
+                 "time is not counted as training time.")
     if validation.get("on_benchmark"):
         lines += ["", "**The validation set is not held out from the test benchmarks** "
                   "(`data.validation_on_benchmark: true`, as the authors validate on the MATH test "

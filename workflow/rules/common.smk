@@ -306,9 +306,12 @@ def validation_spec():
     spec = config["data"]["validation"]
     if spec is None:
         return None
+    sampling = config["train"]["validation"]
     return {
         "dataset": f"{spec['path']} split {spec['split']}",
         "on_benchmark": config["data"]["validation_on_benchmark"],
+        "k": sampling["k"],
+        "temperature": sampling["temperature"],
     }
 
 
