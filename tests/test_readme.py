@@ -61,6 +61,7 @@ SKIP = {
 APO_HELP_ONLY = {
     "bench-grading": "grades 2,000 responses 3 times, sequentially and in a pool (about 30 s on 2 cores)",
     "bench-generation": "builds the demo model and times both engines (minutes)",
+    "bench-steps": "trains every method of a finished comparison for a few steps (minutes)",
     # the stage commands the rules call with a stage's manifest (the README names them in its
     # stage table); the end-to-end tests run every one of them
     **{name: "a stage command, run by its rule with a manifest (tests/test_pipeline.py)"
