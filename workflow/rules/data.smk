@@ -22,4 +22,4 @@ rule data:
         ),
     shell:
         f"apo data {STAGE_ARGS} --tokenizer {{params.tokenizer:q}} {{params.revision:q}} "
-        "{params.demo:q} --out {output:q} 2> {log:q}"
+        "{params.demo:q} --out {output:q} 2>> {log:q}"

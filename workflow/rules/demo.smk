@@ -17,4 +17,4 @@ rule demo:
     params:
         **stage_params("demo"),
     shell:
-        f"apo demo {STAGE_ARGS} 2> {{log:q}}"
+        f"apo demo {STAGE_ARGS} 2>> {{log:q}}"

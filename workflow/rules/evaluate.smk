@@ -16,4 +16,4 @@ rule evaluate:
     params:
         **stage_params("evaluate"),
     shell:
-        f"apo evaluate {STAGE_ARGS} --prompts {{input.prompts:q}} --shards {{input.shards:q}} 2> {{log:q}}"
+        f"apo evaluate {STAGE_ARGS} --prompts {{input.prompts:q}} --shards {{input.shards:q}} 2>> {{log:q}}"

@@ -51,4 +51,4 @@ rule report:
         out_dir=lambda w, output: Path(output.md).parent,
         runtime=RUNTIME,
     shell:
-        "apo report --spec {params.spec:q} --out-dir {params.out_dir:q} --runtime {params.runtime:q} 2> {log:q}"
+        "apo report --spec {params.spec:q} --out-dir {params.out_dir:q} --runtime {params.runtime:q} 2>> {log:q}"

@@ -25,4 +25,4 @@ rule sample:
         **stage_params(model=upstream_model_path(), revision=upstream_model_revision()),
     shell:
         f"apo sample {STAGE_ARGS} --model {{params.model:q}} {{params.revision:q}} "
-        "--prompts {input.prompts:q} --shard {wildcards.shard} --out {output:q} 2> {log:q}"
+        "--prompts {input.prompts:q} --shard {wildcards.shard} --out {output:q} 2>> {log:q}"

@@ -18,4 +18,4 @@ checkpoint sweep:
     params:
         **stage_params("sweep", runs=lambda w: sweep_runs(stage("sweep", w))),
     shell:
-        f"apo sweep {STAGE_ARGS} --runs {{params.runs:q}} --out {{output:q}} 2> {{log:q}}"
+        f"apo sweep {STAGE_ARGS} --runs {{params.runs:q}} --out {{output:q}} 2>> {{log:q}}"

@@ -24,4 +24,4 @@ rule vstar:
         ),
     shell:
         f"apo vstar {STAGE_ARGS} {{params.samples:q}} --prompts {{input.prompts:q}} "
-        "--out {output:q} 2> {log:q}"
+        "--out {output:q} 2>> {log:q}"
