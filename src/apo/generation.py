@@ -30,8 +30,10 @@ class SamplingSettings:
 
     @classmethod
     def from_config(cls, section: dict, n: int | None = None) -> "SamplingSettings":
+        """A sampling section's settings; `n` for a section that names its count otherwise
+        (`evaluate.k`, read by `apo.sample.run_shard`)."""
         return cls(
-            n=n if n is not None else section.get("n", section.get("k", 1)),
+            n=n if n is not None else section["n"],
             temperature=section["temperature"],
             top_p=section["top_p"],
             max_new_tokens=section["max_new_tokens"],
