@@ -289,3 +289,33 @@ def test_validation_length_defaults_to_the_training_length(demo_config):
     assert cfg["train"]["validation"] == {"k": 1, "temperature": 0.0, "top_p": 1.0,
                                           "max_new_tokens": demo_config["train"]["max_new_tokens"], "seed": 0}
     assert cfg["data"]["validation"]["split"] == "valid" and cfg["train"]["validate_every"] == 50
+
+
+def test_a_sharded_multi_gpu_job_needs_the_vllm_engine_at_plan_time(demo_config, monkeypatch):
+    """`auto` is resolved where the workflow is planned: a login node without vLLM resolves
+    it to hf, with which no sharded 4-GPU training job can sample. That is a config error,
+    before any job starts, and it names the key and the fix."""
+    import apo.config
+
+    demo_config["resources"] = {"train": {"gpu": 4, "distributed": "fsdp"}}
+    monkeypatch.setattr(apo.config, "vllm_available", lambda: False)
+    demo_config["generation"]["backend"] = "auto"
+    with pytest.raises(ConfigError, match=r"'generation.backend': generation.backend is auto, which resolves "
+                                          r"to hf on this host .* set generation.backend: vllm"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["generation"]["backend"] = "hf"
+    with pytest.raises(ConfigError, match="shards training over 4 GPUs"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["generation"]["backend"] = "vllm"  # named: every job uses it (or fails naming it)
+    assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == "vllm"
+    demo_config["resources"] = {"train": {"gpu": 1, "distributed": "fsdp"}}  # one process shards nothing
+    demo_config["generation"]["backend"] = "auto"
+    assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == "hf"
+
+
+@pytest.mark.parametrize("config_file", sorted((ROOT / "config" / "paper").glob("*.yaml")), ids=lambda p: p.name)
+def test_paper_configs_name_the_engine_their_jobs_need(config_file, monkeypatch):
+    import apo.config
+
+    monkeypatch.setattr(apo.config, "vllm_available", lambda: False)  # a login node without vLLM
+    assert load_config(config_file)["generation"]["backend"] == "vllm"

@@ -338,13 +338,54 @@ def test_corrupt_last_checkpoint_is_set_aside_and_the_previous_one_used(train_in
     assert (out / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size > 1000
 
 
-def test_phase_clock_waits_for_the_gpu(monkeypatch):
-    """CUDA runs kernels asynchronously: each phase's clock reading first waits for them."""
+def test_phase_clock_waits_for_this_process_gpu(monkeypatch):
+    """CUDA runs kernels asynchronously: each phase's clock reading first waits for them, on
+    the process's own GPU (in a 4-GPU job rank 2 waits for cuda:2, not the current device)."""
     calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    T.clock(torch.device("cuda", 2))
+    T.clock(torch.device("cpu"))  # a CPU trainer waits for nothing, even where CUDA exists
+    assert calls == [torch.device("cuda", 2)]
+
+
+@pytest.mark.parametrize("local_rank", [0, 1, 2, 3])
+def test_each_process_of_a_four_gpu_job_claims_its_own_gpu(monkeypatch, local_rank):
+    """torchrun/accelerate give each process LOCAL_RANK; the trainer makes that GPU current
+    before anything touches CUDA (otherwise every process works on GPU 0)."""
+    claimed = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append(1))
-    T.clock()
-    assert calls == [1]
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: claimed.append(d))
+    T.claim_local_device({"WORLD_SIZE": "4", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank)})
+    assert claimed == [local_rank]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    T.claim_local_device({"LOCAL_RANK": "1"})  # no GPU: nothing to claim
+    assert claimed == [local_rank]
+
+
+def test_setup_claims_the_device_before_the_accelerator_and_the_engine(monkeypatch, train_inputs, tmp_path):
+    """The order matters: the device is claimed first, then accelerate and the engine start."""
+    order = []
+    monkeypatch.setattr(T, "claim_local_device", lambda: order.append("device"))
+    real_accelerator, real_generator = T.make_accelerator, T.make_generator
+    monkeypatch.setattr(T, "make_accelerator", lambda *a: order.append("accelerator") or real_accelerator(*a))
+    monkeypatch.setattr(T, "make_generator", lambda *a, **k: order.append("engine") or real_generator(*a, **k))
+    T.setup({**SETTINGS, "steps": 1}, *train_inputs, tmp_path, RUNTIME[0], False)
+    assert order == ["device", "accelerator", "engine"]
+
+
+def test_ppo_critic_trains_without_dropout(train_inputs):
+    """The critic is the model with a fresh one-label head; transformers gives that head a
+    dropout of 0.1 when the config names none (Qwen2's does not). verl's critic turns dropout
+    off (ZhaolinGao/A-PO, verl/workers/fsdp_workers.py:587-588): values are regressed, and
+    dropout would make the value of one state differ between two forward passes."""
+    from accelerate import Accelerator
+
+    _, critic = T.load_models({**SETTINGS, **PPO, "method": "ppo"}, train_inputs[0], Accelerator(), False)[1:]
+    critic.train()
+    assert all(m.p == 0 for m in critic.modules() if isinstance(m, torch.nn.Dropout))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(critic(ids).logits, critic(ids).logits, rtol=0, atol=0)
 
 
 def test_validation_scores_the_policy_apart_from_training_time(train_inputs, tmp_path, monkeypatch):
