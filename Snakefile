@@ -27,11 +27,13 @@ rule all:
 
 localrules:
     all,
+    prefetch,
     report,
     evaluate,
     sweep,
 
 
+include: "workflow/rules/prefetch.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/sample.smk"
