@@ -25,6 +25,10 @@ rule all:
         expand(f"{EXPERIMENT_DIR}/{{name}}", name=REPORT_FILES),
 
 
+onstart:
+    extend_train_retries()
+
+
 localrules:
     all,
     prefetch,

@@ -433,3 +433,38 @@ def test_without_a_validation_set_nothing_is_validated(train_inputs, tmp_path):
     res = T.train({**SETTINGS, "steps": 1}, *train_inputs, tmp_path / "run", *RUNTIME)
     assert res["validation"].empty and list(res["validation"].columns)[:3] == ["step", "train_time_s", "accuracy"]
     assert res["summary"]["val_accuracy_final"] is None and res["summary"]["validate_time_s"] == 0
+
+
+def test_the_job_deadline_comes_from_the_scheduler():
+    assert T.job_deadline(720, {}) is None  # not under a scheduler: no limit to stop before
+    assert T.job_deadline(720, {"SLURM_JOB_ID": "7"}, now=1000.0) == 1000.0 + 720 * 60
+    assert T.job_deadline(720, {"SLURM_JOB_ID": "7", "SLURM_JOB_END_TIME": "5000"}, now=1000.0) == 5000.0
+
+
+def test_a_step_that_may_not_fit_before_the_deadline_stops_the_run():
+    deadline = 10_000.0
+    assert not T.out_of_time(None, [100.0], 9_999.0)
+    assert not T.out_of_time(deadline, [], 9_999.0)
+    # slowest step 200 s: the margin is 3 x 200 = 600 s
+    assert not T.out_of_time(deadline, [100.0, 200.0], deadline - 601)
+    assert T.out_of_time(deadline, [100.0, 200.0], deadline - 599)
+    # fast steps: at least SAFETY_S (300 s) for the checkpoint and the exit
+    assert T.out_of_time(deadline, [1.0], deadline - 299) and not T.out_of_time(deadline, [1.0], deadline - 301)
+
+
+def test_a_run_cut_by_the_time_limit_checkpoints_and_the_next_job_finishes_it(train_inputs, tmp_path, monkeypatch):
+    """A 4-step run in jobs whose time runs out after step 1 (checkpoint_every 2, so the stop
+    writes a checkpoint of its own): the job stops naming what happens next, and the next job
+    resumes there and ends with the uninterrupted run's metrics."""
+    settings = {**SETTINGS, "steps": 4, "checkpoint_every": 2}
+    straight = T.train(settings, *train_inputs, tmp_path / "straight", *RUNTIME)["history"]
+    monkeypatch.setattr(T, "job_deadline", lambda *a, **k: 1.0)
+    monkeypatch.setattr(T, "out_of_time", lambda deadline, steps, now: len(steps) == 1)
+    out = tmp_path / "pieces"
+    with pytest.raises(T.TimeLimitReached, match="stopped after step 1 of 4 .* resumes from this step"):
+        T.train(settings, *train_inputs, out, *RUNTIME, time_limit_min=10)
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000001"]
+    assert not (out / "model").exists()
+    monkeypatch.undo()
+    resumed = T.train(settings, *train_inputs, out, *RUNTIME)["history"]
+    pd.testing.assert_frame_equal(resumed.filter(regex="^(?!time_|peak_)"), straight.filter(regex="^(?!time_|peak_)"))

@@ -182,10 +182,16 @@ def cmd_train(args):
     if int(os.environ.get("RANK", 0)) != 0:
         # Under `accelerate launch` with several GPUs the other processes train their share of
         # each batch; the main process alone tracks and writes the outputs.
-        run()
+        try:
+            run()
+        except train.TimeLimitReached as e:
+            raise SystemExit(str(e)) from None
         return
-    with stage_job(args, run_id_file=str(Path(args.stage_dir) / "checkpoints" / "mlflow_run_id")) as tracker:
-        run(tracker=tracker)
+    try:
+        with stage_job(args, run_id_file=str(Path(args.stage_dir) / "checkpoints" / "mlflow_run_id")) as tracker:
+            run(tracker=tracker)
+    except train.TimeLimitReached as e:
+        raise SystemExit(f"apo train {args.stage_dir}: {e}") from None
 
 
 def cmd_sweep(args):

@@ -50,6 +50,34 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class TimeLimitReached(RuntimeError):
+    """The job stopped, checkpointed, before its scheduler's time limit; the next job resumes."""
+
+
+# What a stop before the limit leaves for the checkpoint and the exit: this many times the
+# slowest step so far, and at least SAFETY_S.
+STEP_MARGIN, SAFETY_S = 3.0, 300.0
+
+
+def job_deadline(time_limit_min: float | None, environ=os.environ, now: float | None = None) -> float | None:
+    """When this job will be stopped (seconds since the epoch), or None outside a scheduler.
+
+    Under Slurm the job's end is SLURM_JOB_END_TIME where Slurm sets it, else the runtime the
+    job asked for (resources.train.runtime) from now; a run outside Slurm has no limit."""
+    if "SLURM_JOB_ID" not in environ:
+        return None
+    if environ.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(environ["SLURM_JOB_END_TIME"])
+    return None if time_limit_min is None else (now or time.time()) + 60 * time_limit_min
+
+
+def out_of_time(deadline: float | None, step_seconds: list[float], now: float) -> bool:
+    """Whether another step and a checkpoint may not fit before the deadline."""
+    if deadline is None or not step_seconds:
+        return False
+    return now + max(SAFETY_S, STEP_MARGIN * max(step_seconds)) > deadline
+
+
 def clock(device: torch.device) -> float:
     """Wall time once this process's GPU has run what was queued: CUDA kernels run
     asynchronously, and without the wait a phase would be charged for the kernels of the one
@@ -549,13 +577,33 @@ def validate_if_due(t: Trainer, grader: Grader, history: list, validations: list
                              "time_validate_s": row["time_validate_s"]}, step=step)
 
 
-def checkpoint_if_due(t: Trainer, history: list, validations: list, monitor: CollapseMonitor) -> None:
+def checkpoint_if_due(t: Trainer, history: list, validations: list, monitor: CollapseMonitor,
+                      force: bool = False) -> None:
     """A checkpoint holds the metric and validation histories, so a resumed run's outputs
     are those of the uninterrupted run."""
     step = len(history)
-    if step % t.s["checkpoint_every"] == 0 or step == t.s["steps"]:
+    if force or step % t.s["checkpoint_every"] == 0 or step == t.s["steps"]:
         state = {"step": step, "history": history, "validation": validations, "collapse": monitor.message}
         save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"], t.sharded)
+
+
+def stop_if_out_of_time(t: Trainer, deadline: float | None, history: list, validations: list,
+                        monitor: CollapseMonitor) -> None:
+    """Before the scheduler's limit: checkpoint now and stop, so that the next job (Snakemake's
+    retry) resumes here instead of redoing what a killed job would lose. Every process stops
+    at the same step (the main process's clock decides)."""
+    if deadline is None or len(history) == t.s["steps"]:
+        return
+    late = out_of_time(deadline, [h["time_step_s"] for h in history], time.time())
+    flag = torch.tensor([float(late and t.accelerator.is_main_process)], device=t.accelerator.device)
+    if t.accelerator.reduce(flag, "sum").item() == 0:
+        return
+    if len(history) % t.s["checkpoint_every"]:  # not just written by checkpoint_if_due
+        checkpoint_if_due(t, history, validations, monitor, force=True)
+    raise TimeLimitReached(
+        f"stopped after step {len(history)} of {t.s['steps']} to end before the job's time limit "
+        "(resources.train.runtime); the next attempt resumes from this step's checkpoint "
+        "(resources.train.pieces: how many jobs a run may take)")
 
 
 def train(
@@ -570,11 +618,14 @@ def train(
     gradient_checkpointing: bool = False,
     validation_path: str | None = None,
     distributed: str = "ddp",
+    time_limit_min: float | None = None,
 ) -> dict:
     """Stage 2 from start (or from the last checkpoint) to `settings["steps"]`; writes
     `out_dir/model` and returns the metric history, the validations (with a validation set at
-    `validation_path`) and a summary."""
+    `validation_path`) and a summary. Under a scheduler it stops before the job's time limit
+    (`time_limit_min`) with a checkpoint, raising TimeLimitReached."""
     out_dir = Path(out_dir)
+    deadline = job_deadline(time_limit_min)
     t = setup(settings, model_path, prompts_path, vstar_path, out_dir, generation, gradient_checkpointing,
               validation_path, distributed)
     monitor = CollapseMonitor(**settings["collapse"])
@@ -596,6 +647,7 @@ def train(
             after_step(t, row, history, monitor, tracker)
             validate_if_due(t, grader, history, validations, tracker)
             checkpoint_if_due(t, history, validations, monitor)
+            stop_if_out_of_time(t, deadline, history, validations, monitor)
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}", len=f"{row['response_length']:.1f}")
     save_model(t, out_dir)
     return {"history": _metrics_frame(history), "validation": validate.frame(validations),
@@ -675,7 +727,7 @@ def run(settings: dict, model_path: str, prompts_path: str, vstar_path: str | No
     result = train(settings, model_path, prompts_path, vstar_path, out_dir, runtime["generation"], runtime["grading"],
                    tracker=tracker, validation_path=validation_path,
                    gradient_checkpointing=knobs.get("gradient_checkpointing", False),
-                   distributed=knobs.get("distributed", "ddp"))
+                   distributed=knobs.get("distributed", "ddp"), time_limit_min=knobs.get("time_limit_min"))
     if tracker is not None:
         out_dir = Path(out_dir)
         tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items() if isinstance(v, (int, float))})

@@ -341,6 +341,19 @@ def job_resources(kind=None):
     return {k: lambda w, k=k: config["resources"][w.kind][k] for k in keys}
 
 
+def extend_train_retries():
+    """onstart: the train rule is retried resources.train.pieces - 1 times more than the others
+    (--retries, the Slurm profile's 2 for node failures): each retry resumes a run cut by its
+    job's time limit. Set when the run starts, the first moment Snakemake's retries are known.
+    """
+    train = rules.train.rule
+    train.restart_times = (
+        (workflow.execution_settings.retries or 0)
+        + config["resources"]["train"]["pieces"]
+        - 1
+    )
+
+
 ACCELERATE_CONFIGS = Path(workflow.basedir) / "workflow" / "accelerate"
 
 
