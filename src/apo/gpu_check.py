@@ -462,7 +462,7 @@ def parse_args(argv):
     ap.add_argument("--gpus", metavar="N", help="the multi-GPU mode (apo.gpu_check_multi): N >= 2 training "
                     "processes, one per GPU, under FSDP with a vLLM engine each; auto: every visible GPU")
     ap.add_argument("--config", default=str(PAPER_CONFIG), help="the config whose train settings are used")
-    ap.add_argument("--prompts", type=int, help="prompts per step (train.batch_size)")
+    ap.add_argument("--prompts", type=int, help="prompts per step (train.batch_size; with --gpus: per GPU)")
     ap.add_argument("--response-tokens", type=int, help="response length limit (train.max_new_tokens)")
     ap.add_argument("--steps", type=int, help="steps per method, the first one a warm-up")
     ap.add_argument("--budget-s", type=float, help="time budget of the whole check, model build included")
