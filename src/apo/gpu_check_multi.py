@@ -45,11 +45,11 @@ from apo.gpu_check import GB, QWEN25_1_5B, ROOT, Architecture, Profile
 ACCELERATE_CONFIGS = ROOT / "workflow" / "accelerate"
 DEFAULT_METHODS = ("apo",)
 # Sizes per GPU: each rank trains on its own 8 prompts per step in two mini-batches.
-FSDP = Profile("fsdp", "cuda", QWEN25_1_5B, prompts=8, mini_batch_size=4, micro_batch_size=1,
+FSDP = Profile("multi-gpu", "cuda", QWEN25_1_5B, prompts=8, mini_batch_size=4, micro_batch_size=1,
                response_tokens=512, steps=2, warmup=0, generation_batch=128, grading_workers=4,
                budget_s=540)
 # The demo model's shape (config/config.yaml, demo.model), on the CPU.
-FSDP_TINY = Profile("fsdp-tiny", "cpu", Architecture(64, 4, 2, 2, 192, 512), prompts=2, mini_batch_size=1,
+FSDP_TINY = Profile("multi-gpu-tiny", "cpu", Architecture(64, 4, 2, 2, 192, 512), prompts=2, mini_batch_size=1,
                     micro_batch_size=1, response_tokens=8, steps=2, warmup=0, generation_batch=32,
                     grading_workers=1, budget_s=300, bpe_vocab=300)
 # On the CPU the engine gets a small KV cache and no compilation (as tests/test_fsdp.py runs it).
