@@ -94,8 +94,8 @@ def test_a_partial_shard_fails_the_vstar_job_naming_it(tmp_path):
 def test_a_second_job_for_the_same_outputs_waits_and_then_finds_them(tmp_path):
     """The job lock: while another process holds it, the job waits, naming the holder; once
     the holder has written the outputs, the job stops without redoing (or rewriting) them."""
-    from apo.cli import job_lock
-    from apo.io import record_outputs
+    from apo.job import job_lock
+    from apo.job import record_outputs
 
     samples = tmp_path / "shard-0.parquet"
     pd.DataFrame({"id": ["a", "a", "b", "b"], "reward": [1.0, 0.0, 0.0, 0.0]}).to_parquet(samples)

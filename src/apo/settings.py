@@ -143,6 +143,7 @@ def runtime_knobs(config: dict) -> dict:
         "generation": {"batch_size": config["generation"]["batch_size"], "vllm": config["generation"]["vllm"]},
         "grading": {"workers": config["grading"]["workers"]},
         "tracking_uri": config["tracking_uri"],
+        "lock_wait_s": config["lock_wait_s"],
         # how the training job spreads over its GPUs (ddp or fsdp): placement, like resources
         "train": {**{key: config["train"][key] for key in RUNTIME_TRAIN_KEYS},
                   "distributed": config["resources"]["train"]["distributed"]},

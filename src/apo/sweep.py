@@ -68,11 +68,11 @@ def pick(runs: list[dict]) -> dict:
 
     runs: {label, combo, dir} per grid run, each dir holding validation.parquet. Returns
     {picked: combo, label, runs: [{label, combo, final_accuracy, train_time_s}]}."""
-    import pandas as pd
+    from apo.job import read_stage_parquet
 
     rows = []
     for r in runs:
-        v = pd.read_parquet(Path(r["dir"]) / "validation.parquet")
+        v = read_stage_parquet(Path(r["dir"]) / "validation.parquet")
         if v.empty:
             raise ValueError(f"{r['dir']}/validation.parquet has no validation: a sweep needs data.validation")
         last = v.sort_values("step").iloc[-1]

@@ -36,6 +36,7 @@ from apo import methods, sharding, validate
 from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
+from apo.job import verify_if_stage
 from apo.losses import aggregate, gae, masked_whiten, ppo_token_rewards
 from apo.methods import MicroBatch
 from apo.monitor import CollapseMonitor, peak_memory_mb
@@ -256,6 +257,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     n_minis, accum = batch_layout(s, world)
     accelerator = make_accelerator(s, accum)
     set_seed(s["seed"], device_specific=True)  # seed + process index
+    verify_if_stage(model_path)  # the demo's model is a stage output
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data, prompt_ids = load_prompts(s, prompts_path, vstar_path, tokenizer)
     vs = validate.load(s, validation_path, accelerator.process_index, world) if validation_path else None

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 from apo.config import SCHEMA_PATH, validate_config
+from apo.job import read_stage_json
 from apo.memory import workflow_plan
 from apo.report import FILES as REPORT_FILES
 from apo.settings import External, Plan, Stage, model_path, runtime_knobs
@@ -41,7 +42,8 @@ if workflow.is_main_process:
 
 
 def picked_combo(pick_file):
-    return json.loads(Path(pick_file).read_text())["picked"]
+    """A sweep's pick, checked against the checksum its job recorded."""
+    return read_stage_json(pick_file)["picked"]
 
 
 # A sweep's pick made in an earlier run (or by the checkpoint before this job was started)
