@@ -309,9 +309,9 @@ def add_tool_commands(sub) -> None:
     """Commands that are not stages: the training rule's lock, the report, `verify`, benchmarks,
     the plan."""
     sp = sub.add_parser("lock", help="run a command holding a stage job's lock (the training rule's launcher)")
-    sp.add_argument("file")
     sp.add_argument("--wait-s", type=float, default=None,
-                    help="how long to wait for another holder of the lock before failing (lock_wait_s)")
+                    help="how long to wait for another holder of the lock before failing (lock_wait_s); before FILE")
+    sp.add_argument("file")
     sp.add_argument("command_line", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_lock)
 
@@ -359,6 +359,18 @@ def add_tool_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse and run one command; a stage file that is not what its job wrote, or a lock held
+    past `lock_wait_s`, ends it with that message alone (exit status 1), not a traceback."""
+    from apo.job import LockTimeout, StageFileError
+
+    try:
+        return _main(argv)
+    except (StageFileError, LockTimeout) as e:
+        log.error("%s", e)
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -35,7 +35,7 @@ rule train:
             lock_wait_s=config["lock_wait_s"],
         ),
     shell:
-        "apo lock {params.dir:q}/.train.lock --wait-s {params.lock_wait_s} -- "
+        "apo lock --wait-s {params.lock_wait_s} {params.dir:q}/.train.lock -- "
         "accelerate launch {params.launch:q} {params.port} --module apo.cli train "
         f"{STAGE_ARGS} --model {{params.model:q}} {{params.revision:q}} --prompts {{input.prompts:q}} "
         "{params.vstar:q} {params.validation:q} 2>> {log:q}"
