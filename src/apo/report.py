@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from apo import curves
+from apo import curves, sweep
 from apo.io import atomic_path, write_text
 from apo.job import read_stage_json, read_stage_parquet
 from apo.methods import METHODS
@@ -211,7 +211,7 @@ def sweep_markdown(runs: list[dict]) -> list[str]:
     for r in runs:
         v = read_stage_parquet(Path(r["dir"]) / "validation.parquet").sort_values("step").iloc[-1]
         rows.append({"method": METHOD_NAMES.get(r["method"], r["method"]),
-                     **{k: f"{val:g}" for k, val in r["combo"].items()},
+                     **{k: sweep.value_text(val) for k, val in r["combo"].items()},
                      "final val. acc. (%)": f"{100 * v['accuracy']:.2f}",
                      "training time (min)": f"{v['train_time_s'] / 60:.2f}",
                      "picked": "yes" if r["picked"] else ""})

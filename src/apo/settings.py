@@ -241,7 +241,7 @@ class Plan:
             if len(combos) == 1:
                 self._add_runs(method, combos[0])
                 continue
-            runs = {sweep.label(c): self._train(method, config["seeds"][0], c) for c in combos}
+            runs = {name: self._train(method, config["seeds"][0], c) for name, c in sweep.labelled(combos).items()}
             self.grids[method] = runs
             settings = {"method": method, "criterion": "final validation accuracy", "grid": combos}
             self.sweeps[method] = self._add("sweep", settings, runs)
