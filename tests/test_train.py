@@ -338,6 +338,38 @@ def test_corrupt_last_checkpoint_is_set_aside_and_the_previous_one_used(train_in
     assert (out / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size > 1000
 
 
+class _Planted:
+    """What a crafted file in a shared results folder would hold: a pickle that runs code when
+    it is unpickled (here: it creates the file its argument names)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resuming_unpickles_nothing_from_a_checkpoint(train_inputs, tmp_path):
+    """Every file of a checkpoint is JSON or tensors; a pickle planted in place of any file
+    that is not JSON or safetensors (the optimizer's state, here) runs nothing: the checkpoint
+    does not load, is set aside, and the one before is used."""
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    T.train({**SETTINGS, "steps": 2, "checkpoint_every": 1}, *train_inputs, out, *RUNTIME)
+    shutil.rmtree(out / "model")
+    last = out / "checkpoints" / "step-000002"
+    suffixes = {p.suffix for p in last.iterdir()}
+    import pickle
+
+    for path in last.iterdir():
+        if path.suffix not in (".json", ".safetensors"):
+            path.write_bytes(pickle.dumps(_Planted(marker)))
+    res = T.train({**SETTINGS, "steps": 2, "checkpoint_every": 1}, *train_inputs, out, *RUNTIME)
+    assert not marker.exists()
+    assert suffixes <= {".json", ".safetensors", ".pt"}  # .pt: tensors, loaded with weights_only=True
+    assert (out / "checkpoints" / "corrupt-step-000002").is_dir()
+    assert res["history"]["step"].tolist() == [1, 2]  # step 2 trained again from step 1's checkpoint
+
+
 def test_phase_clock_waits_for_the_gpu(monkeypatch):
     """CUDA runs kernels asynchronously: each phase's clock reading first waits for them."""
     calls = []

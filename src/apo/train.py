@@ -122,6 +122,14 @@ class Trainer:
         return [self.policy] if self.critic is None else [self.policy, self.critic]
 
     @property
+    def parts(self) -> list:
+        """(network, optimizer, LR schedule) of each trained network, as a checkpoint holds them."""
+        nets = [(self.policy, self.optimizer, self.scheduler)]
+        if self.critic is not None:
+            nets.append((self.critic, self.critic_optimizer, self.critic_scheduler))
+        return nets
+
+    @property
     def sharded(self) -> dict:
         """The sharded networks and their optimizers by name, which a checkpoint stores in
         torch.distributed.checkpoint format (empty unless training under FSDP)."""
@@ -199,7 +207,6 @@ def optimize(accelerator, model, s: dict, lr: float, fsdp: bool = False):
                               num_training_steps=s["steps"])
     if not fsdp:
         model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     return model, optimizer, scheduler
 
 
@@ -533,7 +540,7 @@ def checkpoint_if_due(t: Trainer, history: list, validations: list, monitor: Col
     step = len(history)
     if step % t.s["checkpoint_every"] == 0 or step == t.s["steps"]:
         state = {"step": step, "history": history, "validation": validations, "collapse": monitor.message}
-        save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"], t.sharded)
+        save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"], t.parts, t.sharded)
 
 
 def train(
@@ -557,7 +564,7 @@ def train(
               validation_path, distributed)
     monitor = CollapseMonitor(**settings["collapse"])
     history, validations = [], []
-    state = resume(t.accelerator, t.ckpt_root, t.sharded)
+    state = resume(t.accelerator, t.ckpt_root, t.parts, t.sharded)
     if state is not None:
         history, validations = state["history"], state.get("validation", [])
         for h in history:
