@@ -289,3 +289,11 @@ def test_validation_length_defaults_to_the_training_length(demo_config):
     assert cfg["train"]["validation"] == {"k": 1, "temperature": 0.0, "top_p": 1.0,
                                           "max_new_tokens": demo_config["train"]["max_new_tokens"], "seed": 0}
     assert cfg["data"]["validation"]["split"] == "valid" and cfg["train"]["validate_every"] == 50
+
+
+def test_a_config_that_asks_to_be_evaluated_as_code_is_refused(demo_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"config key '__use_yte__': a config file is data"):
+        validate_config({**demo_config, "__use_yte__": True}, SCHEMA)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"__use_yte__": True, "experiment": "x"}))
+    with pytest.raises(ConfigError, match=rf"invalid {tmp_path / 'base.yaml'}: config key '__use_yte__'"):
+        validate_config({**demo_config, "extends": "base.yaml"}, SCHEMA, base_dir=tmp_path)

@@ -195,6 +195,17 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_yte_template_config_is_refused(tmp_path):
+    """Snakemake evaluates a config with `__use_yte__: true` as a template (its Python runs,
+    `snakemake -n` included, before the workflow sees the config): the run stops on the file."""
+    cfg = yaml.safe_load(SMOKE.read_text())
+    (tmp_path / "yte.yaml").write_text(yaml.safe_dump({"__use_yte__": True, **cfg}) + "seeds: ?[0 + 0]\n")
+    proc = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "yte.yaml"), check=False)
+    assert proc.returncode != 0
+    assert (f"invalid {tmp_path / 'yte.yaml'}: config key '__use_yte__': a config file is data"
+            in proc.stdout + proc.stderr)
+
+
 def test_lint_is_clean():
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(ROOT / "Snakefile")],
                           capture_output=True, text=True, cwd=ROOT)
