@@ -124,3 +124,16 @@ def test_apo_verify_names_every_bad_stage_and_what_to_delete(tmp_path):
     assert proc.returncode == 0 and "1 stage directories checked" in proc.stdout
     proc = subprocess.run([str(APO), "verify", str(model)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and f"rm -r {model}" in proc.stdout
+
+
+def test_a_whole_stage_directory_is_verified_output_by_output(tmp_path):
+    """The data stage reads the demo's directory: its outputs are checked, not its manifest,
+    logs or locks."""
+    d = finished(tmp_path / "results", "demo", {**MODEL, "train.jsonl": b"{}\n"})
+    (d / "log").mkdir()
+    (d / "log" / "demo.log").write_text("...")
+    (d / ".demo.lock").write_text("pid 1")
+    verify_if_stage(d)
+    (d / "train.jsonl").unlink()
+    with pytest.raises(StageFileError, match=rf"{d}/train.jsonl: missing; rerun snakemake \(rule demo"):
+        verify_if_stage(d)

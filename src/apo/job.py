@@ -137,6 +137,13 @@ def verify_stage_file(path: str | os.PathLike) -> None:
     stage_dir = stage_dir_of(path)
     if stage_dir is None:
         raise StageFileError(f"{path}: not in a stage directory (<results>/<stage>/<hash>/)")
+    if path == stage_dir:  # a whole stage directory (the demo's, as the data stage reads it)
+        recorded = recorded_outputs(stage_dir, MANIFEST)
+        for output in outputs_of(stage_dir):
+            verify_stage_file(output)
+        if missing := sorted(name for name in recorded if not (stage_dir / name).exists()):
+            raise StageFileError(f"{stage_dir / missing[0]}: missing; {_rerun(stage_dir, missing[0])}")
+        return
     rel = path.relative_to(stage_dir).as_posix()
     if not path.exists():
         raise StageFileError(f"{path}: missing; {_rerun(stage_dir, rel)}")
@@ -195,10 +202,16 @@ def read_stage_json(path: str | os.PathLike):
 # --------------------------------------------------------------------------- apo verify
 
 
+def outputs_of(stage_dir: Path) -> list[Path]:
+    """The outputs in a stage directory: what is there but the manifest, logs, checkpoints and
+    dot-files."""
+    return sorted(p for p in stage_dir.iterdir() if not p.name.startswith(".") and p.name not in NOT_OUTPUTS)
+
+
 def stage_problems(stage_dir: Path) -> list[str]:
     """What is wrong with one stage directory's outputs (empty when every one is what its job
     wrote): files that differ from their checksums, are missing, or are not recorded."""
-    top = sorted(p for p in stage_dir.iterdir() if not p.name.startswith(".") and p.name not in NOT_OUTPUTS)
+    top = outputs_of(stage_dir)
     if not (stage_dir / MANIFEST).exists():
         return [f"{stage_dir}: no {MANIFEST}, but outputs {[p.name for p in top]}"] if top else []
     problems = []
