@@ -66,6 +66,28 @@ def test_second_run_is_a_noop(smoke_run):
 
 
 @pytest.mark.slow
+def test_a_truncated_prompts_file_then_the_same_command_is_an_error(smoke_run, tmp_path):
+    """`apo verify` finds every output of a finished run as its job wrote it; after a
+    truncated prompts.parquet the same snakemake command stops naming the file and its rule
+    (its newer mtime reruns the jobs downstream, whose own outputs are written) instead of
+    finishing with nothing done, and `apo verify` says which directory to delete."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(smoke_run[0], workdir, symlinks=True)
+    apo = [str(Path(sys.executable).with_name("apo")), "verify"]
+    proc = subprocess.run([*apo, "results"], cwd=workdir, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    (sample,) = (workdir / "results" / "sample").glob("*/manifest.json")
+    prompts = workdir / "results" / json.loads(sample.read_text())["inputs"]["prompts"] / "prompts.parquet"
+    prompts.write_bytes(prompts.read_bytes()[: prompts.stat().st_size // 2])
+    proc = snakemake(workdir, "--cores", "2", "--configfile", str(SMOKE), check=False)
+    assert proc.returncode != 0
+    rel = prompts.relative_to(workdir)
+    assert f"{rel}: its content does not match the checksum its job recorded" in proc.stdout + proc.stderr
+    proc = subprocess.run([*apo, "results/smoke"], cwd=workdir, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout.rstrip().endswith(f"rm -r {(workdir / rel.parent).resolve()}")
+
+
+@pytest.mark.slow
 def test_changing_beta2_plans_no_sampling(smoke_run):
     workdir, _ = smoke_run
     jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "train={'beta2': 0.3}")

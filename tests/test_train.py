@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -351,23 +352,27 @@ class _Planted:
 
 def test_resuming_unpickles_nothing_from_a_checkpoint(train_inputs, tmp_path):
     """Every file of a checkpoint is JSON or tensors; a pickle planted in place of any file
-    that is not JSON or safetensors (the optimizer's state, here) runs nothing: the checkpoint
-    does not load, is set aside, and the one before is used."""
-    out, marker = tmp_path / "run", tmp_path / "code-ran"
-    T.train({**SETTINGS, "steps": 2, "checkpoint_every": 1}, *train_inputs, out, *RUNTIME)
-    shutil.rmtree(out / "model")
-    last = out / "checkpoints" / "step-000002"
-    suffixes = {p.suffix for p in last.iterdir()}
+    that is not JSON or safetensors runs nothing when the run resumes: the checkpoint does not
+    load, is set aside, and the one before is used. One rerun per such file, each planted
+    alone, so that no earlier failure to load hides a later file's."""
     import pickle
 
-    for path in last.iterdir():
-        if path.suffix not in (".json", ".safetensors"):
-            path.write_bytes(pickle.dumps(_Planted(marker)))
-    res = T.train({**SETTINGS, "steps": 2, "checkpoint_every": 1}, *train_inputs, out, *RUNTIME)
-    assert not marker.exists()
-    assert suffixes <= {".json", ".safetensors", ".pt"}  # .pt: tensors, loaded with weights_only=True
-    assert (out / "checkpoints" / "corrupt-step-000002").is_dir()
-    assert res["history"]["step"].tolist() == [1, 2]  # step 2 trained again from step 1's checkpoint
+    out = tmp_path / "run"
+    settings = {**SETTINGS, "steps": 2, "checkpoint_every": 1}
+    T.train(settings, *train_inputs, out, *RUNTIME)
+    shutil.rmtree(out / "model")
+    last = Path("checkpoints") / "step-000002"
+    planted = sorted(p.name for p in (out / last).iterdir() if p.suffix not in (".json", ".safetensors"))
+    assert planted  # the optimizer's state
+    for name in planted:
+        run, marker = tmp_path / f"run-{name}", tmp_path / f"code-ran-{name}"
+        shutil.copytree(out, run)
+        (run / last / name).write_bytes(pickle.dumps(_Planted(marker)))
+        res = T.train(settings, *train_inputs, run, *RUNTIME)
+        assert not marker.exists(), name
+        assert (run / "checkpoints" / "corrupt-step-000002").is_dir()
+        assert res["history"]["step"].tolist() == [1, 2]  # step 2 trained again from step 1's checkpoint
+    assert {Path(name).suffix for name in planted} == {".pt"}  # tensors, loaded with weights_only=True
 
 
 def test_phase_clock_waits_for_the_gpu(monkeypatch):
