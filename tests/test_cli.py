@@ -23,7 +23,8 @@ def vstar_job(tmp_path: Path, samples: Path, prompts: Path | None = None) -> sub
     if prompts is None:
         prompts = tmp_path / "prompts.parquet"
         pd.DataFrame({"id": ["a", "b"]}).to_parquet(prompts)
-    (samples.parent / "manifest.json").write_text(json.dumps({"settings": {"n": 2, "shards": 1}}))
+    if not (samples.parent / "manifest.json").exists():
+        (samples.parent / "manifest.json").write_text(json.dumps({"settings": {"n": 2, "shards": 1}}))
     return subprocess.run(
         [str(APO), "vstar", "--manifest", json.dumps(manifest), "--stage-dir", str(stage_dir),
          "--runtime", json.dumps(runtime), "--samples", str(samples), "--prompts", str(prompts),
@@ -94,8 +95,8 @@ def test_a_partial_shard_fails_the_vstar_job_naming_it(tmp_path):
 def test_a_second_job_for_the_same_outputs_waits_and_then_finds_them(tmp_path):
     """The job lock: while another process holds it, the job waits, naming the holder; once
     the holder has written the outputs, the job stops without redoing (or rewriting) them."""
-    from apo.cli import job_lock
-    from apo.io import record_outputs
+    from apo.job import job_lock
+    from apo.job import record_outputs
 
     samples = tmp_path / "shard-0.parquet"
     pd.DataFrame({"id": ["a", "a", "b", "b"], "reward": [1.0, 0.0, 0.0, 0.0]}).to_parquet(samples)
@@ -140,5 +141,77 @@ def test_the_training_launcher_holds_the_lock_until_killed(tmp_path):
     first.kill()
     first.wait()
     out, err = second.communicate(timeout=30)
-    assert second.returncode == 0 and out == "ran\n"
+    assert second.returncode == 0 and out.endswith("ran\n")
     assert f"pid {first.pid} on " in err and "sleep 60" in err
+    # on stdout too: the rules send only stderr to the job's log, so this reaches the console
+    assert f"another job is writing these outputs (pid {first.pid} on " in out
+
+
+def test_a_job_waits_for_a_lock_at_most_lock_wait_s_then_fails_naming_the_holder(tmp_path):
+    from apo.job import job_lock
+
+    lock = tmp_path / "results" / "train" / "0123456789ab" / ".train.lock"
+    with job_lock(lock, "the other run's training"):
+        proc = subprocess.run([str(APO), "lock", "--wait-s", "2", str(lock), "--", "echo", "ran"],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "ran" not in proc.stdout
+    assert f"(pid {os.getpid()} on " in proc.stdout and "at most 2 s" in proc.stdout  # the console
+    assert f"{lock}: still held after 2 s by pid {os.getpid()} on " in proc.stderr
+    assert "the other run's training" in proc.stderr
+
+
+def finished_vstar_job(tmp_path):
+    """A data stage's prompts and a sample stage's shard as their jobs left them, and the V*
+    job over them run once; returns (prompts, the job's command)."""
+    from apo.job import record_outputs
+
+    prompts = tmp_path / "results" / "data" / "aaaaaaaaaaaa" / "prompts.parquet"
+    samples = tmp_path / "results" / "sample" / "bbbbbbbbbbbb" / "shard-0.parquet"
+    for path, df in [(prompts, pd.DataFrame({"id": ["a", "b"]})),
+                     (samples, pd.DataFrame({"id": ["a", "a", "b", "b"], "reward": [1.0, 0.0, 0.0, 0.0]}))]:
+        path.parent.mkdir(parents=True)
+        df.to_parquet(path)
+    record_outputs(prompts.parent, {"kind": "data", "hash": "aaaaaaaaaaaa"}, [prompts])
+    record_outputs(samples.parent, {"kind": "sample", "hash": "bbbbbbbbbbbb", "settings": {"n": 2, "shards": 1}},
+                   [samples])
+    proc = vstar_job(tmp_path, samples, prompts)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return prompts, samples
+
+
+def test_a_truncated_input_of_a_finished_job_is_an_error_not_nothing_to_do(tmp_path):
+    """Snakemake reruns the jobs downstream of a truncated prompts.parquet (its mtime moved);
+    each finds its outputs written, and must not report "nothing to do" over a broken input."""
+    prompts, samples = finished_vstar_job(tmp_path)
+    prompts.write_bytes(prompts.read_bytes()[:100])
+    proc = vstar_job(tmp_path, samples, prompts)
+    assert proc.returncode == 1
+    assert (f"{prompts}: its content does not match the checksum its job recorded in {prompts.parent}/manifest.json"
+            in proc.stderr)
+    assert "rule data writes it again" in proc.stderr
+
+
+def test_a_dead_writers_temporary_output_is_removed_by_the_next_job(tmp_path):
+    """A job killed while writing (SIGKILL: no cleanup) leaves `.<name>.*.tmp`; the next job
+    of the stage removes it, and leaves a live writer's alone."""
+    stage_dir = tmp_path / "results" / "vstar" / "0123456789ab"
+    write = ("import sys, time; from apo.io import atomic_path\n"
+             "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_text('partial'); print('in', flush=True); "
+             "time.sleep(60)\n")
+    writers = [subprocess.Popen([sys.executable, "-c", write, str(stage_dir / name)], stdout=subprocess.PIPE, text=True)
+               for name in ("vstar.parquet", "other.parquet")]
+    for w in writers:
+        assert w.stdout.readline() == "in\n"
+    writers[0].kill()
+    writers[0].wait()
+    assert len(list(stage_dir.glob(".vstar.parquet.*.tmp"))) == 1
+    samples = tmp_path / "shard-0.parquet"
+    pd.DataFrame({"id": ["a", "a", "b", "b"], "reward": [1.0, 0.0, 0.0, 0.0]}).to_parquet(samples)
+    try:
+        proc = vstar_job(tmp_path, samples)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not list(stage_dir.glob(".vstar.parquet.*"))  # the dead writer's, and its lock file
+        assert len(list(stage_dir.glob(".other.parquet.*.tmp"))) == 1  # a live writer's
+    finally:
+        writers[1].kill()
+        writers[1].wait()

@@ -319,3 +319,11 @@ def test_paper_configs_name_the_engine_their_jobs_need(config_file, monkeypatch)
 
     monkeypatch.setattr(apo.config, "vllm_available", lambda: False)  # a login node without vLLM
     assert load_config(config_file)["generation"]["backend"] == "vllm"
+
+
+def test_a_config_that_asks_to_be_evaluated_as_code_is_refused(demo_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"config key '__use_yte__': a config file is data"):
+        validate_config({**demo_config, "__use_yte__": True}, SCHEMA)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"__use_yte__": True, "experiment": "x"}))
+    with pytest.raises(ConfigError, match=rf"invalid {tmp_path / 'base.yaml'}: config key '__use_yte__'"):
+        validate_config({**demo_config, "extends": "base.yaml"}, SCHEMA, base_dir=tmp_path)

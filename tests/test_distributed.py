@@ -41,7 +41,7 @@ def test_two_process_training_shares_batches_and_resumes(smoke_run, tmp_path):
     # Each process sampled its half of every batch; the logged values are the whole batch's.
     assert metrics["tokens"].sum() > 0 and metrics["lr"].tolist() == single["lr"].tolist()  # one LR step per step
     ckpt = out / "checkpoints" / "step-000003"
-    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert {p.name for p in ckpt.glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}
     assert (out / "model" / "model.safetensors").exists()
     assert not list((out / "checkpoints").glob(".*"))  # no half-written checkpoint left behind
 

@@ -8,7 +8,7 @@ import pytest
 
 from apo.evaluate import avg_at_k, run, scores
 from apo.generation import Completion, SamplingSettings
-from apo.io import record_outputs
+from apo.job import record_outputs
 from apo.reward import Grades
 from apo.sample import sample_and_grade
 

@@ -85,7 +85,7 @@ def test_sharded_training_checkpoints_shards_and_resumes(train_inputs, tmp_path)
             "runtime": [GENERATION, RUNTIME[1]]}
     torchrun(args, 29593)
     ckpt = out / "checkpoints" / "step-000003"
-    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert {p.name for p in ckpt.glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}
     for net in ("policy", "critic"):
         assert {p.name for p in (ckpt / net).glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert not list(ckpt.glob("optimizer*")) and not list(ckpt.glob("model*"))  # only in the shards

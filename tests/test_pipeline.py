@@ -66,6 +66,28 @@ def test_second_run_is_a_noop(smoke_run):
 
 
 @pytest.mark.slow
+def test_a_truncated_prompts_file_then_the_same_command_is_an_error(smoke_run, tmp_path):
+    """`apo verify` finds every output of a finished run as its job wrote it; after a
+    truncated prompts.parquet the same snakemake command stops naming the file and its rule
+    (its newer mtime reruns the jobs downstream, whose own outputs are written) instead of
+    finishing with nothing done, and `apo verify` says which directory to delete."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(smoke_run[0], workdir, symlinks=True)
+    apo = [str(Path(sys.executable).with_name("apo")), "verify"]
+    proc = subprocess.run([*apo, "results"], cwd=workdir, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    (sample,) = (workdir / "results" / "sample").glob("*/manifest.json")
+    prompts = workdir / "results" / json.loads(sample.read_text())["inputs"]["prompts"] / "prompts.parquet"
+    prompts.write_bytes(prompts.read_bytes()[: prompts.stat().st_size // 2])
+    proc = snakemake(workdir, "--cores", "2", "--configfile", str(SMOKE), check=False)
+    assert proc.returncode != 0
+    rel = prompts.relative_to(workdir)
+    assert f"{rel}: its content does not match the checksum its job recorded" in proc.stdout + proc.stderr
+    proc = subprocess.run([*apo, "results/smoke"], cwd=workdir, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout.rstrip().endswith(f"rm -r {(workdir / rel.parent).resolve()}")
+
+
+@pytest.mark.slow
 def test_changing_beta2_plans_no_sampling(smoke_run):
     workdir, _ = smoke_run
     jobs = planned_jobs(workdir, "--configfile", str(SMOKE), "--config", "train={'beta2': 0.3}")
@@ -193,6 +215,17 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "config key 'train.lr': 'fast' is not of type 'number'" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_yte_template_config_is_refused(tmp_path):
+    """Snakemake evaluates a config with `__use_yte__: true` as a template (its Python runs,
+    `snakemake -n` included, before the workflow sees the config): the run stops on the file."""
+    cfg = yaml.safe_load(SMOKE.read_text())
+    (tmp_path / "yte.yaml").write_text(yaml.safe_dump({"__use_yte__": True, **cfg}) + "seeds: ?[0 + 0]\n")
+    proc = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "yte.yaml"), check=False)
+    assert proc.returncode != 0
+    assert (f"invalid {tmp_path / 'yte.yaml'}: config key '__use_yte__': a config file is data"
+            in proc.stdout + proc.stderr)
 
 
 def test_lint_is_clean():

@@ -191,6 +191,31 @@ def test_file_digests_are_cached_by_size_and_mtime(demo_config, tmp_path, monkey
     assert local_plan(demo_config, "results", model="./m").trains["apo"].hash == first  # read again
 
 
+def test_a_digest_cache_that_cannot_be_written_is_skipped_with_a_warning(demo_config, tmp_path, monkeypatch):
+    """`snakemake -n` on a read-only results/ plans as usual (a read-only directory refuses
+    the cache's temporary file, as simulated here: the tests run as root, which writes
+    anyway)."""
+    import errno
+    import tempfile
+
+    import pytest
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.bin").write_bytes(b"abc")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "results"))
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        with pytest.warns(UserWarning, match=r"results/.content-digests.json: the content digest cache cannot be "
+                                             r"written \(\[Errno 13\] Permission denied"):
+            planned = local_plan(demo_config, "results", model="./m").trains["apo"].hash
+    assert not (tmp_path / "results" / ".content-digests.json").exists()
+    assert planned == local_plan(demo_config, "results", model="./m").trains["apo"].hash
+
+
 def test_a_local_dataset_and_table_are_addressed_by_content(demo_config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.jsonl").write_text('{"q": "x", "a": "1"}\n')
@@ -228,7 +253,7 @@ def test_the_demo_model_is_addressed_by_the_prompt_instruction(demo_config):
 # that jobs receive as `--runtime` (common.smk RUNTIME) or as scheduler resources.
 UNADDRESSED = (
     "experiment", "data.benchmarks.*.name", "generation.batch_size", "generation.vllm.*",
-    "grading.workers", "train.gradient_checkpointing", "tracking_uri", "resources.*", "prefetch",
+    "grading.workers", "train.gradient_checkpointing", "tracking_uri", "lock_wait_s", "resources.*", "prefetch",
     "data.validation_on_benchmark",  # a check at validation (and a line in the report), no stage reads it
 )
 

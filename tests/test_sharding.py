@@ -53,3 +53,43 @@ def test_trainer_refuses_what_fsdp_cannot_run(distributed, backend, error, match
 
 def test_one_process_under_fsdp_shards_nothing_and_takes_either_engine():
     T.check_distributed({"backend": "hf"}, "fsdp", world=1)
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_sharded_state_loads_without_unpickling_code(tmp_path):
+    """torch.distributed.checkpoint pickles its `.metadata`; the trainer reads it with an
+    unpickler that allows only metadata classes: a saved state loads, a crafted file runs
+    nothing."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from apo.sharding import safe_reader
+
+    def net_and_state():
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(net.parameters())
+        net(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        model_state, optim_state = get_state_dict(net, opt)
+        return net, {"model": model_state, "optimizer": optim_state}
+
+    saved, state = net_and_state()
+    dcp.save(state, checkpoint_id=str(tmp_path / "policy"))
+    _, loaded = net_and_state()
+    dcp.load(loaded, storage_reader=safe_reader(tmp_path / "policy"))
+    assert torch.equal(loaded["model"]["weight"], saved.weight.detach())
+    marker = tmp_path / "code-ran"
+    (tmp_path / "policy" / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.raises(CheckpointException, match="io.open is not part of checkpoint metadata"):
+        dcp.load(loaded, storage_reader=safe_reader(tmp_path / "policy"))
+    assert not marker.exists()

@@ -27,6 +27,17 @@ def test_a_list_plans_one_training_per_combination(demo_config):
     assert p.trains == {} and [label for label, _ in p.evals] == ["reference"]
 
 
+def test_values_that_differ_past_the_labels_precision_are_each_trained(demo_config):
+    """`:g` writes 1e-4 and 1.0000001e-4 alike; the label keeps the full value, so neither run
+    is dropped, and a value that `:g` writes exactly keeps its short label."""
+    p = plan(demo_config, train__lr=[1.0e-4, 1.0000001e-4, 3.0e-4])
+    assert list(p.grids["apo"]) == ["lr0.0001", "lr0.00010000001", "lr0.0003"]
+    assert len({s.hash for s in p.grids["apo"].values()}) == 3
+    assert sweep.label({"lr": 123456789, "grpo.group_size": 8}) == "lr123456789-group_size8"
+    with pytest.raises(ValueError, match=r"the listed values \{'lr': 1\} and \{'lr': 1.0\} give one sweep run label"):
+        sweep.labelled([{"lr": 1}, {"lr": 1.0}])
+
+
 def test_only_the_method_that_reads_a_listed_key_sweeps_it(demo_config):
     p = plan(demo_config, methods=["apo", "grpo"], train__beta2=[0.1, 0.5])
     assert list(p.grids) == ["apo"] and list(p.grids["apo"]) == ["beta20.1", "beta20.5"]

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -336,6 +337,42 @@ def test_corrupt_last_checkpoint_is_set_aside_and_the_previous_one_used(train_in
     assert (out / "checkpoints" / "corrupt-step-000004").is_dir()
     assert res["history"]["step"].tolist() == [1, 2, 3, 4]  # steps 3 and 4 trained again
     assert (out / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size > 1000
+
+
+class _Planted:
+    """What a crafted file in a shared results folder would hold: a pickle that runs code when
+    it is unpickled (here: it creates the file its argument names)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resuming_unpickles_nothing_from_a_checkpoint(train_inputs, tmp_path):
+    """Every file of a checkpoint is JSON or tensors; a pickle planted in place of any file
+    that is not JSON or safetensors runs nothing when the run resumes: the checkpoint does not
+    load, is set aside, and the one before is used. One rerun per such file, each planted
+    alone, so that no earlier failure to load hides a later file's."""
+    import pickle
+
+    out = tmp_path / "run"
+    settings = {**SETTINGS, "steps": 2, "checkpoint_every": 1}
+    T.train(settings, *train_inputs, out, *RUNTIME)
+    shutil.rmtree(out / "model")
+    last = Path("checkpoints") / "step-000002"
+    planted = sorted(p.name for p in (out / last).iterdir() if p.suffix not in (".json", ".safetensors"))
+    assert planted  # the optimizer's state
+    for name in planted:
+        run, marker = tmp_path / f"run-{name}", tmp_path / f"code-ran-{name}"
+        shutil.copytree(out, run)
+        (run / last / name).write_bytes(pickle.dumps(_Planted(marker)))
+        res = T.train(settings, *train_inputs, run, *RUNTIME)
+        assert not marker.exists(), name
+        assert (run / "checkpoints" / "corrupt-step-000002").is_dir()
+        assert res["history"]["step"].tolist() == [1, 2]  # step 2 trained again from step 1's checkpoint
+    assert {Path(name).suffix for name in planted} == {".pt"}  # tensors, loaded with weights_only=True
 
 
 def test_phase_clock_waits_for_this_process_gpu(monkeypatch):

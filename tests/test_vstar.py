@@ -74,7 +74,7 @@ def test_prompt_filters():
 
 
 # ----------------------------------------------------------------- partial and changed inputs
-from apo.io import StageFileError, read_stage_parquet, record_outputs  # noqa: E402
+from apo.job import StageFileError, read_stage_parquet, record_outputs  # noqa: E402
 from apo.vstar import CoverageError, check_samples, training_data  # noqa: E402
 
 PREPARED = pd.DataFrame({"id": ["a", "b", "c", "d"]})
@@ -126,8 +126,23 @@ def test_a_changed_or_truncated_stage_file_names_the_file_and_rule(tmp_path):
     with pytest.raises(StageFileError, match=rf"{shard}: its content does not match the checksum .*\(rule sample writes it again"):
         read_stage_parquet(shard)
     shard.write_bytes(b"PAR1 truncated")
-    (shard.parent / "manifest.json").write_text(json.dumps({"hash": "0123456789ab"}))  # results without checksums
+    record_outputs(shard.parent, {"kind": "sample", "hash": "0123456789ab"}, [shard])  # as its job wrote it
     with pytest.raises(StageFileError, match=rf"{shard}: not a readable parquet file .*\(rule sample writes it again"):
+        read_stage_parquet(shard)
+
+
+def test_a_manifest_without_the_files_checksum_is_an_error_not_a_skipped_check(tmp_path):
+    shard = stage_file(tmp_path, "sample", "shard-0.parquet", graded([("a", 2)]))
+    manifest = shard.parent / "manifest.json"
+    manifest.write_text(json.dumps({"hash": "0123456789ab"}))  # no `outputs` entry
+    with pytest.raises(StageFileError, match=rf"{manifest} records no output checksums; delete {shard.parent} "
+                                             r"and rerun snakemake \(rule sample"):
+        read_stage_parquet(shard)
+    manifest.write_text(json.dumps({"hash": "0123456789ab", "outputs": {"shard-1.parquet": "0" * 64}}))
+    with pytest.raises(StageFileError, match=rf"{shard}: not among the outputs its job recorded in {manifest}"):
+        read_stage_parquet(shard)
+    manifest.unlink()
+    with pytest.raises(StageFileError, match=rf"{shard}: its stage has no manifest.json \(its job did not finish\)"):
         read_stage_parquet(shard)
 
 

@@ -1,8 +1,25 @@
 """Training checkpoints: atomic saves, and resuming from the newest one that loads.
 
-A checkpoint is a directory `step-NNNNNN` holding accelerate's state (models, optimizers,
-schedulers, RNG states of every process) and `trainer_state.json` (step, metric history). It
-is written under a hidden name and renamed when complete, so a `step-*` directory is never
+A checkpoint is a directory `step-NNNNNN`. Nothing in it is loaded by executing code (a
+crafted file in a shared results folder must not run anything when a run resumes), so no
+pickle: tensors are safetensors files or `torch.load(weights_only=True)` files, everything
+else is JSON.
+
+- `model.safetensors`, `model_1.safetensors` (PPO's critic): the trained networks' weights;
+- `optimizer.pt`, `optimizer_1.pt`: AdamW's state (tensors and numbers, `weights_only`);
+- `scheduler.json`, `scheduler_1.json`: the LR schedules' state;
+- `rng-<process>.json` (Python's and NumPy's generators, accelerate's step counter) and
+  `rng-<process>.safetensors` (torch's CPU and CUDA generators), one pair per process;
+- under FSDP `policy/`, `critic/`: each process's shards of the networks and their optimizers
+  (`apo.sharding.save_sharded`, torch.distributed.checkpoint, whose metadata is read with a
+  restricted unpickler), instead of the model and optimizer files;
+- `trainer_state.json`: step, metric and validation history.
+
+The exception is `resources.train.distributed: deepspeed`, whose engine saves and loads its
+partitioned state in its own format (through accelerate; it unpickles): resume such a run only
+from a results folder you trust.
+
+It is written under a hidden name and renamed when complete, so a `step-*` directory is never
 half-written by this code; one damaged later (disk, a copy) is set aside and the one before
 it used.
 """
@@ -11,8 +28,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from apo.io import read_json, write_json
 from apo.sharding import load_sharded, save_sharded
@@ -31,19 +52,94 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(accelerator, ckpt_root: Path, step: int, state: dict, keep: int, sharded: dict | None = None) -> None:
-    """Every process writes its part (its RNG state; its shards under ZeRO, and of the
-    `sharded` {name: (model, optimizer)} under FSDP, in `name/`) into one hidden directory,
-    which the main process renames to `step-N` when all are done."""
+def _name(stem: str, i: int, suffix: str) -> str:
+    return f"{stem}{'' if i == 0 else f'_{i}'}{suffix}"
+
+
+def rng_state(accelerator) -> tuple[dict, dict]:
+    """This process's generator states: (JSON-able numbers, tensors)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    numbers = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+               "step": accelerator.step}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return numbers, tensors
+
+
+def set_rng_state(accelerator, numbers: dict, tensors: dict) -> None:
+    version, internal, gauss = numbers["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = numbers["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    accelerator.step = numbers["step"]
+
+
+def _deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def save_state(accelerator, directory: Path, parts: list, sharded: dict) -> None:
+    """Write every process's share of the training state into `directory` (see the module's
+    docstring). parts: (model, optimizer, scheduler) per trained network; sharded: the FSDP
+    {name: (model, optimizer)}, which replace the model and optimizer files."""
+    from safetensors.torch import save_file, save_model
+
+    if _deepspeed(accelerator):
+        accelerator.save_state(str(directory / "deepspeed"))
+    numbers, tensors = rng_state(accelerator)
+    i = accelerator.process_index
+    write_json(directory / f"rng-{i}.json", numbers)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / f"rng-{i}.safetensors")
+    for name, (model, optimizer) in sharded.items():
+        save_sharded(directory / name, model, optimizer)
+    if not accelerator.is_main_process:
+        return
+    for k, (model, optimizer, scheduler) in enumerate(parts):
+        write_json(directory / _name("scheduler", k, ".json"), scheduler.state_dict())
+        if not sharded and not _deepspeed(accelerator):
+            save_model(accelerator.unwrap_model(model), str(directory / _name("model", k, ".safetensors")))
+            torch.save(optimizer.state_dict(), directory / _name("optimizer", k, ".pt"))
+
+
+def load_state(accelerator, directory: Path, parts: list, sharded: dict) -> None:
+    """Load what `save_state` wrote, without unpickling anything but tensors and numbers."""
+    from safetensors.torch import load_file, load_model
+
+    if _deepspeed(accelerator):
+        accelerator.load_state(str(directory / "deepspeed"))
+    i = accelerator.process_index
+    set_rng_state(accelerator, read_json(directory / f"rng-{i}.json"), load_file(directory / f"rng-{i}.safetensors"))
+    for name, (model, optimizer) in sharded.items():
+        load_sharded(directory / name, model, optimizer)
+    for k, (model, optimizer, scheduler) in enumerate(parts):
+        scheduler.load_state_dict(read_json(directory / _name("scheduler", k, ".json")))
+        if not sharded and not _deepspeed(accelerator):
+            load_model(accelerator.unwrap_model(model), str(directory / _name("model", k, ".safetensors")),
+                       device=str(accelerator.device))
+            optimizer.load_state_dict(torch.load(directory / _name("optimizer", k, ".pt"), map_location="cpu",
+                                                 weights_only=True))
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, state: dict, keep: int, parts: list,
+                    sharded: dict | None = None) -> None:
+    """Every process writes its part (its RNG state; under FSDP its shards of the `sharded`
+    {name: (model, optimizer)}, in `name/`) into one hidden directory, which the main process
+    renames to `step-N` when all are done."""
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    for name, (model, optimizer) in (sharded or {}).items():
-        save_sharded(tmp / name, model, optimizer)
+    save_state(accelerator, tmp, parts, sharded or {})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / "trainer_state.json", state)
@@ -63,20 +159,20 @@ def _set_aside(path: Path) -> Path:
     return target
 
 
-def resume(accelerator, ckpt_root: Path, sharded: dict | None = None) -> dict | None:
+def resume(accelerator, ckpt_root: Path, parts: list, sharded: dict | None = None) -> dict | None:
     """Load the newest checkpoint that loads into the prepared models and optimizers; returns
     its trainer state, or None when there is none (a fresh start).
 
-    A checkpoint that fails to load (truncated file, unreadable state) is set aside with a
-    warning naming it, and the previous one is tried.
+    A checkpoint that fails to load (truncated file, unreadable state, a file that is not
+    plain data) is set aside with a warning naming it, and the previous one is tried.
     """
+    from torch.distributed.checkpoint.api import CheckpointException  # not an Exception
+
     for ckpt in reversed(checkpoints(ckpt_root)):
         try:
             state = read_json(ckpt / "trainer_state.json")
-            accelerator.load_state(str(ckpt))
-            for name, (model, optimizer) in (sharded or {}).items():
-                load_sharded(ckpt / name, model, optimizer)
-        except Exception as e:  # any failure to read it means: this checkpoint is unusable
+            load_state(accelerator, ckpt, parts, sharded or {})
+        except (Exception, CheckpointException) as e:  # any failure to read it: this checkpoint is unusable
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 aside = _set_aside(ckpt)

@@ -40,11 +40,20 @@ def job_outputs(args) -> list[Path]:
     return [d / name for name in named] + ([Path(args.out)] if getattr(args, "out", None) else [])
 
 
+def job_inputs(args) -> list:
+    """The paths one stage job reads (stage files among them are checked before it runs): its
+    path arguments, and a sweep's grid runs' validations."""
+    paths = [getattr(args, name, None) for name in ("tokenizer", "demo_dir", "model", "prompts", "vstar", "validation")]
+    paths += [*(getattr(args, "samples", None) or []), *(getattr(args, "shards", None) or [])]
+    paths += [Path(r["dir"]) / "validation.parquet" for r in getattr(args, "runs", None) or []]
+    return [p for p in paths if p]
+
+
 @contextlib.contextmanager
 def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
     """Tracking and bookkeeping around one stage job; yields the MLflow tracker. When the job
-    succeeds, its manifest records the checksums of its outputs (`apo.io.record_outputs`)."""
-    from apo.io import record_outputs
+    succeeds, its manifest records the checksums of its outputs (`apo.job.record_outputs`)."""
+    from apo.job import record_outputs
     from apo.tracking import Tracker, default_tracking_uri
 
     m = args.manifest
@@ -68,10 +77,10 @@ def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
     record_outputs(stage_dir, m, job_outputs(args))
 
 
-# Two snakemake runs of overlapping experiments may start the same job at once (the workflow
-# profile sets `nolock`, so a killed run needs no `--unlock`). Each job holds an OS lock on a
-# file in its stage directory, which the kernel releases when the process dies: a second job
-# for the same outputs waits for the first, then finds them written and stops.
+def lock_wait_s(args) -> float:
+    from apo.job import LOCK_WAIT_S
+
+    return float(args.runtime.get("lock_wait_s", LOCK_WAIT_S))
 
 
 def lock_path(args) -> Path:
@@ -79,43 +88,10 @@ def lock_path(args) -> Path:
     return Path(args.stage_dir) / f".{args.command}{shard}.lock"
 
 
-@contextlib.contextmanager
-def job_lock(path: Path, what: str):
-    """Hold an exclusive lock on `path`, waiting (with a message naming the holder) while
-    another process holds it. The lock file says who holds it."""
-    import fcntl
-    import socket
-    import time
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text().strip() or "a process"
-            log.warning("%s: another job is writing these outputs (%s); waiting for it", path.parent, holder)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {what}\n")
-        fh.flush()
-        yield fh
-
-
 def outputs_done(args) -> bool:
-    """Whether this job's outputs are complete: present, and their checksums recorded in the
-    stage manifest under this address (what a finished job leaves, and the only way a job
-    that waited for the lock finds them: Snakemake removes a job's outputs before it starts)."""
-    from apo.io import file_sha256, read_json
+    from apo.job import outputs_done
 
-    manifest, outputs = Path(args.stage_dir) / "manifest.json", job_outputs(args)
-    if not manifest.exists() or not all(p.exists() for p in outputs):
-        return False
-    m = read_json(manifest)
-    recorded = m.get("outputs", {})
-    return m.get("hash") == args.manifest.get("hash") and all(
-        recorded.get(p.name) == file_sha256(p) for p in outputs if p.is_file()
-    )
+    return outputs_done(Path(args.stage_dir), args.manifest, job_outputs(args))
 
 
 def cmd_lock(args):
@@ -125,7 +101,10 @@ def cmd_lock(args):
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
     if not command:
         raise SystemExit("apo lock: no command given after --")
-    with job_lock(Path(args.file), " ".join(command)) as fh:
+    from apo.job import LOCK_WAIT_S, job_lock
+
+    wait_s = LOCK_WAIT_S if args.wait_s is None else args.wait_s
+    with job_lock(Path(args.file), " ".join(command), wait_s) as fh:
         os.set_inheritable(fh.fileno(), True)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -222,7 +201,10 @@ def cmd_report(args):
     from apo import report
     from apo.tracking import Tracker, default_tracking_uri
 
+    from apo.io import clean_dead_tmp
+
     spec, out = args.spec, Path(args.out_dir)
+    clean_dead_tmp(out)
     table = report.write(spec, out)
     uri = args.runtime.get("tracking_uri") or default_tracking_uri(out.parent)
     tracker = Tracker(uri, run_name=f"report-{spec['experiment']}", params={"stages": spec["stages"]},
@@ -231,6 +213,14 @@ def cmd_report(args):
     for name in report.FILES:
         tracker.log_artifact(out / name)
     tracker.finish()
+
+
+def cmd_verify(args):
+    from apo.job import verify_results
+
+    code = verify_results(args.dirs or ["results"])
+    if code:
+        raise SystemExit(code)
 
 
 def cmd_bench_generation(args):
@@ -342,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_tool_commands(sub) -> None:
-    """Commands that are not stages: the training rule's lock, the report, benchmarks, the plan."""
+    """Commands that are not stages: the training rule's lock, the report, `verify`, benchmarks,
+    the plan."""
     sp = sub.add_parser("lock", help="run a command holding a stage job's lock (the training rule's launcher)")
+    sp.add_argument("--wait-s", type=float, default=None,
+                    help="how long to wait for another holder of the lock before failing (lock_wait_s); before FILE")
     sp.add_argument("file")
     sp.add_argument("command_line", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_lock)
@@ -353,6 +346,11 @@ def add_tool_commands(sub) -> None:
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--runtime", type=_json, default={}, help="runtime knobs (JSON)")
     sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("verify", help="check stage outputs against their manifests' checksums; say which to delete")
+    sp.add_argument("dirs", nargs="*", help="stage directories, an experiment's directory (results/<experiment>: the "
+                                            "stages it used) or a results directory (all of them); default results")
+    sp.set_defaults(fn=cmd_verify)
 
     sp = sub.add_parser("bench-generation", help="tokens/s of the vllm and hf backends, side by side")
     sp.add_argument("--config", default="config/config.yaml")
@@ -394,6 +392,18 @@ def add_tool_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse and run one command; a stage file that is not what its job wrote, or a lock held
+    past `lock_wait_s`, ends it with that message alone (exit status 1), not a traceback."""
+    from apo.job import LockTimeout, StageFileError
+
+    try:
+        return _main(argv)
+    except (StageFileError, LockTimeout) as e:
+        log.error("%s", e)
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -406,13 +416,23 @@ def main(argv: list[str] | None = None) -> int:
     from apo.prefetch import offline_environment
 
     offline_environment(args.runtime)  # after `apo prefetch`: the hub cache only
+
+    from apo.io import clean_dead_tmp
+    from apo.job import job_lock, verify_inputs
+
+    # A changed input is an error here, before a job whose outputs are done would report
+    # "nothing to do" over it.
+    verify_inputs(job_inputs(args))
     if args.command == "train":
         # Locked by `apo lock` around `accelerate launch`: every process checks, none waits.
         if not outputs_done(args):
+            if int(os.environ.get("RANK", 0)) == 0:
+                clean_dead_tmp(args.stage_dir)
             pin_model_revision(args)
             args.fn(args)
         return 0
-    with job_lock(lock_path(args), f"apo {args.command} {args.stage_dir}"):
+    with job_lock(lock_path(args), f"apo {args.command} {args.stage_dir}", lock_wait_s(args)):
+        clean_dead_tmp(args.stage_dir)
         if outputs_done(args):
             log.info("%s: outputs already written by the job that held the lock; nothing to do", args.stage_dir)
             return 0

@@ -9,6 +9,7 @@ its content address) are the same whether a default was spelled out or not.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import math
@@ -161,6 +162,27 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Snakemake renders a config file holding this key as a YTE template: Python expressions in
+# it are evaluated while the file is loaded, before this workflow sees it. A config is data.
+TEMPLATE_KEY = "__use_yte__"
+
+
+def refuse_templates(config: dict, source: str) -> None:
+    """A ConfigError where a config (as written in its file) asks to be evaluated as code."""
+    if isinstance(config, dict) and TEMPLATE_KEY in config:
+        raise ConfigError(
+            f"invalid {source}: config key '{TEMPLATE_KEY}': a config file is data; this workflow refuses "
+            f"YTE templates (Python evaluated while the file is loaded): write the values out and remove the key")
+
+
+def refuse_template_files(paths) -> None:
+    """`refuse_templates` for the config files Snakemake loaded (it has rendered a template
+    and dropped the key before the workflow sees the config, so the files are read again)."""
+    for path in paths:
+        with contextlib.suppress(OSError, yaml.YAMLError):
+            refuse_templates(yaml.safe_load(Path(path).read_text()), str(path))
+
+
 def resolve_extends(config: dict, base_dir: Path, source: str = "config", seen: tuple = ()) -> dict:
     """`extends: FILE` (a path from `base_dir`, the workflow's directory): FILE's config with
     this one's keys merged over it. A config the user names is otherwise the whole config:
@@ -173,7 +195,9 @@ def resolve_extends(config: dict, base_dir: Path, source: str = "config", seen: 
         raise ConfigError(f"invalid {source}: config key 'extends': {name} extends itself")
     if not path.is_file():
         raise ConfigError(f"invalid {source}: config key 'extends': no such file {path}")
-    base = resolve_extends(yaml.safe_load(path.read_text()) or {}, base_dir, str(path), (*seen, path))
+    raw = yaml.safe_load(path.read_text()) or {}
+    refuse_templates(raw, str(path))
+    base = resolve_extends(raw, base_dir, str(path), (*seen, path))
     return merge(base, {k: v for k, v in config.items() if k != "extends"})
 
 
@@ -183,6 +207,7 @@ def validate_config(
     """A validated copy of `config` with defaults filled in (and its `extends` file under it,
     found from `base_dir`, by default the working directory); raises ConfigError naming the key."""
     schema = yaml.safe_load(Path(schema_path).read_text())
+    refuse_templates(config, source)
     config = resolve_extends(dict(config), Path(base_dir or Path.cwd()), source)
     config = fill_defaults(copy.deepcopy(config), schema, schema)
     validator = jsonschema.Draft202012Validator(schema)

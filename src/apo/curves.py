@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from apo.io import atomic_path
+from apo.job import read_stage_parquet
 from apo.methods import METHODS
 
 FRACTIONS = (0.95, 1.0)
@@ -27,10 +28,10 @@ def load(trainings: list[dict]) -> pd.DataFrame:
         path = Path(t["dir"]) / "validation.parquet"
         if not path.exists():
             continue
-        v = pd.read_parquet(path)
+        v = read_stage_parquet(path)
         if v.empty:
             continue
-        m = pd.read_parquet(Path(t["dir"]) / "metrics.parquet")
+        m = read_stage_parquet(Path(t["dir"]) / "metrics.parquet")
         done = dict(zip(m["step"], m["optimizer_steps"].cumsum())) if "optimizer_steps" in m else {}
         v = v.assign(label=t["label"], method=t.get("method", t["label"]), seed=t.get("seed", 0),
                      optimizer_steps=v["step"].map(lambda s: done.get(s, 0)))

@@ -223,11 +223,12 @@ def run(settings: dict, tokenizer_path: str, demo_dir: str | None, grading: dict
     formatted with the tokenizer's template, and its counts (counts.json)."""
     from transformers import AutoTokenizer
 
-    from apo.io import verify_stage_file
+    from apo.job import verify_if_stage, verify_stage_file
     from apo.reward import Grader
 
     if demo_dir:
         verify_stage_file(Path(demo_dir) / f"{settings['split']}.jsonl")
+    verify_if_stage(tokenizer_path)  # the demo's model is a stage output
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"]) as grader:
         return prepare(settings, settings["prompt"], tokenizer, demo_dir, grader)

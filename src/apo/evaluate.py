@@ -17,7 +17,7 @@ def avg_at_k(samples: pd.DataFrame) -> float:
 
 def run(settings: dict, prompts_path: str, shard_paths: list[str]) -> tuple[pd.DataFrame, dict]:
     """Stage entry: every shard's samples in one table, and the benchmark's scores."""
-    from apo.io import read_stage_parquet
+    from apo.job import read_stage_parquet
 
     samples = pd.concat([read_stage_parquet(p) for p in shard_paths], ignore_index=True)
     return samples, scores(settings, read_stage_parquet(prompts_path), samples)

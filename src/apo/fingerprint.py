@@ -9,10 +9,12 @@ modification time: a file is read again only when one of them changes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -46,14 +48,24 @@ class DigestCache:
         return h.hexdigest()
 
     def save(self) -> None:
-        """Write the cache if it changed; atomic, so parallel plans never read half a file."""
+        """Write the cache if it changed; atomic, so parallel plans never read half a file. A
+        cache that cannot be written (a read-only results directory, a full disk) is skipped
+        with a warning: it only saves reading the files again at the next plan."""
         if self.path is None or not self.dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.entries, fh, sort_keys=True)
-        os.replace(tmp, self.path)
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.entries, fh, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            warnings.warn(f"{self.path}: the content digest cache cannot be written ({e}); not saved, so "
+                          "local inputs are read again at the next plan", stacklevel=2)
         self.dirty = False
 
 

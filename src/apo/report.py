@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from apo import curves
-from apo.io import atomic_path, read_json, write_text
+from apo import curves, sweep
+from apo.io import atomic_path, write_text
+from apo.job import read_stage_json, read_stage_parquet
 from apo.methods import METHODS
 
 CURVES = [
@@ -30,7 +31,7 @@ CURVES = [
 def summary_table(evals: list[dict]) -> pd.DataFrame:
     rows = []
     for e in evals:
-        s = read_json(Path(e["dir"]) / "scores.json")
+        s = read_stage_json(Path(e["dir"]) / "scores.json")
         rows.append(
             {
                 "benchmark": e["benchmark"],
@@ -131,7 +132,7 @@ def phase_times(trainings: list[dict]) -> pd.DataFrame:
     (rows = run label, columns = phase; a phase a run does not time counts 0)."""
     rows = {}
     for t in trainings:
-        m = pd.read_parquet(Path(t["dir"]) / "metrics.parquet")
+        m = read_stage_parquet(Path(t["dir"]) / "metrics.parquet")
         rows[t["label"]] = {name: float(m[col].sum()) if col in m else 0.0 for col, name in PHASES}
     return pd.DataFrame.from_dict(rows, orient="index", columns=[name for _, name in PHASES])
 
@@ -163,7 +164,7 @@ def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
     for t in trainings:
-        m = pd.read_parquet(Path(t["dir"]) / "metrics.parquet")
+        m = read_stage_parquet(Path(t["dir"]) / "metrics.parquet")
         for ax, (col, title) in zip(axes, CURVES):
             (line,) = ax.plot(m["step"], m[col], alpha=0.25)
             ax.plot(m["step"], m[col].rolling(smooth, min_periods=1).mean(), color=line.get_color(), label=t["label"])
@@ -208,9 +209,9 @@ def sweep_markdown(runs: list[dict]) -> list[str]:
         return []
     rows = []
     for r in runs:
-        v = pd.read_parquet(Path(r["dir"]) / "validation.parquet").sort_values("step").iloc[-1]
+        v = read_stage_parquet(Path(r["dir"]) / "validation.parquet").sort_values("step").iloc[-1]
         rows.append({"method": METHOD_NAMES.get(r["method"], r["method"]),
-                     **{k: f"{val:g}" for k, val in r["combo"].items()},
+                     **{k: sweep.value_text(val) for k, val in r["combo"].items()},
                      "final val. acc. (%)": f"{100 * v['accuracy']:.2f}",
                      "training time (min)": f"{v['train_time_s'] / 60:.2f}",
                      "picked": "yes" if r["picked"] else ""})
@@ -246,7 +247,7 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
               "could be extracted, the grader timed out or failed):", "", settings.to_markdown(index=False), ""]
     lines += ["## Training", ""]
     for t in trainings:
-        s = read_json(Path(t["dir"]) / "summary.json")
+        s = read_stage_json(Path(t["dir"]) / "summary.json")
         lines.append(
             f"- **{t['label']}**: {s['steps']} steps in {s['train_time_s'] / 60:.1f} min "
             f"({s.get('tokens', 0):,} tokens, peak memory {s.get('peak_memory_mb', 0):,.0f} MB); "
@@ -264,7 +265,7 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
     for name, d in stages.items():
         counts_file = Path(d) / "counts.json"
         if name.startswith("data_") and counts_file.exists():
-            c = read_json(counts_file)
+            c = read_stage_json(counts_file)
             lines.append(
                 f"- {name[len('data_'):]}: {c['rows_out']} of {c['rows_in']} rows used; "
                 f"{c.get('beyond_limit', 0)} beyond its limit, dropped {c['dropped_too_long']} too long, "
@@ -324,7 +325,7 @@ def training_costs(trainings: list[dict]) -> list[dict]:
     """Label, method, seed, training time and peak memory of each run, from summary.json."""
     rows = []
     for t in trainings:
-        s = read_json(Path(t["dir"]) / "summary.json")
+        s = read_stage_json(Path(t["dir"]) / "summary.json")
         rows.append({"label": t["label"], "method": t.get("method", t["label"]), "seed": t.get("seed", 0),
                      "train_time_s": s["train_time_s"], "peak_memory_mb": s.get("peak_memory_mb", float("nan"))})
     return rows

@@ -85,12 +85,13 @@ def run_shard(
     """Stage entry: graded samples for the prompts of one shard of a `sample` or `evaluate`
     stage (`settings` is its manifest's), and their summary metrics. Seeded per shard: shards
     are independent jobs and must not repeat each other's draws."""
-    from apo.io import read_stage_parquet
+    from apo.job import read_stage_parquet, verify_if_stage
 
     # Reference sampling draws `n` per prompt, evaluation `k` (its config keys).
     sampling = SamplingSettings.from_config(settings, n=settings["n" if kind == "sample" else "k"])
     prompts = shard_rows(read_stage_parquet(prompts_path), shard, settings["shards"], str(prompts_path), f"{kind}.shards")
     seed = settings["seed"] * 10_007 + shard
+    verify_if_stage(model_path)  # a trained model is a stage output
     generator = open_generator(settings["backend"], model_path, generation, prompts, sampling.max_new_tokens, seed)
     with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"]) as grader:
         samples = sample_and_grade(generator, grader, prompts, sampling, seed=seed)

@@ -143,6 +143,7 @@ def runtime_knobs(config: dict) -> dict:
         "generation": {"batch_size": config["generation"]["batch_size"], "vllm": config["generation"]["vllm"]},
         "grading": {"workers": config["grading"]["workers"]},
         "tracking_uri": config["tracking_uri"],
+        "lock_wait_s": config["lock_wait_s"],
         # how the training job spreads over its GPUs (ddp or fsdp): placement, like resources
         "train": {**{key: config["train"][key] for key in RUNTIME_TRAIN_KEYS},
                   "distributed": config["resources"]["train"]["distributed"],
@@ -242,7 +243,7 @@ class Plan:
             if len(combos) == 1:
                 self._add_runs(method, combos[0])
                 continue
-            runs = {sweep.label(c): self._train(method, config["seeds"][0], c) for c in combos}
+            runs = {name: self._train(method, config["seeds"][0], c) for name, c in sweep.labelled(combos).items()}
             self.grids[method] = runs
             settings = {"method": method, "criterion": "final validation accuracy", "grid": combos}
             self.sweeps[method] = self._add("sweep", settings, runs)

@@ -18,6 +18,7 @@ with gloo as well. What sharding needs beyond the data-parallel loop lives here:
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Iterator
 
@@ -103,9 +104,43 @@ def save_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint pickles its `.metadata` file; this reads it allowing only
+    the classes such metadata is made of (its own dataclasses, torch sizes and dtypes), so a
+    crafted file cannot run code (the tensors themselves are read with `weights_only=True`)."""
+
+    PLAIN = {("collections", "OrderedDict"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+             ("pathlib", "PosixPath"), ("builtins", "set"), ("builtins", "frozenset")}
+
+    def find_class(self, module, name):
+        torch_value = module == "torch" and isinstance(getattr(torch, name, None),
+                                                       (torch.dtype, torch.layout, torch.memory_format))
+        if module.startswith("torch.distributed.checkpoint.") or (module, name) in self.PLAIN or torch_value:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata; refusing to load it")
+
+
+def safe_reader(path: Path):
+    """A torch.distributed.checkpoint reader of `path` whose metadata is read by
+    `_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(self._get_metadata_path(kwargs.get("rank")), "rb") as fh:
+                metadata = _MetadataUnpickler(fh).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(str(path))
+
+
 def load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
     """Load what `save_sharded` wrote into the sharded model and its optimizer (same number of
-    processes)."""
+    processes), executing nothing the files hold (`safe_reader`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -113,5 +148,5 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer) -> None:
         raise FileNotFoundError(f"no sharded state at {path}")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=safe_reader(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

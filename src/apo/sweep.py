@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from pathlib import Path
 
 # The keys a sweep may list, as dotted train.* paths.
@@ -58,9 +59,30 @@ def apply(train: dict, combo: dict) -> dict:
     return out
 
 
+def value_text(v) -> str:
+    """A value as short as `:g` writes it where that reads back as the value, else in full
+    (1.0000001e-4 is not 0.0001): two listed values never share a label."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(v)
+
+
 def label(combo: dict) -> str:
     """A short, path-safe name: lr0.0003-eta0.1."""
-    return "-".join(f"{k.split('.')[-1]}{v:g}" for k, v in combo.items())
+    return "-".join(f"{k.split('.')[-1]}{value_text(v)}" for k, v in combo.items())
+
+
+def labelled(combos: list[dict]) -> dict:
+    """{label: combination}; a ValueError naming the values where two different combinations
+    would share a label (e.g. 1 and 1.0: one label, two addresses). A value listed twice is
+    one run."""
+    out = {}
+    for combo in combos:
+        name = label(combo)
+        if name in out and json.dumps(out[name], sort_keys=True) != json.dumps(combo, sort_keys=True):
+            raise ValueError(f"config key 'train': the listed values {out[name]} and {combo} give one sweep run "
+                             f"label ({name!r}); list each value once")
+        out.setdefault(name, combo)
+    return out
 
 
 def pick(runs: list[dict]) -> dict:
@@ -68,11 +90,11 @@ def pick(runs: list[dict]) -> dict:
 
     runs: {label, combo, dir} per grid run, each dir holding validation.parquet. Returns
     {picked: combo, label, runs: [{label, combo, final_accuracy, train_time_s}]}."""
-    import pandas as pd
+    from apo.job import read_stage_parquet
 
     rows = []
     for r in runs:
-        v = pd.read_parquet(Path(r["dir"]) / "validation.parquet")
+        v = read_stage_parquet(Path(r["dir"]) / "validation.parquet")
         if v.empty:
             raise ValueError(f"{r['dir']}/validation.parquet has no validation: a sweep needs data.validation")
         last = v.sort_values("step").iloc[-1]

@@ -36,6 +36,7 @@ from apo import methods, sharding, validate
 from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
+from apo.job import verify_if_stage
 from apo.losses import aggregate, gae, masked_whiten, ppo_token_rewards
 from apo.methods import MicroBatch
 from apo.monitor import CollapseMonitor, peak_memory_mb
@@ -158,6 +159,14 @@ class Trainer:
         return [self.policy] if self.critic is None else [self.policy, self.critic]
 
     @property
+    def parts(self) -> list:
+        """(network, optimizer, LR schedule) of each trained network, as a checkpoint holds them."""
+        nets = [(self.policy, self.optimizer, self.scheduler)]
+        if self.critic is not None:
+            nets.append((self.critic, self.critic_optimizer, self.critic_scheduler))
+        return nets
+
+    @property
     def sharded(self) -> dict:
         """The sharded networks and their optimizers by name, which a checkpoint stores in
         torch.distributed.checkpoint format (empty unless training under FSDP)."""
@@ -235,7 +244,6 @@ def optimize(accelerator, model, s: dict, lr: float, fsdp: bool = False):
                               num_training_steps=s["steps"])
     if not fsdp:
         model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     return model, optimizer, scheduler
 
 
@@ -308,6 +316,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     n_minis, accum = batch_layout(s, world)
     accelerator = make_accelerator(s, accum)
     set_seed(s["seed"], device_specific=True)  # seed + process index
+    verify_if_stage(model_path)  # the demo's model is a stage output
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data, prompt_ids = load_prompts(s, prompts_path, vstar_path, tokenizer)
     vs = validate.load(s, validation_path, accelerator.process_index, world) if validation_path else None
@@ -584,7 +593,7 @@ def checkpoint_if_due(t: Trainer, history: list, validations: list, monitor: Col
     step = len(history)
     if force or step % t.s["checkpoint_every"] == 0 or step == t.s["steps"]:
         state = {"step": step, "history": history, "validation": validations, "collapse": monitor.message}
-        save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"], t.sharded)
+        save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"], t.parts, t.sharded)
 
 
 def stop_if_out_of_time(t: Trainer, deadline: float | None, history: list, validations: list,
@@ -630,7 +639,7 @@ def train(
               validation_path, distributed)
     monitor = CollapseMonitor(**settings["collapse"])
     history, validations = [], []
-    state = resume(t.accelerator, t.ckpt_root, t.sharded)
+    state = resume(t.accelerator, t.ckpt_root, t.parts, t.sharded)
     if state is not None:
         history, validations = state["history"], state.get("validation", [])
         for h in history:

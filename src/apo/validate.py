@@ -36,7 +36,9 @@ class ValidationSet:
 
 def load(s: dict, path: str, process_index: int, world: int) -> ValidationSet:
     """This process's share of the validation prompts and the settings to sample them with."""
-    data = pd.read_parquet(path)
+    from apo.job import read_stage_parquet
+
+    data = read_stage_parquet(path)
     v = s["validation"]
     sampling = SamplingSettings(n=v["k"], temperature=v["temperature"], top_p=v["top_p"],
                                 max_new_tokens=v["max_new_tokens"])

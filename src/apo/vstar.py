@@ -239,16 +239,14 @@ def training_data(prompts_path: str, vstar_path: str | None) -> pd.DataFrame:
     Every prepared prompt must have a V* row unless the V* stage counted it out (dropped by
     `vstar.filter`, or not in a published table): anything else is a CoverageError. Reads are
     checked against the checksums their jobs recorded."""
-    from apo.io import read_json, read_stage_parquet
+    from apo.job import read_stage_json, read_stage_parquet
 
     prompts = read_stage_parquet(prompts_path)
     if vstar_path is None:
         return prompts.assign(vstar=float("nan"))
     table = read_stage_parquet(vstar_path)
     counts_file = Path(vstar_path).parent / "counts.json"
-    if not counts_file.exists():
-        raise CoverageError(f"{counts_file}: missing; delete {vstar_path} and rerun snakemake (rule vstar)")
-    counts = read_json(counts_file)
+    counts = read_stage_json(counts_file)
     left_out = counts["dropped_by_filter"] + counts.get("prompts_unmatched", 0)
     missing = prompts["id"][~prompts["id"].isin(table["id"])]
     unknown = table["id"][~table["id"].isin(prompts["id"])]
@@ -268,7 +266,8 @@ def run(settings: dict, prompts_path: str, sample_paths: list[str]) -> tuple[pd.
     (counts.json) and summary metrics. V* comes from the sample stage's shards (checked to
     hold exactly `sample.n` graded samples for every prepared prompt) or, with
     `vstar.source: table`, from a published stage-1 table joined to the prompts."""
-    from apo.io import read_json, read_stage_parquet
+    from apo.io import read_json
+    from apo.job import read_stage_parquet
 
     prompts = read_stage_parquet(prompts_path)
     if settings.get("source") == "table":

@@ -2,7 +2,8 @@ import json
 import sys
 from pathlib import Path
 
-from apo.config import SCHEMA_PATH, validate_config
+from apo.config import SCHEMA_PATH, refuse_template_files, validate_config
+from apo.job import read_stage_json
 from apo.memory import workflow_plan
 from apo.report import FILES as REPORT_FILES
 from apo.prefetch import artefacts as hub_artefacts
@@ -12,6 +13,9 @@ from apo.tracking import check_reachable, check_store_location, default_tracking
 # Validate before any job is planned: a bad key stops the run here, naming the key. The
 # config is the file given with --configfile (config/config.yaml, the demo, when none is:
 # profiles/default), with its `extends` file under it; nothing else is merged in.
+# Snakemake has already rendered a config with `__use_yte__` (Python in it ran): stop here
+# rather than run on what it computed.
+refuse_template_files(workflow.configfiles)
 _validated = validate_config(
     config,
     SCHEMA_PATH,
@@ -44,7 +48,8 @@ if workflow.is_main_process:
 
 
 def picked_combo(pick_file):
-    return json.loads(Path(pick_file).read_text())["picked"]
+    """A sweep's pick, checked against the checksum its job recorded."""
+    return read_stage_json(pick_file)["picked"]
 
 
 # A sweep's pick made in an earlier run (or by the checkpoint before this job was started)

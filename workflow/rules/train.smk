@@ -33,9 +33,10 @@ rule train:
             ),
             launch=accelerate_args,
             port=accelerate_port,
+            lock_wait_s=config["lock_wait_s"],
         ),
     shell:
-        "apo lock {params.dir:q}/.train.lock -- "
+        "apo lock --wait-s {params.lock_wait_s} {params.dir:q}/.train.lock -- "
         "accelerate launch {params.launch:q} {params.port} --module apo.cli train "
         f"{STAGE_ARGS} --model {{params.model:q}} {{params.revision:q}} --prompts {{input.prompts:q}} "
         "{params.vstar:q} {params.validation:q} 2>> {log:q}"
