@@ -215,11 +215,9 @@ def quiet_progress_bars() -> None:
 
 def check_config(profile: Profile, config_path: Path) -> dict:
     """The paper config, validated, with the check's sizes in place of the paper's."""
-    import yaml
+    from apo.config import load_yaml, validate_config
 
-    from apo.config import validate_config
-
-    raw = yaml.safe_load(Path(config_path).read_text())
+    raw = load_yaml(config_path)
     raw["methods"] = list(METHODS)
     raw["seeds"] = [0]
     raw["generation"] = {**raw.get("generation", {}), "backend": "hf", "batch_size": profile.generation_batch}

@@ -2,7 +2,7 @@ import json
 import sys
 from pathlib import Path
 
-from apo.config import SCHEMA_PATH, validate_config
+from apo.config import SCHEMA_PATH, load_yaml, validate_config
 from apo.memory import workflow_plan
 from apo.report import FILES as REPORT_FILES
 from apo.settings import External, Plan, Stage, model_path, runtime_knobs
@@ -10,7 +10,10 @@ from apo.tracking import check_reachable
 
 # Validate before any job is planned: a bad key stops the run here, naming the key. The
 # config is the file given with --configfile (config/config.yaml, the demo, when none is:
-# profiles/default), with its `extends` file under it; nothing else is merged in.
+# profiles/default), with its `extends` file under it; nothing else is merged in. Snakemake
+# read the file already, keeping the last of a key given twice: read again, that is an error.
+for _configfile in workflow.configfiles:
+    load_yaml(_configfile)
 _validated = validate_config(
     config,
     SCHEMA_PATH,
