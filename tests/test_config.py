@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apo.config import ConfigError, validate_config
+from apo.config import ConfigError, load_yaml, validate_config
 from conftest import ROOT, SCHEMA
 
 
 def load_config(path: Path) -> dict:
     """A shipped config file, validated with its `extends` base (paths from the repository)."""
-    return validate_config(yaml.safe_load(path.read_text()), source=str(path), base_dir=ROOT)
+    return validate_config(load_yaml(path), source=str(path), base_dir=ROOT)
 
 
 def test_demo_config_is_valid_and_gets_defaults(demo_config):
@@ -27,7 +27,8 @@ SHIPPED = sorted(p for p in (ROOT / "config").rglob("*.yaml") if p.parent.name n
 
 @pytest.mark.parametrize("config_file", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_configs_are_valid(config_file):
-    validate_config(yaml.safe_load(config_file.read_text()), SCHEMA)
+    """... read as the workflow reads them: a key given twice is an error."""
+    validate_config(load_yaml(config_file), SCHEMA)
 
 
 @pytest.mark.parametrize(
@@ -296,8 +297,6 @@ def test_validation_length_defaults_to_the_training_length(demo_config):
 
 def test_a_key_given_twice_is_an_error_naming_file_line_and_key(tmp_path):
     """PyYAML keeps the last of two `train:` blocks; every config the project reads refuses it."""
-    from apo.config import load_yaml
-
     path = tmp_path / "twice.yaml"
     path.write_text("experiment: x\ntrain:\n  lr: 1.0e-5\nsample: {n: 2}\ntrain:\n  steps: 3\n")
     with pytest.raises(ConfigError, match=r"twice.yaml, line 5: key 'train' is given twice .*first at line 2"):

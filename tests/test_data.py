@@ -177,9 +177,11 @@ def test_golds_are_read_as_written(tmp_path, tokenizer):
     """A JSON number keeps its digits (Arrow reads 12 beside 2.5 as 12.0) and a CSV cell stays
     text; under gsm8k_strict the gold '12.0' would fail the right '#### 12'."""
     path = tmp_path / "rows.jsonl"
-    path.write_text('{"q": "a", "a": 12}\n{"q": "b", "a": 2.5}\n{"q": "c", "a": "7"}\n{"q": "d", "a": [1, 2.50]}\n')
+    path.write_text('{"q": "a", "a": 12}\n{"q": "b", "a": 2.5}\n\n{"q": "c", "a": -3}\n')  # one float column to Arrow
     df, _ = prepare(spec(path), PROMPT, tokenizer)
-    assert df["answer"].tolist() == ["12", "2.5", "7", "1, 2.50"]
+    assert df["answer"].tolist() == ["12", "2.5", "-3"]
+    path.write_text('{"q": "c", "a": "7"}\n{"q": "d", "a": [1, 2.50]}\n')
+    assert prepare(spec(path), PROMPT, tokenizer)[0]["answer"].tolist() == ["7", "1, 2.50"]
     array = tmp_path / "rows.json"
     array.write_text('[{"q": "a", "a": 12}, {"q": "b", "a": 2.5}]')
     assert prepare(spec(array), PROMPT, tokenizer)[0]["answer"].tolist() == ["12", "2.5"]

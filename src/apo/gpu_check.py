@@ -227,6 +227,8 @@ def check_config(profile: Profile, config_path: Path) -> dict:
         "micro_batch_size": profile.micro_batch_size, "max_new_tokens": profile.response_tokens,
         "steps": profile.steps, "checkpoint_every": profile.steps,
     }
+    # One training process on one GPU: the paper's 4-GPU split of the batch does not apply.
+    raw["resources"] = {**raw.get("resources", {}), "train": {**raw.get("resources", {}).get("train", {}), "gpu": 1}}
     return validate_config(raw, source=f"{config_path} (with the GPU check's sizes)", base_dir=ROOT)
 
 
