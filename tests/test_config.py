@@ -427,3 +427,15 @@ def test_training_on_a_benchmark_is_refused(demo_config):
     with pytest.raises(ConfigError, match=r"'data.train': dataset 'demo' split 'test' is the test set of "
                                           r"benchmark\(s\) \['demo_test'\]"):
         validate_config(demo_config, SCHEMA)
+
+
+def test_a_local_stage_one_table_gives_only_the_split_it_can_honour(demo_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "table.parquet").write_bytes(b"x")
+    demo_config["prompt"] = {**demo_config["prompt"], "template": "raw"}
+    demo_config["vstar"] = {"source": "table", "table": {"path": "table.parquet", "split": "test", "id_field": "id",
+                                                         "reward_fields": ["r"]}}
+    with pytest.raises(ConfigError, match=r"config key 'vstar.table.split': table.parquet is one file"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["vstar"]["table"]["split"] = "train"
+    validate_config(demo_config, SCHEMA)

@@ -429,7 +429,8 @@ def file_split_problem(spec: dict) -> str | None:
 def _check_splits(config: dict, source: str) -> None:
     """A local file gives the split a spec names (`file_split_problem`); `{split}` and
     `split_field` are two ways to say where the splits are, not to be combined."""
-    for key, spec in dataset_specs(config):
+    table = [("vstar.table", config["vstar"]["table"])] if config["vstar"]["source"] == "table" else []
+    for key, spec in [*dataset_specs(config), *table]:
         if "{split}" in spec["path"] and spec.get("split_field"):
             raise ConfigError(f"invalid {source}: config key '{key}.split_field': the path {spec['path']!r} names "
                               "one file per split ({split}); a split column is for one file holding every split")
