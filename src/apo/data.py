@@ -133,7 +133,11 @@ def json_column(path: Path, field: str, rows: int) -> list:
     except json.JSONDecodeError:
         objects = None
     if objects is None or not all(isinstance(o, dict) for o in objects):
-        whole = json.loads(text, **parse)  # the loader read it, so it parses
+        try:
+            whole = json.loads(text, **parse)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: its answers cannot be read as written ({e.msg} at line {e.lineno}); "
+                            "write one JSON object per line") from None
         if isinstance(whole, dict) and isinstance(whole.get(field), list):
             objects = [{field: v} for v in whole[field]]  # a mapping of columns
         else:
