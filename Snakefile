@@ -25,13 +25,19 @@ rule all:
         expand(f"{EXPERIMENT_DIR}/{{name}}", name=REPORT_FILES),
 
 
+onstart:
+    extend_train_retries()
+
+
 localrules:
     all,
+    prefetch,
     report,
     evaluate,
     sweep,
 
 
+include: "workflow/rules/prefetch.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/sample.smk"

@@ -8,9 +8,16 @@
 #   scripts/gpu-check.sh [OUT_DIR]           one GPU (H100/H200): about 6-7 minutes
 #   scripts/gpu-check.sh --tiny [OUT_DIR]    a small model on the CPU, seconds (CI runs it)
 #   scripts/gpu-check.sh --pytest [OUT_DIR]  the check, then the GPU unit tests (pytest -m gpu)
+#   scripts/gpu-check.sh --gpus auto [OUT_DIR]  a node of 2 or more GPUs: one FSDP rank with a
+#                                            vLLM engine per GPU, two steps, per-rank peak memory
+#                                            beside the memory plan (gpu-check-multi.json, .md;
+#                                            src/apo/gpu_check_multi.py); --gpus N for N of them
+#   scripts/gpu-check.sh --tiny --gpus 2     the same on the CPU, two processes (minutes)
 #
 # OUT_DIR defaults to $OUT, else ./gpu-check. Other options go to apo.gpu_check (--methods,
 # --prompts, --response-tokens, --steps, --budget-s, --gradient-checkpointing, --device).
+# The multi-GPU mode needs vLLM (envs/gpu.txt) for its colocated check; without it it runs ddp
+# with the transformers engine and exits with 2.
 #
 # Needs PyTorch (with CUDA unless --tiny), transformers, accelerate, pandas, pyarrow, pyyaml
 # (pytest for --pytest); not vLLM, Snakemake or MLflow. Two small pure-Python packages and

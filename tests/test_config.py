@@ -439,3 +439,33 @@ def test_a_local_stage_one_table_gives_only_the_split_it_can_honour(demo_config,
         validate_config(demo_config, SCHEMA)
     demo_config["vstar"]["table"]["split"] = "train"
     validate_config(demo_config, SCHEMA)
+
+def test_a_sharded_multi_gpu_job_needs_the_vllm_engine_at_plan_time(demo_config, monkeypatch):
+    """`auto` is resolved where the workflow is planned: a login node without vLLM resolves
+    it to hf, with which no sharded 4-GPU training job can sample. That is a config error,
+    before any job starts, and it names the key and the fix."""
+    import apo.config
+
+    demo_config["resources"] = {"train": {"gpu": 4, "distributed": "fsdp"}}
+    demo_config["train"]["micro_batch_size"] = 16  # the demo's batch of 64 in whole micro-batches on 4 GPUs
+    monkeypatch.setattr(apo.config, "vllm_available", lambda: False)
+    demo_config["generation"]["backend"] = "auto"
+    with pytest.raises(ConfigError, match=r"'generation.backend': generation.backend is auto, which resolves "
+                                          r"to hf on this host .* set generation.backend: vllm"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["generation"]["backend"] = "hf"
+    with pytest.raises(ConfigError, match="shards training over 4 GPUs"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["generation"]["backend"] = "vllm"  # named: every job uses it (or fails naming it)
+    assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == "vllm"
+    demo_config["resources"] = {"train": {"gpu": 1, "distributed": "fsdp"}}  # one process shards nothing
+    demo_config["generation"]["backend"] = "auto"
+    assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == "hf"
+
+
+@pytest.mark.parametrize("config_file", sorted((ROOT / "config" / "paper").glob("*.yaml")), ids=lambda p: p.name)
+def test_paper_configs_name_the_engine_their_jobs_need(config_file, monkeypatch):
+    import apo.config
+
+    monkeypatch.setattr(apo.config, "vllm_available", lambda: False)  # a login node without vLLM
+    assert load_config(config_file)["generation"]["backend"] == "vllm"

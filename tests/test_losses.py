@@ -145,11 +145,11 @@ def test_grpo_loss_aggregation_modes_differ_on_unequal_lengths():
 
 # --------------------------------------------------------------------------- PPO
 
-from apo.losses import gae, masked_whiten, ppo_loss, ppo_token_rewards  # noqa: E402
+from apo.losses import gae, k3_kl, masked_whiten, ppo_loss, ppo_token_rewards  # noqa: E402
 
 
 def close(actual: torch.Tensor, expected: list) -> None:
-    torch.testing.assert_close(actual, torch.tensor(expected), rtol=0, atol=1e-6)
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=0, atol=1e-6)
 
 
 def test_ppo_token_rewards_kl_on_every_token_reward_on_the_last():
@@ -187,7 +187,50 @@ def test_gae_with_gamma_lam_one_is_reward_to_go_minus_value():
 def test_masked_whiten_uses_only_response_tokens():
     x = torch.tensor([[1.0, 3.0, 100.0]])
     w = masked_whiten(x, torch.tensor([[1.0, 1.0, 0.0]]), eps=0.0)
-    close(w, [[-1.0, 1.0, 0.0]])  # mean 2, population std 1
+    s = 2 ** 0.5  # mean 2, unbiased variance ((1-2)^2 + (3-2)^2) / (2 - 1) = 2, as verl's masked_var
+    close(w, [[-1 / s, 1 / s, 0.0]])
+
+
+def test_masked_whiten_over_processes_uses_the_whole_batch():
+    """Two processes (threads here, with an all-reduce that sums what both hand in), each with
+    half of a batch: each whitens with the batch's mean and std, not its half's own (which would
+    make every half zero-mean whatever its rewards)."""
+    import threading
+
+    x = torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 5.0], [10.0, 0.0, 0.0], [6.0, 7.0, 8.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    whole = masked_whiten(x, mask)
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def process(rank):
+        def all_reduce_sum(t):
+            slots[rank] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        rows = slice(2 * rank, 2 * rank + 2)
+        out[rank] = masked_whiten(x[rows], mask[rows], reduce=all_reduce_sum)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    close(torch.cat(out), whole)
+    alone = masked_whiten(x[:2], mask[:2])
+    assert not torch.allclose(alone, whole[:2], atol=1e-2)  # the per-process whitening differs
+
+
+def test_grpo_kl_term_is_clamped_as_verl_does():
+    """A token whose reference log-prob is far below the policy's: q = -30, k3 = e^-30 + 29 ~ 29,
+    clamped to 10 (verl's low_var_kl); the other direction q = +30 would be ~1e13."""
+    logp = torch.tensor([[0.0, -40.0]])
+    ref = torch.tensor([[-30.0, -10.0]])
+    k3 = k3_kl(logp, ref)
+    close(k3, [[10.0, 10.0]])
+    loss, _ = grpo_loss(logp, logp, ref, torch.ones(1, 2), torch.tensor([0.0]), kl_coef=1.0)
+    assert loss.item() == pytest.approx(10.0)
+    small = k3_kl(torch.tensor([0.0]), torch.tensor([0.5]))  # inside the bounds: unclamped
+    close(small, [0.148721])
 
 
 def test_ppo_loss_hand_computed_with_policy_and_value_clipping():

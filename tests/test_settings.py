@@ -236,7 +236,7 @@ def test_the_demo_model_is_addressed_by_the_prompt_instruction(demo_config):
 # that jobs receive as `--runtime` (common.smk RUNTIME) or as scheduler resources.
 UNADDRESSED = (
     "experiment", "data.benchmarks.*.name", "generation.batch_size", "generation.vllm.*",
-    "grading.workers", "train.gradient_checkpointing", "tracking_uri", "resources.*",
+    "grading.workers", "train.gradient_checkpointing", "tracking_uri", "resources.*", "prefetch",
     "data.validation_on_benchmark",  # a check at validation (and a line in the report), no stage reads it
 )
 

@@ -34,7 +34,7 @@ LOCAL_CLUSTER = ["--default-resources", "slurm_partition=debug", "--slurm-no-acc
 RULE_OF_STAGE = {"demo": "demo", "data": "data", "sample": "sample", "vstar": "vstar", "train": "train",
                  "evaluate": "sample"}
 GPU_RULES = {"sample", "train"}
-LOCAL_RULES = {"all", "report", "evaluate", "sweep"}  # `localrules` in the Snakefile
+LOCAL_RULES = {"all", "prefetch", "report", "evaluate", "sweep"}  # `localrules` in the Snakefile
 
 
 def env_with_venv(**extra) -> dict:
@@ -179,4 +179,8 @@ def test_dry_run_under_the_slurm_profile_shows_resources(configfile, tmp_path):
         planned.append(f"{rule:18s} gpu={res['gpu']:>2s} mem_mb={res['mem_mb']:>7s} "
                        f"cpus_per_task={res['cpus_per_task']:>3s} runtime={res['runtime']} min")
     assert {j.split()[0] for j in planned} >= {"data", "sample", "train"}
+    # The hub's models and datasets are fetched first, on this host (compute nodes may have no
+    # internet): planned for every paper config, which reads from the hub; not for the demo.
+    local = {rule for rule, _ in jobs if rule in LOCAL_RULES}
+    assert ("prefetch" in local) == (configfile.parent.name == "paper"), local
     print(f"\n{configfile.relative_to(ROOT)}: {len(planned)} cluster jobs\n  " + "\n  ".join(planned))

@@ -2,6 +2,8 @@
 
 import multiprocessing as mp
 
+import pytest
+
 from mlflow.tracking import MlflowClient
 
 from apo.tracking import Tracker, flatten
@@ -83,3 +85,31 @@ def test_the_plan_stops_on_an_unreachable_tracking_server(tmp_path):
     proc = snakemake(tmp_path, "-n", "--configfile", str(SMOKE), "--config", f"tracking_uri={uri}", check=False)
     assert proc.returncode != 0 and f"no tracking server answers at {uri}" in proc.stdout + proc.stderr
     assert time.monotonic() - start < 60
+
+
+MOUNTS = """\
+/dev/sda1 / ext4 rw,relatime 0 0
+tmpfs /tmp tmpfs rw 0 0
+fileserver:/export/lab /srv/lab nfs4 rw,vers=4.2 0 0
+/dev/nvme0n1 /srv/lab/local xfs rw 0 0
+//nas/share /media/my\\040share cifs rw 0 0
+"""
+
+
+def test_the_file_system_of_a_path_is_its_longest_mount_point():
+    from apo.tracking import filesystem_type
+
+    assert filesystem_type("/srv/lab/project/results/mlflow.db", MOUNTS) == "nfs4"
+    assert filesystem_type("/srv/lab/local/results/mlflow.db", MOUNTS) == "xfs"  # a local disk inside /srv/lab
+    assert filesystem_type("/media/my share/x.db", MOUNTS) == "cifs"  # an escaped space in /proc/mounts
+    assert filesystem_type("/tmpfoo/x.db", MOUNTS) == "ext4"  # /tmp is not a prefix of /tmpfoo
+    assert filesystem_type("/tmp/x.db", MOUNTS) == "tmpfs"
+
+
+def test_an_sqlite_store_on_a_network_file_system_fails_at_plan_time_with_the_fix():
+    from apo.tracking import TrackingError, check_store_location
+
+    with pytest.raises(TrackingError, match=r"on a nfs4 file system.*tracking server.*tracking_uri: http"):
+        check_store_location("sqlite:////srv/lab/project/results/mlflow.db", MOUNTS)
+    check_store_location("sqlite:////srv/lab/local/results/mlflow.db", MOUNTS)  # local: fine
+    check_store_location("http://tracking:5000", MOUNTS)  # a server: its own business

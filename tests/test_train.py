@@ -338,13 +338,54 @@ def test_corrupt_last_checkpoint_is_set_aside_and_the_previous_one_used(train_in
     assert (out / "checkpoints" / "step-000004" / "model.safetensors").stat().st_size > 1000
 
 
-def test_phase_clock_waits_for_the_gpu(monkeypatch):
-    """CUDA runs kernels asynchronously: each phase's clock reading first waits for them."""
+def test_phase_clock_waits_for_this_process_gpu(monkeypatch):
+    """CUDA runs kernels asynchronously: each phase's clock reading first waits for them, on
+    the process's own GPU (in a 4-GPU job rank 2 waits for cuda:2, not the current device)."""
     calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    T.clock(torch.device("cuda", 2))
+    T.clock(torch.device("cpu"))  # a CPU trainer waits for nothing, even where CUDA exists
+    assert calls == [torch.device("cuda", 2)]
+
+
+@pytest.mark.parametrize("local_rank", [0, 1, 2, 3])
+def test_each_process_of_a_four_gpu_job_claims_its_own_gpu(monkeypatch, local_rank):
+    """torchrun/accelerate give each process LOCAL_RANK; the trainer makes that GPU current
+    before anything touches CUDA (otherwise every process works on GPU 0)."""
+    claimed = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append(1))
-    T.clock()
-    assert calls == [1]
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: claimed.append(d))
+    T.claim_local_device({"WORLD_SIZE": "4", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank)})
+    assert claimed == [local_rank]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    T.claim_local_device({"LOCAL_RANK": "1"})  # no GPU: nothing to claim
+    assert claimed == [local_rank]
+
+
+def test_setup_claims_the_device_before_the_accelerator_and_the_engine(monkeypatch, train_inputs, tmp_path):
+    """The order matters: the device is claimed first, then accelerate and the engine start."""
+    order = []
+    monkeypatch.setattr(T, "claim_local_device", lambda: order.append("device"))
+    real_accelerator, real_generator = T.make_accelerator, T.make_generator
+    monkeypatch.setattr(T, "make_accelerator", lambda *a: order.append("accelerator") or real_accelerator(*a))
+    monkeypatch.setattr(T, "make_generator", lambda *a, **k: order.append("engine") or real_generator(*a, **k))
+    T.setup({**SETTINGS, "steps": 1}, *train_inputs, tmp_path, RUNTIME[0], False)
+    assert order == ["device", "accelerator", "engine"]
+
+
+def test_ppo_critic_trains_without_dropout(train_inputs):
+    """The critic is the model with a fresh one-label head; transformers gives that head a
+    dropout of 0.1 when the config names none (Qwen2's does not). verl's critic turns dropout
+    off (ZhaolinGao/A-PO, verl/workers/fsdp_workers.py:587-588): values are regressed, and
+    dropout would make the value of one state differ between two forward passes."""
+    from accelerate import Accelerator
+
+    _, critic = T.load_models({**SETTINGS, **PPO, "method": "ppo"}, train_inputs[0], Accelerator(), False)[1:]
+    critic.train()
+    assert all(m.p == 0 for m in critic.modules() if isinstance(m, torch.nn.Dropout))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(critic(ids).logits, critic(ids).logits, rtol=0, atol=0)
 
 
 def test_validation_scores_the_policy_apart_from_training_time(train_inputs, tmp_path, monkeypatch):
@@ -392,3 +433,38 @@ def test_without_a_validation_set_nothing_is_validated(train_inputs, tmp_path):
     res = T.train({**SETTINGS, "steps": 1}, *train_inputs, tmp_path / "run", *RUNTIME)
     assert res["validation"].empty and list(res["validation"].columns)[:3] == ["step", "train_time_s", "accuracy"]
     assert res["summary"]["val_accuracy_final"] is None and res["summary"]["validate_time_s"] == 0
+
+
+def test_the_job_deadline_comes_from_the_scheduler():
+    assert T.job_deadline(720, {}) is None  # not under a scheduler: no limit to stop before
+    assert T.job_deadline(720, {"SLURM_JOB_ID": "7"}, now=1000.0) == 1000.0 + 720 * 60
+    assert T.job_deadline(720, {"SLURM_JOB_ID": "7", "SLURM_JOB_END_TIME": "5000"}, now=1000.0) == 5000.0
+
+
+def test_a_step_that_may_not_fit_before_the_deadline_stops_the_run():
+    deadline = 10_000.0
+    assert not T.out_of_time(None, [100.0], 9_999.0)
+    assert not T.out_of_time(deadline, [], 9_999.0)
+    # slowest step 200 s: the margin is 3 x 200 = 600 s
+    assert not T.out_of_time(deadline, [100.0, 200.0], deadline - 601)
+    assert T.out_of_time(deadline, [100.0, 200.0], deadline - 599)
+    # fast steps: at least SAFETY_S (300 s) for the checkpoint and the exit
+    assert T.out_of_time(deadline, [1.0], deadline - 299) and not T.out_of_time(deadline, [1.0], deadline - 301)
+
+
+def test_a_run_cut_by_the_time_limit_checkpoints_and_the_next_job_finishes_it(train_inputs, tmp_path, monkeypatch):
+    """A 4-step run in jobs whose time runs out after step 1 (checkpoint_every 2, so the stop
+    writes a checkpoint of its own): the job stops naming what happens next, and the next job
+    resumes there and ends with the uninterrupted run's metrics."""
+    settings = {**SETTINGS, "steps": 4, "checkpoint_every": 2}
+    straight = T.train(settings, *train_inputs, tmp_path / "straight", *RUNTIME)["history"]
+    monkeypatch.setattr(T, "job_deadline", lambda *a, **k: 1.0)
+    monkeypatch.setattr(T, "out_of_time", lambda deadline, steps, now: len(steps) == 1)
+    out = tmp_path / "pieces"
+    with pytest.raises(T.TimeLimitReached, match="stopped after step 1 of 4 .* resumes from this step"):
+        T.train(settings, *train_inputs, out, *RUNTIME, time_limit_min=10)
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000001"]
+    assert not (out / "model").exists()
+    monkeypatch.undo()
+    resumed = T.train(settings, *train_inputs, out, *RUNTIME)["history"]
+    pd.testing.assert_frame_equal(resumed.filter(regex="^(?!time_|peak_)"), straight.filter(regex="^(?!time_|peak_)"))

@@ -182,10 +182,16 @@ def cmd_train(args):
     if int(os.environ.get("RANK", 0)) != 0:
         # Under `accelerate launch` with several GPUs the other processes train their share of
         # each batch; the main process alone tracks and writes the outputs.
-        run()
+        try:
+            run()
+        except train.TimeLimitReached as e:
+            raise SystemExit(str(e)) from None
         return
-    with stage_job(args, run_id_file=str(Path(args.stage_dir) / "checkpoints" / "mlflow_run_id")) as tracker:
-        run(tracker=tracker)
+    try:
+        with stage_job(args, run_id_file=str(Path(args.stage_dir) / "checkpoints" / "mlflow_run_id")) as tracker:
+            run(tracker=tracker)
+    except train.TimeLimitReached as e:
+        raise SystemExit(f"apo train {args.stage_dir}: {e}") from None
 
 
 def cmd_sweep(args):
@@ -261,6 +267,26 @@ def cmd_plan(args):
         plan.check()
     except MemoryPlanError as e:
         raise SystemExit(str(e)) from None
+
+
+def cmd_prefetch(args):
+    import yaml
+
+    from apo import prefetch
+    from apo.config import merge, validate_config
+
+    if args.artefacts is not None:
+        items = args.artefacts
+    else:
+        raw: dict = {}
+        for path in args.configfile:
+            with open(path) as fh:
+                raw = merge(raw, yaml.safe_load(fh) or {})
+        items = prefetch.artefacts(validate_config(raw, source=" + ".join(args.configfile)))
+    if not items:
+        print("nothing on the hub to fetch: the config's model and data are local or the demo")
+    for item in prefetch.run(items, args.out) if items else []:
+        print(f"{item['kind']:8s} {item['ref']}" + (f"@{item['revision']}" if item.get("revision") else ""))
 
 
 def cmd_bench_steps(args):
@@ -352,6 +378,13 @@ def add_tool_commands(sub) -> None:
     sp.add_argument("--rounds", type=int, default=2, help="runs per method, the methods taking turns")
     sp.set_defaults(fn=cmd_bench_steps)
 
+    sp = sub.add_parser("prefetch", help="download a config's hub models, datasets and tables into the HF cache")
+    sp.add_argument("configfile", nargs="*", default=["config/config.yaml"],
+                    help="config files, merged in order as snakemake --configfile does")
+    sp.add_argument("--artefacts", type=_json, default=None, help="what to fetch (JSON; the workflow's rule passes it)")
+    sp.add_argument("--out", default=None, help="where to record what was fetched (JSON)")
+    sp.set_defaults(fn=cmd_prefetch)
+
     sp = sub.add_parser("plan", help="per-GPU memory plan of each training job of a config")
     sp.add_argument("configfile", nargs="+", help="config files, merged in order as snakemake --configfile does")
     sp.add_argument("--results", default="results", help="where a built demo or local model is looked for")
@@ -370,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "stage_dir", None) is None:
         args.fn(args)
         return 0
+    from apo.prefetch import offline_environment
+
+    offline_environment(args.runtime)  # after `apo prefetch`: the hub cache only
     if args.command == "train":
         # Locked by `apo lock` around `accelerate launch`: every process checks, none waits.
         if not outputs_done(args):

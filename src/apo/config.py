@@ -248,7 +248,24 @@ def validate_config(
     _check_validation(config, source)
     # Stage addresses name the engine that actually samples, never "auto".
     config["generation"]["backend"] = resolve_backend(config["generation"]["backend"])
+    _check_backend_fits_jobs(config, source)
     return config
+
+
+def _check_backend_fits_jobs(config: dict, source: str) -> None:
+    """`auto` is resolved on the host that plans (often a login node), and every job samples
+    with what it resolved to: a sharded multi-GPU training job cannot sample with the hf
+    engine (it samples from the local, sharded module), so resolving to hf there is an error
+    now rather than in every training job."""
+    train = config["resources"]["train"]
+    if config["generation"]["backend"] == "hf" and train.get("distributed") == "fsdp" and train.get("gpu", 0) > 1:
+        how = ("generation.backend is auto, which resolves to hf on this host (vLLM is not installed "
+               "here)") if not vllm_available() else "generation.backend is hf"
+        raise ConfigError(
+            f"invalid {source}: config key 'generation.backend': {how}, but resources.train shards training "
+            f"over {train['gpu']} GPUs (distributed: fsdp), which needs the vllm engine: set "
+            "generation.backend: vllm (and install envs/gpu.txt on the compute nodes)"
+        )
 
 
 def _non_finite(node, path=()):

@@ -134,6 +134,39 @@ class HFGenerator:
         pass  # nothing of its own: it is the policy
 
 
+def process_engine_args(environ) -> dict:
+    """The engine arguments that place one engine in each process of a multi-process job.
+
+    vLLM's default in-process executor reads no rank: it builds its worker on device index 0
+    (vllm/v1/executor/uniproc_executor.py, `_distributed_args`), whose `init_device` then makes
+    `cuda:0` the process's current device (vllm/v1/worker/gpu_worker.py), so every rank's
+    engine would load onto GPU 0. The `external_launcher` executor is vLLM's executor for one
+    engine per torchrun process: it takes RANK and LOCAL_RANK from the environment, joins the
+    process group the launcher made (each engine is then its own tensor-parallel group of one,
+    vllm/distributed/parallel_state.py, `initialize_model_parallel`) and puts its worker on
+    `cuda:LOCAL_RANK`. It needs in-process execution, which this class sets anyway."""
+    if int(environ.get("WORLD_SIZE", 1)) <= 1:
+        return {}
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE is {environ['WORLD_SIZE']} but {', '.join(missing)} is not set: "
+                           "start a multi-process job with `accelerate launch` or torchrun")
+    return {"distributed_executor_backend": "external_launcher"}
+
+
+def engine_cache_root(environ) -> str | None:
+    """vLLM's cache root (compiled graphs among others) for this process in a multi-process
+    job: the configured one (VLLM_CACHE_ROOT, else vLLM's default under XDG_CACHE_HOME or
+    ~/.cache, vllm/envs.py) with a folder per rank, so that the engines of one node never
+    compile into the same files at once. None in a single-process job (vLLM's own choice)."""
+    if int(environ.get("WORLD_SIZE", 1)) <= 1:
+        return None
+    root = os.path.expanduser(environ.get("VLLM_CACHE_ROOT") or os.path.join(
+        environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vllm"))
+    mine = f"rank-{environ.get('RANK', 0)}"
+    return root if os.path.basename(root) == mine else os.path.join(root, mine)  # set once per process
+
+
 @dataclass(frozen=True)
 class VLLMSettings:
     """Engine knobs that change speed and memory, never what is sampled."""
@@ -166,6 +199,8 @@ class VLLMGenerator:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # The config's value, not one left in the environment (vLLM reads it at engine start)
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)
+        if (cache_root := engine_cache_root(os.environ)) is not None:
+            os.environ["VLLM_CACHE_ROOT"] = cache_root
         from vllm import LLM
 
         self.tokenizer, self.settings = tokenizer, settings
@@ -182,6 +217,7 @@ class VLLMGenerator:
             gpu_memory_utilization=settings.gpu_memory_utilization,
             enable_sleep_mode=self.on_gpu and settings.sleep,
             enforce_eager=settings.enforce_eager,
+            **process_engine_args(os.environ),
         )
         self.asleep = False
 

@@ -213,22 +213,24 @@ def quiet_progress_bars() -> None:
 # --------------------------------------------------------------------------- settings
 
 
-def check_config(profile: Profile, config_path: Path) -> dict:
-    """The paper config, validated, with the check's sizes in place of the paper's."""
+def check_config(profile: Profile, config_path: Path, backend: str = "hf", train_resources: dict | None = None) -> dict:
+    """The paper config, validated, with the check's sizes in place of the paper's: one
+    process on the transformers engine unless `backend` and `train_resources` (resources.train:
+    gpu, distributed, gpu_memory_gb) say otherwise."""
     from apo.config import load_yaml, validate_config
 
     raw = load_yaml(config_path)
     raw["methods"] = list(METHODS)
     raw["seeds"] = [0]
-    raw["generation"] = {**raw.get("generation", {}), "backend": "hf", "batch_size": profile.generation_batch}
+    raw["generation"] = {**raw.get("generation", {}), "backend": backend, "batch_size": profile.generation_batch}
+    resources = raw.setdefault("resources", {})
+    resources["train"] = {**resources.get("train", {}), "gpu": 1, "gpu_memory_gb": None, **(train_resources or {})}
     raw["grading"] = {**raw.get("grading", {}), "workers": profile.grading_workers}
     raw["train"] = {
         **raw.get("train", {}), "batch_size": profile.prompts, "mini_batch_size": profile.mini_batch_size,
         "micro_batch_size": profile.micro_batch_size, "max_new_tokens": profile.response_tokens,
         "steps": profile.steps, "checkpoint_every": profile.steps,
     }
-    # One training process on one GPU: the paper's 4-GPU split of the batch does not apply.
-    raw["resources"] = {**raw.get("resources", {}), "train": {**raw.get("resources", {}).get("train", {}), "gpu": 1}}
     return validate_config(raw, source=f"{config_path} (with the GPU check's sizes)", base_dir=ROOT)
 
 
@@ -453,9 +455,12 @@ def parse_args(argv):
                     "else ./gpu-check)")
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (seconds; what CI runs)")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="override the profile's device")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from %(default)s")
+    ap.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all of them; "
+                    "with --gpus: apo)")
+    ap.add_argument("--gpus", metavar="N", help="the multi-GPU mode (apo.gpu_check_multi): N >= 2 training "
+                    "processes, one per GPU, under FSDP with a vLLM engine each; auto: every visible GPU")
     ap.add_argument("--config", default=str(PAPER_CONFIG), help="the config whose train settings are used")
-    ap.add_argument("--prompts", type=int, help="prompts per step (train.batch_size)")
+    ap.add_argument("--prompts", type=int, help="prompts per step (train.batch_size; with --gpus: per GPU)")
     ap.add_argument("--response-tokens", type=int, help="response length limit (train.max_new_tokens)")
     ap.add_argument("--steps", type=int, help="steps per method, the first one a warm-up")
     ap.add_argument("--budget-s", type=float, help="time budget of the whole check, model build included")
@@ -527,7 +532,7 @@ def check(args) -> int:
     (a run cut short still leaves the methods it finished). Returns the exit code."""
     start = time.perf_counter()
     profile = choose_profile(args)
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
     preflight(profile)
     from apo import methods
 
@@ -593,6 +598,10 @@ def main(argv=None) -> int:
         return 0
     # A terminated check unwinds (and stops the method it is running) instead of dying mid-way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.gpus:
+        from apo import gpu_check_multi
+
+        return gpu_check_multi.check(args)
     return check(args)
 
 

@@ -7,6 +7,8 @@ minimise and a dict of detached statistics for logging.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -121,6 +123,17 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (rewards - mean) / (std + eps)
 
 
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, bound: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) (Schulman 2020), clamped to [-bound, bound]
+    as verl's `low_var_kl` does (ZhaolinGao/A-PO, verl/trainer/ppo/core_algos.py:264-268), so
+    that one token whose reference log-prob collapses cannot dominate the loss:
+
+        k3_t = clamp(exp(q_t) - q_t - 1, -bound, bound),   q_t = log pi_ref(y_t) - log pi(y_t)
+    """
+    q = ref_logp - logp
+    return torch.clamp(torch.exp(q) - q - 1, min=-bound, max=bound)
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -133,8 +146,8 @@ def grpo_loss(
     tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """GRPO: clipped importance-ratio objective with a group-normalised advantage, plus an
-    optional KL penalty to the reference (the k3 estimator, exp(q) - q - 1 with
-    q = log pi_ref - log pi), aggregated over tokens by `loss_agg` (see `aggregate`):
+    optional KL penalty to the reference (the clamped k3 estimator, `k3_kl`), aggregated over
+    tokens by `loss_agg` (see `aggregate`):
 
         L = agg_{b,t} [ -min(rho_t A_b, clip(rho_t, 1-eps, 1+eps) A_b) + kl_coef * k3_t ],
         rho_t = pi(y_t) / pi_old(y_t)
@@ -142,8 +155,7 @@ def grpo_loss(
     Args: logp, old_logp, ref_logp, mask [B, T]; advantages [B] (one per response).
     """
     pg, ratio = clipped_surrogate(logp, old_logp, advantages.unsqueeze(-1), clip_eps)
-    q = ref_logp - logp
-    k3 = torch.exp(q) - q - 1
+    k3 = k3_kl(logp, ref_logp)
     loss = aggregate(pg + kl_coef * k3, mask, loss_agg, tokens)
     stats = {
         "clip_frac": clip_fraction(ratio, mask, clip_eps),
@@ -219,13 +231,23 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the unmasked entries (population std), zero on padding: PPO
-    normalises its advantages over the batch."""
-    n = mask.sum().clamp(min=1)
-    mean = masked_sum(values, mask).sum() / n
-    var = masked_sum((values - mean).pow(2), mask).sum() / n
-    return (values - mean) * torch.rsqrt(var + eps) * mask
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """(x - mean) / std over the unmasked entries of the whole batch, zero on padding: PPO
+    normalises its advantages over the batch. With data parallelism a process holds a slice of
+    the batch; `reduce` sums a tensor over the processes so that every process whitens with the
+    batch's statistics, as verl does on its driver. The variance is the unbiased one, as in
+    verl's `masked_var` (ZhaolinGao/A-PO, verl/utils/torch_functional.py:112-127):
+
+        mean = sum_m x / N,   var = sum_m (x - mean)^2 / (N - 1),   N = sum mask
+    """
+    reduce = reduce or (lambda x: x)
+    n, total = reduce(torch.stack([mask.sum(), masked_sum(values, mask).sum()]).double())
+    mean = total / n.clamp(min=1)
+    squares = reduce(masked_sum((values - mean).pow(2), mask).sum().double().reshape(1))[0]
+    var = squares / (n - 1).clamp(min=1)
+    return ((values - mean) * torch.rsqrt(var + eps)).to(values.dtype) * mask
 
 
 def ppo_loss(

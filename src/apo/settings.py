@@ -163,7 +163,9 @@ def runtime_knobs(config: dict) -> dict:
         "tracking_uri": config["tracking_uri"],
         # how the training job spreads over its GPUs (ddp or fsdp): placement, like resources
         "train": {**{key: config["train"][key] for key in RUNTIME_TRAIN_KEYS},
-                  "distributed": config["resources"]["train"]["distributed"]},
+                  "distributed": config["resources"]["train"]["distributed"],
+                  # the job's time request: under a scheduler training stops, checkpointed, before it
+                  "time_limit_min": config["resources"]["train"]["runtime"]},
     }
 
 

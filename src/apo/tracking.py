@@ -44,6 +44,50 @@ def check_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+# File systems on which SQLite's file locks are known to be unreliable or absent (SQLite's
+# FAQ: "file locking is broken on many network file systems"); several jobs writing one
+# database there can corrupt it.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
+                       "fuse.sshfs", "glusterfs", "fuse.glusterfs", "9p")
+
+
+def filesystem_type(path: str | Path, mounts: str | None = None) -> str | None:
+    """The type of the file system that holds `path` (the longest mount point above it in
+    /proc/mounts, or in `mounts`, that file's text); None where that cannot be read."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    path = os.path.realpath(Path(path).expanduser())  # a results/ that links elsewhere is on that disk
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def check_store_location(uri: str, mounts: str | None = None) -> None:
+    """Fail at plan time when the SQLite store is on a network file system: every job of a
+    cluster run writes to it, and without working file locks the database breaks."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    kind = filesystem_type(db, mounts)
+    if kind in NETWORK_FILESYSTEMS:
+        raise TrackingError(
+            f"config key 'tracking_uri': the MLflow store {db} is on a {kind} file system, whose file locks "
+            "SQLite cannot rely on when many jobs write at once; run a tracking server (mlflow server "
+            "--backend-store-uri sqlite:////local/disk/mlflow.db) and set tracking_uri: http://HOST:PORT, "
+            "or set tracking_uri: sqlite:////a/local/disk/mlflow.db"
+        )
+
+
 def default_tracking_uri(results_dir: str = "results") -> str:
     return f"sqlite:///{Path(results_dir).resolve()}/mlflow.db"
 

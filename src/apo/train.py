@@ -50,12 +50,49 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def clock() -> float:
-    """Wall time once the GPU has run what was queued: CUDA kernels run asynchronously, and
-    without the wait a phase would be charged for the kernels of the one before it."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+class TimeLimitReached(RuntimeError):
+    """The job stopped, checkpointed, before its scheduler's time limit; the next job resumes."""
+
+
+# What a stop before the limit leaves for the checkpoint and the exit: this many times the
+# slowest step so far, and at least SAFETY_S.
+STEP_MARGIN, SAFETY_S = 3.0, 300.0
+
+
+def job_deadline(time_limit_min: float | None, environ=os.environ, now: float | None = None) -> float | None:
+    """When this job will be stopped (seconds since the epoch), or None outside a scheduler.
+
+    Under Slurm the job's end is SLURM_JOB_END_TIME where Slurm sets it, else the runtime the
+    job asked for (resources.train.runtime) from now; a run outside Slurm has no limit."""
+    if "SLURM_JOB_ID" not in environ:
+        return None
+    if environ.get("SLURM_JOB_END_TIME", "").isdigit():
+        return float(environ["SLURM_JOB_END_TIME"])
+    return None if time_limit_min is None else (now or time.time()) + 60 * time_limit_min
+
+
+def out_of_time(deadline: float | None, step_seconds: list[float], now: float) -> bool:
+    """Whether another step and a checkpoint may not fit before the deadline."""
+    if deadline is None or not step_seconds:
+        return False
+    return now + max(SAFETY_S, STEP_MARGIN * max(step_seconds)) > deadline
+
+
+def clock(device: torch.device) -> float:
+    """Wall time once this process's GPU has run what was queued: CUDA kernels run
+    asynchronously, and without the wait a phase would be charged for the kernels of the one
+    before it. The device is named: in a multi-GPU job each process waits for its own GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def claim_local_device(environ=os.environ) -> None:
+    """Make this process's GPU (LOCAL_RANK, set by the launcher) its current CUDA device before
+    anything touches CUDA, so that accelerate, FSDP's streams and the colocated engine all use
+    the same GPU; one process per GPU in a multi-GPU job."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(environ.get("LOCAL_RANK", 0)))
 
 
 def batch_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list[int]:
@@ -222,14 +259,28 @@ def load_models(s: dict, model_path: str, accelerator, gradient_checkpointing: b
     reference = placed(reference) if fsdp else reference.to(accelerator.device)  # sharded: on its device
     critic = None
     if methods.get(s["method"]).critic:
-        critic = placed(AutoModelForTokenClassification.from_pretrained(model_path, num_labels=1,
-                                                                        dtype=torch.float32))
+        # No dropout in the critic, as verl (ZhaolinGao/A-PO, verl/workers/fsdp_workers.py:587-588):
+        # transformers gives the fresh head 0.1 when the config names none.
+        critic = placed(AutoModelForTokenClassification.from_pretrained(
+            model_path, config=critic_config(model_path), dtype=torch.float32))
     for model in (policy, critic):
         if model is not None and gradient_checkpointing:
             # Takes effect in train mode only; the loop switches to train mode around the
             # update and back to eval mode for generation (which needs the KV cache).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy, reference, critic
+
+
+def critic_config(model_path: str):
+    """The model's config with a one-label head and every dropout probability at 0."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, num_labels=1)
+    for key, value in config.to_dict().items():
+        if "dropout" in key and isinstance(value, (int, float)):
+            setattr(config, key, 0.0)
+    config.classifier_dropout = 0.0  # the head's, which the config need not name
+    return config
 
 
 def engine_length(tokenizer, prompt_ids: list, s: dict, vs: validate.ValidationSet | None) -> int:
@@ -252,6 +303,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     # the networks are sharded over the processes and the engines get the gathered weights.
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by the launcher (before any process group)
     check_distributed(s, distributed, world)
+    claim_local_device()
     fsdp = distributed == "fsdp" and world > 1
     n_minis, accum = batch_layout(s, world)
     accelerator = make_accelerator(s, accum)
@@ -306,17 +358,17 @@ def rollout(t: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
     """Sample this process's share of the step's prompts and grade the responses. The sampler
     is seeded per step and process, so a resumed run draws what the uninterrupted run drew."""
     s, n, acc = t.s, t.sampling.n, t.accelerator
-    tick = clock()
+    tick = clock(t.accelerator.device)
     idx = batch_indices(step, s["batch_size"], len(t.data), s["seed"])[acc.process_index :: t.world]
     batch = t.data.iloc[idx]
     seed = s["seed"] * 1_000_003 + step + 7_919 * acc.process_index
     outs = t.generator.generate(list(batch["prompt"]), t.sampling, progress=False, seed=seed)
     completions = [c for cs in outs for c in cs]
     t.generator.sleep()  # GPU: hand the engine's memory to the update
-    times["generate"] = clock() - tick
-    tick = clock()
+    times["generate"] = clock(t.accelerator.device) - tick
+    tick = clock(t.accelerator.device)
     grades = grader.grade(list(batch["answer"].repeat(n)), [c.text for c in completions])
-    times["grade"] = clock() - tick
+    times["grade"] = clock(t.accelerator.device) - tick
     finished = [c.finished for c in completions]
     rewards = torch.tensor(grades.rewards, device=acc.device)
     if s["require_eos"]:  # the authors' reward: 0 for a response cut at the length limit
@@ -351,24 +403,24 @@ def score(t: Trainer, r: Rollout, times: dict) -> None:
     def logprobs(model, p, resp, pad_id):
         return token_logprobs(model, p, resp, pad_id, temp)
 
-    tick = clock()
+    tick = clock(t.accelerator.device)
     with t.accelerator.autocast():
         r.ref_logp, r.mask = score_batch(logprobs, t.reference, r.p_ids, r.r_ids, parts, pad)
-        times["ref_logprobs"] = clock() - tick
-        tick = clock()
+        times["ref_logprobs"] = clock(t.accelerator.device) - tick
+        tick = clock(t.accelerator.device)
         ppo_kl = t.critic is not None and s["ppo"]["kl_coef"] > 0
         if t.method.needs_old_logp and (t.n_minis > 1 or ppo_kl):
             r.old_logp, _ = score_batch(logprobs, t.policy, r.p_ids, r.r_ids, parts, pad)
-        times["old_logprobs"] = clock() - tick
-        tick = clock()
+        times["old_logprobs"] = clock(t.accelerator.device) - tick
+        tick = clock(t.accelerator.device)
         if t.critic is not None:
             p = s["ppo"]
             r.old_values, _ = score_batch(token_values, t.critic, r.p_ids, r.r_ids, parts, pad)
             kl_logp = r.old_logp if ppo_kl else r.ref_logp  # kl_coef 0: the penalty vanishes
             token_rewards = ppo_token_rewards(r.rewards, kl_logp, r.ref_logp, r.mask, p["kl_coef"])
             advantages, r.returns = gae(token_rewards, r.old_values, r.mask, p["gamma"], p["lam"])
-            r.advantages = masked_whiten(advantages, r.mask)
-        times["values"] = clock() - tick
+            r.advantages = masked_whiten(advantages, r.mask, reduce=lambda x: t.accelerator.reduce(x, "sum"))
+        times["values"] = clock(t.accelerator.device) - tick
 
 
 def mini_batch_tokens(t: Trainer, r: Rollout) -> list[float]:
@@ -482,16 +534,16 @@ def train_step(t: Trainer, grader: Grader, step: int) -> dict:
     """Rollout, score, update, weight sync: one generation step, timed by phase. Time spent
     here is training time; the phases add up to `time_step_s`."""
     times = {}
-    t0 = clock()
+    t0 = clock(t.accelerator.device)
     r = rollout(t, grader, step, times)
     score(t, r, times)
-    tick = clock()
+    tick = clock(t.accelerator.device)
     stats = update(t, r, step)
-    times["update"] = clock() - tick
-    tick = clock()
+    times["update"] = clock(t.accelerator.device) - tick
+    tick = clock(t.accelerator.device)
     t.generator.sync_weights(t.accelerator.unwrap_model(t.policy))
-    times["sync"] = clock() - tick
-    times["step"] = clock() - t0
+    times["sync"] = clock(t.accelerator.device) - tick
+    times["step"] = clock(t.accelerator.device) - t0
     return step_row(t, r, step, stats, times)
 
 
@@ -525,13 +577,33 @@ def validate_if_due(t: Trainer, grader: Grader, history: list, validations: list
                              "time_validate_s": row["time_validate_s"]}, step=step)
 
 
-def checkpoint_if_due(t: Trainer, history: list, validations: list, monitor: CollapseMonitor) -> None:
+def checkpoint_if_due(t: Trainer, history: list, validations: list, monitor: CollapseMonitor,
+                      force: bool = False) -> None:
     """A checkpoint holds the metric and validation histories, so a resumed run's outputs
     are those of the uninterrupted run."""
     step = len(history)
-    if step % t.s["checkpoint_every"] == 0 or step == t.s["steps"]:
+    if force or step % t.s["checkpoint_every"] == 0 or step == t.s["steps"]:
         state = {"step": step, "history": history, "validation": validations, "collapse": monitor.message}
         save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"], t.sharded)
+
+
+def stop_if_out_of_time(t: Trainer, deadline: float | None, history: list, validations: list,
+                        monitor: CollapseMonitor) -> None:
+    """Before the scheduler's limit: checkpoint now and stop, so that the next job (Snakemake's
+    retry) resumes here instead of redoing what a killed job would lose. Every process stops
+    at the same step (the main process's clock decides)."""
+    if deadline is None or len(history) == t.s["steps"]:
+        return
+    late = out_of_time(deadline, [h["time_step_s"] for h in history], time.time())
+    flag = torch.tensor([float(late and t.accelerator.is_main_process)], device=t.accelerator.device)
+    if t.accelerator.reduce(flag, "sum").item() == 0:
+        return
+    if len(history) % t.s["checkpoint_every"]:  # not just written by checkpoint_if_due
+        checkpoint_if_due(t, history, validations, monitor, force=True)
+    raise TimeLimitReached(
+        f"stopped after step {len(history)} of {t.s['steps']} to end before the job's time limit "
+        "(resources.train.runtime); the next attempt resumes from this step's checkpoint "
+        "(resources.train.pieces: how many jobs a run may take)")
 
 
 def train(
@@ -546,11 +618,14 @@ def train(
     gradient_checkpointing: bool = False,
     validation_path: str | None = None,
     distributed: str = "ddp",
+    time_limit_min: float | None = None,
 ) -> dict:
     """Stage 2 from start (or from the last checkpoint) to `settings["steps"]`; writes
     `out_dir/model` and returns the metric history, the validations (with a validation set at
-    `validation_path`) and a summary."""
+    `validation_path`) and a summary. Under a scheduler it stops before the job's time limit
+    (`time_limit_min`) with a checkpoint, raising TimeLimitReached."""
     out_dir = Path(out_dir)
+    deadline = job_deadline(time_limit_min)
     t = setup(settings, model_path, prompts_path, vstar_path, out_dir, generation, gradient_checkpointing,
               validation_path, distributed)
     monitor = CollapseMonitor(**settings["collapse"])
@@ -572,6 +647,7 @@ def train(
             after_step(t, row, history, monitor, tracker)
             validate_if_due(t, grader, history, validations, tracker)
             checkpoint_if_due(t, history, validations, monitor)
+            stop_if_out_of_time(t, deadline, history, validations, monitor)
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}", len=f"{row['response_length']:.1f}")
     save_model(t, out_dir)
     return {"history": _metrics_frame(history), "validation": validate.frame(validations),
@@ -651,7 +727,7 @@ def run(settings: dict, model_path: str, prompts_path: str, vstar_path: str | No
     result = train(settings, model_path, prompts_path, vstar_path, out_dir, runtime["generation"], runtime["grading"],
                    tracker=tracker, validation_path=validation_path,
                    gradient_checkpointing=knobs.get("gradient_checkpointing", False),
-                   distributed=knobs.get("distributed", "ddp"))
+                   distributed=knobs.get("distributed", "ddp"), time_limit_min=knobs.get("time_limit_min"))
     if tracker is not None:
         out_dir = Path(out_dir)
         tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items() if isinstance(v, (int, float))})

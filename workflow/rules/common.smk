@@ -5,8 +5,9 @@ from pathlib import Path
 from apo.config import SCHEMA_PATH, load_yaml, validate_config
 from apo.memory import workflow_plan
 from apo.report import FILES as REPORT_FILES
-from apo.settings import External, Plan, Stage, model_path, runtime_knobs
-from apo.tracking import check_reachable
+from apo.prefetch import artefacts as hub_artefacts
+from apo.settings import External, Plan, Stage, digest, model_path, runtime_knobs
+from apo.tracking import check_reachable, check_store_location, default_tracking_uri
 
 # Validate before any job is planned: a bad key stops the run here, naming the key. The
 # config is the file given with --configfile (config/config.yaml, the demo, when none is:
@@ -26,6 +27,8 @@ config.update(_validated)
 check_reachable(config["tracking_uri"])
 
 RESULTS = "results"
+# Once per plan, not a database broken by a cluster's jobs writing it over a network file system.
+check_store_location(config["tracking_uri"] or default_tracking_uri(RESULTS))
 PLAN = Plan(config, RESULTS)
 EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
 
@@ -75,9 +78,21 @@ def sweep_runs(sweep):
     )
 
 
+# Everything the config reads from the hub, fetched once by rule prefetch on this host before
+# any job that reads it (apo.prefetch); those jobs then run offline.
+HUB = hub_artefacts(config) if config["prefetch"] else []
+PREFETCHED = f"{RESULTS}/prefetch/{digest(HUB)}/fetched.json"
+
+
+def prefetched(wildcards):
+    """Input: the prefetch's record, for a job that may read from the hub (none without one);
+    ancient: a refetch changes no job's inputs, so it reruns none."""
+    return [ancient(PREFETCHED)] if HUB else []
+
+
 # Knobs that change how fast, not what (apo.settings.runtime_knobs): passed to every job,
 # part of no address.
-RUNTIME = json.dumps(runtime_knobs(config))
+RUNTIME = json.dumps({**runtime_knobs(config), "hub_offline": bool(HUB)})
 
 HASH = r"[0-9a-f]{12}"
 
@@ -327,6 +342,19 @@ def job_resources(kind=None):
     if kind is not None:
         return {k: config["resources"][kind][k] for k in keys}
     return {k: lambda w, k=k: config["resources"][w.kind][k] for k in keys}
+
+
+def extend_train_retries():
+    """onstart: the train rule is retried resources.train.pieces - 1 times more than the others
+    (--retries, the Slurm profile's 2 for node failures): each retry resumes a run cut by its
+    job's time limit. Set when the run starts, the first moment Snakemake's retries are known.
+    """
+    train = rules.train.rule
+    train.restart_times = (
+        (workflow.execution_settings.retries or 0)
+        + config["resources"]["train"]["pieces"]
+        - 1
+    )
 
 
 ACCELERATE_CONFIGS = Path(workflow.basedir) / "workflow" / "accelerate"

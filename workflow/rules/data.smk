@@ -1,6 +1,7 @@
 rule data:
     """Training prompts or one benchmark -> prompts.parquet (id, prompt, question, answer, source)."""
     input:
+        prefetched=prefetched,
         tokenizer=upstream_model("data", role="tokenizer"),
         source=upstream("data", "source", "train.jsonl"),
     output:

@@ -4,6 +4,7 @@ rule sample:
     and a benchmark's evaluation (kind `evaluate`: `evaluate.k` samples per problem) are this
     one operation with different settings."""
     input:
+        prefetched=prefetched,
         model=upstream_model(),
         prompts=upstream(None, "prompts", "prompts.parquet"),
     output:

@@ -1,6 +1,7 @@
 rule train:
     """Stage 2: A*-PO (or a baseline) on-policy training; reruns resume from the last checkpoint."""
     input:
+        prefetched=prefetched,
         model=upstream_model("train"),
         prompts=upstream("train", "prompts", "prompts.parquet"),
         vstar=upstream("train", "vstar", "vstar.parquet"),

@@ -2,6 +2,7 @@ rule vstar:
     """Stage 1: V*(x) = beta1 * log mean exp(r / beta1) per prompt, from all shards or from
     a published stage-1 table joined to the training prompts."""
     input:
+        prefetched=prefetched,
         samples=lambda w: vstar_samples(stage("vstar", w)),
         prompts=vstar_prompts,
         table=upstream("vstar", "table"),
