@@ -41,10 +41,10 @@ def test_entry_loads_a_local_file_of_its_schema(name, tmp_path, tiny_demo):
     row = {spec["prompt_field"]: "What is 1 + 1?", spec["answer_field"]: raw}
     if spec["id_field"]:
         row[spec["id_field"]] = f"{name}/0"
-    path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps(row) + "\n")
+    (tmp_path / f"{spec['split']}.jsonl").write_text(json.dumps(row) + "\n")  # one file per split
     tok = AutoTokenizer.from_pretrained(tiny_demo / "model")
-    df, _ = prepare({**spec, "path": str(path)}, {"instruction": "", "max_prompt_tokens": 256, "template": "chat"}, tok)
+    df, _ = prepare({**spec, "path": str(tmp_path / "{split}.jsonl")},
+                    {"instruction": "", "max_prompt_tokens": 256, "template": "chat"}, tok)
     assert df["answer"].tolist() == [expected]
     assert df["question"].tolist() == ["What is 1 + 1?"]
     assert df["id"][0] == (f"{name}/0" if spec["id_field"] else f"{spec['split']}-000000")

@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apo.config import ConfigError, validate_config
+from apo.config import ConfigError, load_yaml, validate_config
 from conftest import ROOT, SCHEMA
 
 
 def load_config(path: Path) -> dict:
     """A shipped config file, validated with its `extends` base (paths from the repository)."""
-    return validate_config(yaml.safe_load(path.read_text()), source=str(path), base_dir=ROOT)
+    return validate_config(load_yaml(path), source=str(path), base_dir=ROOT)
 
 
 def test_demo_config_is_valid_and_gets_defaults(demo_config):
@@ -27,7 +27,8 @@ SHIPPED = sorted(p for p in (ROOT / "config").rglob("*.yaml") if p.parent.name n
 
 @pytest.mark.parametrize("config_file", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_configs_are_valid(config_file):
-    validate_config(yaml.safe_load(config_file.read_text()), SCHEMA)
+    """... read as the workflow reads them: a key given twice is an error."""
+    validate_config(load_yaml(config_file), SCHEMA)
 
 
 @pytest.mark.parametrize(
@@ -291,6 +292,154 @@ def test_validation_length_defaults_to_the_training_length(demo_config):
     assert cfg["data"]["validation"]["split"] == "valid" and cfg["train"]["validate_every"] == 50
 
 
+# ---------------------------------------------------------------- config mistakes (issue 23)
+
+
+def test_a_key_given_twice_is_an_error_naming_file_line_and_key(tmp_path):
+    """PyYAML keeps the last of two `train:` blocks; every config the project reads refuses it."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("experiment: x\ntrain:\n  lr: 1.0e-5\nsample: {n: 2}\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml, line 5: key 'train' is given twice .*first at line 2"):
+        load_yaml(path)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train: {lr: 1, lr: 2}\n")
+    with pytest.raises(ConfigError, match="line 1: key 'lr' is given twice"):
+        load_yaml(nested)
+    # an extends base goes through the same loader
+    (tmp_path / "own.yaml").write_text("extends: twice.yaml\n")
+    with pytest.raises(ConfigError, match="key 'train' is given twice"):
+        validate_config({"extends": "twice.yaml"}, SCHEMA, base_dir=tmp_path)
+    # YAML merge keys override on purpose: not duplicates
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {k: 1, t: 0}\nevaluate:\n  <<: *b\n  k: 2\n")
+    assert load_yaml(merged)["evaluate"] == {"k": 2, "t": 0}
+
+
+def test_extends_of_a_file_that_is_not_a_mapping_names_the_key(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"config key 'extends': .*list.yaml holds a list, not a mapping"):
+        validate_config({"extends": "list.yaml"}, SCHEMA, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"evaluate": {"temperature": 0, "k": 4}}, "config key 'evaluate.k' draws 4 samples per prompt at 'evaluate.temperature' 0"),
+        ({"train": {"validation": {"k": 2}}}, "config key 'train.validation.k' draws 2 samples per prompt at 'train.validation.temperature' 0"),
+        ({"sample": {"temperature": 0.0}}, "config key 'sample.n' draws 8 samples"),
+        ({"benchmark_evaluate": {"temperature": 0}}, "config key 'evaluate.k' draws 4 samples per prompt at 'data.benchmarks[0].evaluate.temperature' 0"),
+        ({"methods": ["apo", "grpo"], "train": {"temperature": 0}}, "method 'grpo' draws 8 samples per prompt at 'train.temperature' 0"),
+    ],
+)
+def test_greedy_decoding_with_several_samples_is_refused(demo_config, changes, message):
+    for section, value in changes.items():
+        if section == "benchmark_evaluate":
+            demo_config["data"]["benchmarks"][0]["evaluate"] = value
+        elif isinstance(value, dict):
+            demo_config[section] = {**demo_config.get(section, {}), **value}
+        else:
+            demo_config[section] = value
+    with pytest.raises(ConfigError) as err:
+        validate_config(demo_config, SCHEMA)
+    assert message in str(err.value)
+
+
+def test_greedy_decoding_with_one_sample_is_fine(demo_config):
+    demo_config["evaluate"] = {**demo_config["evaluate"], "temperature": 0, "k": 1}
+    demo_config["train"]["validation"] = {"k": 1}  # greedy by default
+    assert validate_config(demo_config, SCHEMA)["train"]["validation"]["temperature"] == 0
+
+
+@pytest.mark.parametrize("name", ["mlflow.db", "mlflow.db-journal", "x" * 300])
+def test_an_experiment_name_the_workflow_owns_or_too_long_is_refused(demo_config, name):
+    demo_config["experiment"] = name
+    with pytest.raises(ConfigError, match="config key 'experiment'"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_training_gpus_must_divide_the_mini_batch(demo_config):
+    demo_config["resources"] = {"train": {"gpu": 3}}  # batch 64, micro-batch 32
+    with pytest.raises(ConfigError, match=r"config key 'resources.train.gpu' \(3\): 'train.batch_size' \(64\) "
+                                          r"must be a multiple of 'train.micro_batch_size' \(32\) x 3 GPUs"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["resources"] = {"train": {"gpu": 2}}
+    assert validate_config(demo_config, SCHEMA)["resources"]["train"]["gpu"] == 2
+
+
+# ---------------------------------------------------------------- splits of local files (issue 23)
+
+
+def local_config(demo_config, tmp_path, monkeypatch, **specs):
+    """The demo config with local files for some prompt sets, paths from `tmp_path`."""
+    monkeypatch.chdir(tmp_path)
+    base = {"prompt_field": "q", "answer_field": "a"}
+    for key, spec in specs.items():
+        if key == "validation":
+            demo_config["data"]["validation"] = {**base, **spec}
+        elif key == "benchmark":
+            demo_config["data"]["benchmarks"] = [{"name": "b", **base, **spec}]
+        else:
+            demo_config["data"]["train"] = {**base, **spec}
+    return demo_config
+
+
+def test_a_local_file_gives_only_the_split_it_can_honour(demo_config, tmp_path, monkeypatch):
+    (tmp_path / "t.jsonl").write_text('{"q": "x", "a": "1"}\n')
+    cfg = local_config(demo_config, tmp_path, monkeypatch, benchmark={"path": "t.jsonl", "split": "test"})
+    with pytest.raises(ConfigError, match=r"config key 'data.benchmarks\[0\].split': t.jsonl is one file, read "
+                                          r"whole as split 'train', so split 'test' cannot be honoured"):
+        validate_config(cfg, SCHEMA)
+    cfg["data"]["benchmarks"][0]["split"] = "train"  # the file read whole
+    validate_config(cfg, SCHEMA)
+    cfg["data"]["benchmarks"][0].update(split="test", split_field="part")  # its rows of one split
+    validate_config(cfg, SCHEMA)
+    cfg["data"]["benchmarks"][0].update(path="{split}.jsonl", split_field=None)  # one file per split
+    validate_config(cfg, SCHEMA)
+    cfg["data"]["benchmarks"][0]["split_field"] = "part"
+    with pytest.raises(ConfigError, match=r"'data.benchmarks\[0\].split_field'"):
+        validate_config(cfg, SCHEMA)
+
+
+def test_one_file_spelled_two_ways_is_one_data_set(demo_config, tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "t.jsonl").write_text('{"q": "x", "a": "1"}\n')
+    cfg = local_config(demo_config, tmp_path, monkeypatch, benchmark={"path": "data/t.jsonl", "split": "train"},
+                       validation={"path": "./data/t.jsonl", "split": "train"})
+    with pytest.raises(ConfigError, match=r"'data.validation': dataset './data/t.jsonl' split 'train' is the test "
+                                          r"set of benchmark\(s\) \['b'\]"):
+        validate_config(cfg, SCHEMA)
+    # the same file by {split}: data/{split}.jsonl at split t is data/t.jsonl
+    cfg["data"]["validation"] = None
+    cfg["data"]["train"] = {"path": "data/{split}.jsonl", "split": "t", "prompt_field": "q", "answer_field": "a"}
+    with pytest.raises(ConfigError, match=r"'data.train': dataset 'data/t.jsonl' split 't' is the test set of "
+                                          r"benchmark\(s\) \['b'\]"):
+        validate_config(cfg, SCHEMA)
+    # a split column selects different rows of one file
+    cfg["data"]["train"] = {"path": "data/t.jsonl", "split": "train", "split_field": "part", "prompt_field": "q",
+                            "answer_field": "a"}
+    cfg["data"]["benchmarks"][0].update(split="test", split_field="part")
+    validate_config(cfg, SCHEMA)
+
+
+def test_training_on_a_benchmark_is_refused(demo_config):
+    demo_config["data"]["train"] = {**demo_config["data"]["benchmarks"][0], "limit": 64}
+    demo_config["data"]["train"].pop("name")
+    with pytest.raises(ConfigError, match=r"'data.train': dataset 'demo' split 'test' is the test set of "
+                                          r"benchmark\(s\) \['demo_test'\]"):
+        validate_config(demo_config, SCHEMA)
+
+
+def test_a_local_stage_one_table_gives_only_the_split_it_can_honour(demo_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "table.parquet").write_bytes(b"x")
+    demo_config["prompt"] = {**demo_config["prompt"], "template": "raw"}
+    demo_config["vstar"] = {"source": "table", "table": {"path": "table.parquet", "split": "test", "id_field": "id",
+                                                         "reward_fields": ["r"]}}
+    with pytest.raises(ConfigError, match=r"config key 'vstar.table.split': table.parquet is one file"):
+        validate_config(demo_config, SCHEMA)
+    demo_config["vstar"]["table"]["split"] = "train"
+    validate_config(demo_config, SCHEMA)
+
 def test_a_sharded_multi_gpu_job_needs_the_vllm_engine_at_plan_time(demo_config, monkeypatch):
     """`auto` is resolved where the workflow is planned: a login node without vLLM resolves
     it to hf, with which no sharded 4-GPU training job can sample. That is a config error,
@@ -298,6 +447,7 @@ def test_a_sharded_multi_gpu_job_needs_the_vllm_engine_at_plan_time(demo_config,
     import apo.config
 
     demo_config["resources"] = {"train": {"gpu": 4, "distributed": "fsdp"}}
+    demo_config["train"]["micro_batch_size"] = 16  # the demo's batch of 64 in whole micro-batches on 4 GPUs
     monkeypatch.setattr(apo.config, "vllm_available", lambda: False)
     demo_config["generation"]["backend"] = "auto"
     with pytest.raises(ConfigError, match=r"'generation.backend': generation.backend is auto, which resolves "

@@ -168,3 +168,132 @@ def test_a_huge_prompt_is_dropped_without_tokenizing(tmp_path, tokenizer, monkey
     assert len(df) == 1 and counts["dropped_too_long"] == 1
     assert max(calls) < 10_000  # the long row never reached the tokenizer
     assert time.monotonic() - start < 20
+
+
+# ---------------------------------------------------------------- golds as written (issue 23)
+
+
+def test_golds_are_read_as_written(tmp_path, tokenizer):
+    """A JSON number keeps its digits (Arrow reads 12 beside 2.5 as 12.0) and a CSV cell stays
+    text; under gsm8k_strict the gold '12.0' would fail the right '#### 12'."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"q": "a", "a": 12}\n{"q": "b", "a": 2.5}\n\n{"q": "c", "a": -3}\n')  # one float column to Arrow
+    df, _ = prepare(spec(path), PROMPT, tokenizer)
+    assert df["answer"].tolist() == ["12", "2.5", "-3"]
+    path.write_text('{"q": "c", "a": "7"}\n{"q": "d", "a": [1, 2.50]}\n')
+    assert prepare(spec(path), PROMPT, tokenizer)[0]["answer"].tolist() == ["7", "1, 2.50"]
+    array = tmp_path / "rows.json"
+    array.write_text('[{"q": "a", "a": 12}, {"q": "b", "a": 2.5}]')
+    assert prepare(spec(array), PROMPT, tokenizer)[0]["answer"].tolist() == ["12", "2.5"]
+    table = tmp_path / "rows.csv"
+    table.write_text("q,a,i\na,12,007\nb,2.5,008\n")
+    df, _ = prepare(spec(table, id_field="i"), PROMPT, tokenizer)
+    assert df["answer"].tolist() == ["12", "2.5"] and df["id"].tolist() == ["007", "008"]
+
+
+def test_golds_under_gsm8k_strict_keep_their_integer(tmp_path, tokenizer):
+    from apo.reward import Grader
+
+    path = write(tmp_path, [{"q": "a", "a": 12}, {"q": "b", "a": 2.5}])
+    with Grader(timeout_s=5, workers=1, method="gsm8k_strict") as grader:
+        df, _ = prepare(spec(path), PROMPT, tokenizer, grader=grader)
+        assert grader.grade(df["answer"].tolist()[:1], ["so #### 12"]).rewards == [1.0]
+
+
+@pytest.mark.parametrize(
+    "line, what",
+    [
+        ('{"q": "b", "a": NaN}', "holds nan, not a finite number"),
+        ('{"q": "b", "a": Infinity}', "holds inf, not a finite number"),
+        ('{"q": "b", "a": true}', "holds True, a boolean"),
+        ('{"q": "b", "a": {"v": 1}}', "holds {'v': '1'}, an object (dict)"),
+        ('{"q": "b", "a": [1, [2]]}', "a list with a list inside a list in it"),
+        ('{"q": "b", "a": []}', "an empty list"),
+    ],
+)
+def test_non_scalar_and_non_finite_golds_are_refused_with_file_and_row(tmp_path, tokenizer, line, what):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"q": "a", "a": "1"}\n' + line + "\n")
+    with pytest.raises(DataError) as err:
+        prepare(spec(path), PROMPT, tokenizer)
+    assert str(path) in str(err.value) and "row 1 (id train-000001): answer field 'a'" in str(err.value)
+    assert what in str(err.value)
+
+
+def test_a_non_finite_gold_of_a_typed_column_is_refused(tmp_path, tokenizer):
+    path = tmp_path / "rows.parquet"
+    pd.DataFrame({"q": ["a", "b", "c"], "a": [1.5, float("inf"), float("nan")]}).to_parquet(path)
+    with pytest.raises(DataError, match=r"row 1 \(id train-000001\): answer field 'a' holds inf, not a finite number"):
+        prepare(spec(path), PROMPT, tokenizer)
+    path.unlink()
+    pd.DataFrame({"q": ["a", "c"], "a": [1.5, float("nan")]}).to_parquet(path)  # pandas writes NaN as null
+    with pytest.raises(DataError, match=r"row 1 \(id train-000001\): answer field 'a' is empty"):
+        prepare(spec(path), PROMPT, tokenizer)
+
+
+# ---------------------------------------------------------------- splits of local files (issue 23)
+
+
+def test_a_split_column_selects_the_rows_of_a_split(tmp_path, tokenizer):
+    rows = [{"q": f"q{i}", "a": str(i), "part": "test" if i % 3 == 0 else "train"} for i in range(6)]
+    path = write(tmp_path, rows)
+    train, counts = prepare(spec(path, split_field="part"), PROMPT, tokenizer)
+    test, _ = prepare(spec(path, split="test", split_field="part"), PROMPT, tokenizer)
+    assert train["question"].tolist() == ["q1", "q2", "q4", "q5"] and counts["rows_in"] == 4
+    assert test["question"].tolist() == ["q0", "q3"] and test["id"].tolist() == ["test-000000", "test-000001"]
+    with pytest.raises(DataError, match=r"no row has part = 'valid' \(split\); its values: \['test', 'train'\]"):
+        prepare(spec(path, split="valid", split_field="part"), PROMPT, tokenizer)
+    with pytest.raises(DataError, match=r"no column 'nope' \(split_field\)"):
+        prepare(spec(path, split_field="nope"), PROMPT, tokenizer)
+
+
+def test_a_split_in_the_path_reads_that_splits_file(tmp_path, tokenizer):
+    write(tmp_path, [{"q": "from train", "a": "1"}]).rename(tmp_path / "train.jsonl")
+    write(tmp_path, [{"q": "from test", "a": "2"}]).rename(tmp_path / "test.jsonl")
+    df, _ = prepare(spec(tmp_path / "{split}.jsonl", split="test"), PROMPT, tokenizer)
+    assert df["question"].tolist() == ["from test"] and df["source"].tolist() == [str(tmp_path / "test.jsonl")]
+
+
+def test_a_file_refuses_a_split_it_cannot_honour(tmp_path, tokenizer):
+    """One file read whole is one split: `split: test` of it would read the training rows."""
+    path = write(tmp_path, ROWS)
+    with pytest.raises(DataError, match=r"is one file, read whole as split 'train', so split 'test' cannot be honoured"):
+        prepare(spec(path, split="test"), PROMPT, tokenizer)
+
+
+def test_a_dataset_directory_without_the_split_is_named(tmp_path, tokenizer):
+    (tmp_path / "ds").mkdir()
+    write(tmp_path, ROWS).rename(tmp_path / "ds" / "train.jsonl")
+    with pytest.raises(DataError, match=r"ds: Unknown split \"valid\".*\['train'\]"):
+        prepare(spec(tmp_path / "ds", split="valid"), PROMPT, tokenizer)
+
+
+# ---------------------------------------------------------------- special tokens (issue 23)
+
+
+def test_a_tokenizer_without_eos_or_pad_is_refused_up_front(tiny_demo, tmp_path):
+    from apo.data import check_special_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_demo / "model")
+    check_special_tokens(tok, "m")
+    tok.pad_token = None
+    with pytest.raises(DataError, match=r"model m: its tokenizer has no pad token.*\"pad_token\" in "
+                                        r"m/tokenizer_config.json.*EOS token"):
+        check_special_tokens(tok, "m")
+    tok.pad_token = tok.eos_token  # pad = EOS, as Qwen2.5's base tokenizer has it
+    check_special_tokens(tok, "m")
+    tok.eos_token = None
+    with pytest.raises(DataError, match=r"model m: its tokenizer has no EOS token.*\"eos_token\""):
+        check_special_tokens(tok, "m")
+
+
+def test_the_data_stage_checks_the_tokenizer_before_reading(tiny_demo, tmp_path):
+    from apo.data import run
+
+    tok = AutoTokenizer.from_pretrained(tiny_demo / "model")
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    settings = {**spec(tmp_path / "missing.jsonl"), "prompt": PROMPT, "grading_timeout_s": 5,
+                "grading_method": "math_verify"}
+    with pytest.raises(DataError, match="has no pad token"):
+        run(settings, str(tmp_path / "tok"), None, {"workers": 1})

@@ -228,6 +228,18 @@ def test_a_yte_template_config_is_refused(tmp_path):
             in proc.stdout + proc.stderr)
 
 
+def test_a_config_file_with_a_key_given_twice_fails_before_any_job(tmp_path):
+    """Snakemake reads --configfile keeping the last of two `train:` blocks; the workflow reads
+    the file again and refuses it, naming the line."""
+    text = SMOKE.read_text() + "train:\n  steps: 2\n"
+    (tmp_path / "twice.yaml").write_text(text)
+    proc = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "twice.yaml"), check=False)
+    line = text.count("\n") - 1
+    assert proc.returncode != 0
+    assert f"twice.yaml, line {line}: key 'train' is given twice" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
 def test_lint_is_clean():
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(ROOT / "Snakefile")],
                           capture_output=True, text=True, cwd=ROOT)

@@ -7,7 +7,8 @@ from apo.settings import STAGES, Plan, digest
 from conftest import ROOT, SCHEMA
 
 
-def plan(cfg, **changes) -> Plan:
+def configured(cfg, **changes) -> dict:
+    """`cfg` with `a__b=value` changes, validated."""
     cfg = copy.deepcopy(cfg)
     for dotted, value in changes.items():
         node = cfg
@@ -15,7 +16,11 @@ def plan(cfg, **changes) -> Plan:
         for part in head:
             node = node[part]
         node[last] = value
-    return Plan(validate_config(cfg, SCHEMA))
+    return validate_config(cfg, SCHEMA)
+
+
+def plan(cfg, **changes) -> Plan:
+    return Plan(configured(cfg, **changes))
 
 
 def stage_dirs(p: Plan) -> dict:
@@ -125,7 +130,7 @@ def test_sampling_vstar_address_ignores_an_unused_table(demo_config):
 
 
 def test_resources_and_gradient_checkpointing_are_not_part_of_any_address(demo_config):
-    other = plan(demo_config, resources={"train": {"gpu": 4, "mem_mb": 64000}}, train__gradient_checkpointing=True)
+    other = plan(demo_config, resources={"train": {"gpu": 2, "mem_mb": 64000}}, train__gradient_checkpointing=True)
     assert changed(plan(demo_config), other) == set()
 
 
@@ -160,6 +165,7 @@ def test_a_local_model_is_addressed_by_its_content(demo_config, tmp_path, monkey
     model = tmp_path / "my-model"
     (model / "sub").mkdir(parents=True)
     (model / "config.json").write_text('{"a": 1}')
+    (model / "tokenizer.json").write_text("{}")
     (model / "sub" / "weights.bin").write_bytes(b"\0" * 100)
     base = local_plan(demo_config, "results", model="./my-model")
     assert base.trains["apo"].manifest()["inputs"]["model"].startswith("local:sha256:")
@@ -179,6 +185,8 @@ def test_file_digests_are_cached_by_size_and_mtime(demo_config, tmp_path, monkey
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
     weights = tmp_path / "m" / "w.bin"
     weights.write_bytes(b"abc")
     first = local_plan(demo_config, "results", model="./m").trains["apo"].hash
@@ -370,11 +378,12 @@ def test_without_a_validation_set_its_settings_are_not_read(demo_config):
 
 def test_an_experiment_cannot_be_named_like_a_stage_folder():
     """results/<experiment>/ and results/<stage>/<hash>/ share the results folder: the schema
-    refuses every stage's name (and MLflow's artifact folder) as an experiment name."""
+    refuses every stage's name (and MLflow's artifact folder and local store) as an experiment name."""
     import yaml
 
     schema = yaml.safe_load(SCHEMA.read_text())
-    assert set(schema["properties"]["experiment"]["not"]["enum"]) == {*STAGES, "mlartifacts"}
+    assert set(schema["properties"]["experiment"]["not"]["enum"]) == {
+        *STAGES, "mlartifacts", "mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm"}
 
 
 def test_every_stage_output_is_kept_when_its_job_starts():
@@ -390,3 +399,64 @@ def test_every_stage_output_is_kept_when_its_job_starts():
         for block in blocks:
             entries = re.findall(r"^        (?:\w+=)?(.+?),?$", block, flags=re.M)
             assert entries and all(e.startswith("addressed(") for e in entries), (rule.name, entries)
+
+
+# ---------------------------------------------------------------- local inputs at planning (issue 23)
+
+
+def test_a_copy_of_a_benchmark_file_is_not_a_held_out_validation_set(demo_config, tmp_path, monkeypatch):
+    """Data sets are compared by content: a copy of the test file under another name is the
+    test set, whatever the config calls it."""
+    import pytest
+
+    from apo.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    rows = '{"q": "x", "a": "1"}\n{"q": "y", "a": "2"}\n'
+    (tmp_path / "test.jsonl").write_text(rows)
+    (tmp_path / "held_out.jsonl").write_text(rows)
+    (tmp_path / "train.jsonl").write_text('{"q": "z", "a": "3"}\n')
+    spec = {"split": "train", "prompt_field": "q", "answer_field": "a"}
+    cfg = configured(demo_config, data__train={**spec, "path": "train.jsonl"},
+                     data__benchmarks=[{**spec, "name": "b", "path": "test.jsonl"}],
+                     data__validation={**spec, "path": "held_out.jsonl"})
+    with pytest.raises(ConfigError, match=r"'data.validation': dataset 'held_out.jsonl' split 'train' is the test "
+                                          r"set of benchmark\(s\) \['b'\]"):
+        Plan(cfg, "results")
+    (tmp_path / "held_out.jsonl").write_text('{"q": "w", "a": "4"}\n')
+    assert Plan(cfg, "results").validation is not None
+    (tmp_path / "train.jsonl").write_text(rows)  # training on the benchmark's rows
+    with pytest.raises(ConfigError, match=r"'data.train': dataset 'train.jsonl' .* is the test set of benchmark"):
+        Plan(cfg, "results")
+
+
+def test_planning_names_local_inputs_that_cannot_work(demo_config, tmp_path, monkeypatch):
+    import pytest
+
+    from apo.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = configured(demo_config)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / cfg["experiment"]).write_text("a file where the results entry goes")
+    with pytest.raises(ConfigError, match=r"config key 'experiment': results/apo-demo exists and is not a directory"):
+        Plan(cfg, "results")
+    (tmp_path / "results" / cfg["experiment"]).unlink()
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"config key 'model': ./m has no config.json"):
+        local_plan(demo_config, "results", model="./m")
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"config key 'model': ./m has no tokenizer files \(one of tokenizer.json"):
+        local_plan(demo_config, "results", model="./m")
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text('{"q": "x", "a": "1"}\n')
+    (tmp_path / "ds" / "test.jsonl").write_text('{"q": "y", "a": "2"}\n')
+    spec = {"path": "ds", "prompt_field": "q", "answer_field": "a"}
+    with pytest.raises(ConfigError, match=r"config key 'data.validation.split': the dataset directory ds has no "
+                                          r"split 'valid'; its splits: \['train', 'test'\]"):
+        local_plan(demo_config, "results", data__train={**spec, "split": "train"}, data__validation={**spec, "split": "valid"})

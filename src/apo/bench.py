@@ -24,16 +24,15 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from apo.config import validate_config
+from apo.config import load_yaml, validate_config
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.sample import load_model
 from apo.settings import Plan, model_path
 
 
 def demo_inputs(config_path: str) -> tuple[str, str, dict]:
-    config = validate_config(yaml.safe_load(Path(config_path).read_text()), source=config_path)
+    config = validate_config(load_yaml(config_path), source=config_path)
     plan = Plan(config)
     model, prompts = model_path(plan.model), f"{plan.train_data.dir}/prompts.parquet"
     if not Path(prompts).exists() or not Path(model).exists():

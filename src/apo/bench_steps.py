@@ -23,9 +23,8 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from apo.config import validate_config
+from apo.config import load_yaml, validate_config
 from apo.methods import METHODS
 from apo.settings import runtime_knobs
 
@@ -72,7 +71,7 @@ def run(run_dirs: list[str], config_path: str, steps: int, rounds: int) -> pd.Da
     if steps <= WARMUP_STEPS:
         raise SystemExit(f"apo bench-steps: --steps must be more than the {WARMUP_STEPS} warm-up steps")
     runs = finished_runs(run_dirs)
-    config = validate_config(yaml.safe_load(Path(config_path).read_text()), source=config_path)
+    config = validate_config(load_yaml(config_path), source=config_path)
     runtime = runtime_knobs(config)
     times: dict[str, list[float]] = {m: [] for m in runs}
     for r in range(rounds):

@@ -13,7 +13,9 @@ import contextlib
 import copy
 import importlib.util
 import math
+import os
 import re
+from collections.abc import Hashable
 from pathlib import Path
 
 import jsonschema
@@ -26,6 +28,42 @@ SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 class ConfigError(ValueError):
     pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    silently, so a second `train:` block would drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the base constructor names an unhashable key itself
+            if key in seen:
+                raise ConfigError(
+                    f"{self.name}, line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                    f"in one mapping (first at line {seen[key] + 1}); YAML would keep only the last"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | Path):
+    """A YAML (or JSON) config file's content; a duplicate key is a ConfigError naming the file,
+    the line and the key. Every config the project reads goes through here."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        loader = _UniqueKeyLoader(fh)
+        loader.name = str(path)
+        try:
+            return loader.get_single_data()
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        finally:
+            loader.dispose()
 
 
 def _resolve(schema: dict, root: dict) -> dict:
@@ -195,9 +233,14 @@ def resolve_extends(config: dict, base_dir: Path, source: str = "config", seen: 
         raise ConfigError(f"invalid {source}: config key 'extends': {name} extends itself")
     if not path.is_file():
         raise ConfigError(f"invalid {source}: config key 'extends': no such file {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    refuse_templates(raw, str(path))
-    base = resolve_extends(raw, base_dir, str(path), (*seen, path))
+    base = load_yaml(path)
+    if base is None:
+        base = {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"invalid {source}: config key 'extends': {path} holds a {type(base).__name__}, "
+                          "not a mapping of config keys")
+    refuse_templates(base, str(path))
+    base = resolve_extends(base, base_dir, str(path), (*seen, path))
     return merge(base, {k: v for k, v in config.items() if k != "extends"})
 
 
@@ -268,6 +311,8 @@ def _check_consistency(config: dict, source: str) -> None:
         raise ConfigError(f"invalid {source}: config key 'methods': unknown method(s) {unknown} "
                           f"(known: {sorted(methods.METHODS)})")
     _check_batch_sizes(config["train"], source)
+    _check_train_gpus(config, source)
+    _check_greedy_samples(config, source)
     _check_vstar_table(config["vstar"], source)
     if config["vstar"]["source"] == "table" and config["prompt"]["template"] != "raw":
         # The published stage-1 rewards were sampled from raw prompts: V* of a chat prompt
@@ -278,6 +323,7 @@ def _check_consistency(config: dict, source: str) -> None:
         )
     _check_shards(config, source)
     _check_names(config, source)
+    _check_splits(config, source)
     if "evaluate" in config["data"]["train"]:
         raise ConfigError(
             f"invalid {source}: config key 'data.train.evaluate': evaluation settings belong to "
@@ -298,6 +344,50 @@ def _check_batch_sizes(t: dict, source: str) -> None:
         if big % small:
             raise ConfigError(
                 f"invalid {source}: config key 'train.{a}' ({big}) must be a multiple of 'train.{b}' ({small})"
+            )
+
+
+def _check_train_gpus(config: dict, source: str) -> None:
+    """`resources.train.gpu` training processes each take an equal share of every mini-batch
+    in whole micro-batches (apo.train.batch_layout), found here rather than inside the GPU job."""
+    t, gpus = config["train"], config["resources"]["train"]["gpu"]
+    mini = t["mini_batch_size"] or t["batch_size"]
+    mini_key = "mini_batch_size" if t["mini_batch_size"] else "batch_size"
+    if gpus > 1 and mini % (t["micro_batch_size"] * gpus):
+        raise ConfigError(
+            f"invalid {source}: config key 'resources.train.gpu' ({gpus}): 'train.{mini_key}' ({mini}) must be "
+            f"a multiple of 'train.micro_batch_size' ({t['micro_batch_size']}) x {gpus} GPUs, one training "
+            "process per GPU"
+        )
+
+
+def _sample_counts(config: dict):
+    """(what draws, samples per prompt, key of its temperature, the temperature) of every
+    place the pipeline draws responses."""
+    yield "config key 'sample.n'", config["sample"]["n"], "sample.temperature", config["sample"]["temperature"]
+    ev = config["evaluate"]
+    for i, b in enumerate(config["data"]["benchmarks"]):
+        own, key = b.get("evaluate", {}), f"data.benchmarks[{i}].evaluate"
+        k_key = f"{key}.k" if "k" in own else "evaluate.k"
+        t_key = f"{key}.temperature" if "temperature" in own else "evaluate.temperature"
+        yield f"config key '{k_key}'", own.get("k", ev["k"]), t_key, own.get("temperature", ev["temperature"])
+    v = config["train"]["validation"]
+    if config["data"].get("validation") is not None:
+        yield "config key 'train.validation.k'", v["k"], "train.validation.temperature", v["temperature"]
+    for name in config["methods"]:
+        n = methods.get(name).samples(config["train"])
+        for count in n if isinstance(n, list) else [n]:  # a swept group size: each value
+            yield f"method '{name}'", count, "train.temperature", config["train"]["temperature"]
+
+
+def _check_greedy_samples(config: dict, source: str) -> None:
+    """Temperature 0 is greedy decoding: every sample of a prompt would be the same response,
+    and vLLM refuses several greedy samples per prompt, minutes into the job."""
+    for what, count, temp_key, temperature in _sample_counts(config):
+        if temperature == 0 and count > 1:
+            raise ConfigError(
+                f"invalid {source}: {what} draws {count} samples per prompt at '{temp_key}' 0 (greedy "
+                "decoding), which would all be the same response; draw 1, or set a temperature above 0"
             )
 
 
@@ -348,16 +438,96 @@ def _check_vstar_table(v: dict, source: str) -> None:
             )
 
 
-def _split_of(spec: dict) -> tuple:
-    """What a prompt set is drawn from: two specs with the same (path, subset, split) share
-    problems, whatever their limits."""
-    return spec["path"], spec.get("subset"), spec["split"]
+# The suffixes of the local data files the data stage reads (apo.data.BUILDERS).
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+def dataset_specs(config: dict):
+    """(config key, spec) of every prompt set: data.train, each benchmark, data.validation."""
+    yield "data.train", config["data"]["train"]
+    for i, b in enumerate(config["data"]["benchmarks"]):
+        yield f"data.benchmarks[{i}]", b
+    if config["data"].get("validation") is not None:
+        yield "data.validation", config["data"]["validation"]
+
+
+def dataset_file(spec: dict) -> str:
+    """The path a dataset spec reads: its `path`, with `{split}` replaced by its split."""
+    return spec["path"].replace("{split}", spec["split"])
+
+
+def file_split_problem(spec: dict) -> str | None:
+    """Why a local file cannot give the spec's split, or None: a file read whole is one split,
+    `train` (as the datasets library names a data file's rows); another split needs `{split}`
+    in the path or a `split_field`."""
+    if "{split}" in spec["path"] or spec.get("split_field") or spec["split"] == "train":
+        return None
+    return (f"{spec['path']} is one file, read whole as split 'train', so split {spec['split']!r} cannot be "
+            "honoured: name the column holding each row's split (split_field), put {split} in the path "
+            "(one file per split, e.g. data/{split}.jsonl), or set split: train")
+
+
+def _check_splits(config: dict, source: str) -> None:
+    """A local file gives the split a spec names (`file_split_problem`); `{split}` and
+    `split_field` are two ways to say where the splits are, not to be combined."""
+    table = [("vstar.table", config["vstar"]["table"])] if config["vstar"]["source"] == "table" else []
+    for key, spec in [*dataset_specs(config), *table]:
+        if "{split}" in spec["path"] and spec.get("split_field"):
+            raise ConfigError(f"invalid {source}: config key '{key}.split_field': the path {spec['path']!r} names "
+                              "one file per split ({split}); a split column is for one file holding every split")
+        file = Path(dataset_file(spec)).expanduser()
+        if spec["path"] != "demo" and (file.is_file() or (file.suffix in LOCAL_SUFFIXES and not file.is_dir())):
+            problem = file_split_problem(spec)
+            if problem is not None:
+                raise ConfigError(f"invalid {source}: config key '{key}.split': {problem}")
+
+
+def source_of(spec: dict) -> tuple:
+    """What a prompt set is drawn from, as far as the config tells: an existing local path by
+    its resolved location (./data/t.jsonl and data/t.jsonl are one file), anything else by
+    its spelling; then subset, split column and split. Two specs with the same source share
+    problems, whatever their limits. The plan compares local data by content
+    (`apo.settings.Plan.source_identity`)."""
+    file = Path(dataset_file(spec)).expanduser()
+    if spec["path"] != "demo" and file.is_file():  # read whole, or split by its column
+        return os.path.realpath(file), spec.get("split_field"), spec["split"] if spec.get("split_field") else None
+    if spec["path"] != "demo" and file.is_dir():
+        return os.path.realpath(file), spec.get("subset"), spec["split"]
+    return spec["path"], spec.get("subset"), spec.get("split_field"), spec["split"]
+
+
+def check_held_out(config: dict, source: str, identity=source_of) -> None:
+    """data.validation is held out: neither the training set nor, unless declared with
+    data.validation_on_benchmark, a benchmark's; the training set is no benchmark's. Two
+    prompt sets are the same when `identity` says so."""
+    data = config["data"]
+    train, spec = identity(data["train"]), data.get("validation")
+
+    def what(s):
+        return f"dataset {dataset_file(s)!r} split {s['split']!r}"
+
+    tested = [b["name"] for b in data["benchmarks"] if identity(b) == train]
+    if tested:
+        raise ConfigError(f"invalid {source}: config key 'data.train': {what(data['train'])} is the test set of "
+                          f"benchmark(s) {tested}; train on problems no benchmark uses")
+    if spec is None:
+        return
+    if identity(spec) == train:
+        raise ConfigError(f"invalid {source}: config key 'data.validation': {what(spec)} is the training set "
+                          "(data.train); validate on problems the policy is not trained on")
+    same = [b["name"] for b in data["benchmarks"] if identity(b) == identity(spec)]
+    if same and not data["validation_on_benchmark"]:
+        raise ConfigError(
+            f"invalid {source}: config key 'data.validation': {what(spec)} is the test set of benchmark(s) {same}; "
+            "validate on data no benchmark uses, or set data.validation_on_benchmark: true to declare it "
+            "(the report then says that the validation set is not held out)"
+        )
 
 
 def _check_validation(config: dict, source: str) -> None:
-    """data.validation is held out: neither the training split nor, unless declared with
-    data.validation_on_benchmark, a benchmark's. Its null length is the training length, filled
-    in here so that spelling it out does not change the training stage's address."""
+    """Validation's null length is the training length, filled in here so that spelling it
+    out does not change the training stage's address; a sweep needs a held-out validation set;
+    the prompt sets are held out from each other (`check_held_out`)."""
     v = config["train"]["validation"]
     if v["max_new_tokens"] is None:
         v["max_new_tokens"] = config["train"]["max_new_tokens"]
@@ -369,16 +539,4 @@ def _check_validation(config: dict, source: str) -> None:
             "method's run by its validation accuracy: set data.validation to a set no benchmark uses"
             + (" (data.validation_on_benchmark is true: the pick would be made on test problems)" if spec else "")
         )
-    if spec is None:
-        return
-    where = f"dataset {spec['path']!r} split {spec['split']!r}"
-    if _split_of(spec) == _split_of(config["data"]["train"]):
-        raise ConfigError(f"invalid {source}: config key 'data.validation': {where} is the training set (data.train); "
-                          "validate on problems the policy is not trained on")
-    same = [b["name"] for b in config["data"]["benchmarks"] if _split_of(b) == _split_of(spec)]
-    if same and not config["data"]["validation_on_benchmark"]:
-        raise ConfigError(
-            f"invalid {source}: config key 'data.validation': {where} is the test set of benchmark(s) {same}; "
-            "validate on data no benchmark uses, or set data.validation_on_benchmark: true to declare it "
-            "(the report then says that the validation set is not held out)"
-        )
+    check_held_out(config, source)

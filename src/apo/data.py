@@ -5,16 +5,25 @@ Output columns: id (str, unique), prompt (formatted per prompt.template, ready f
 
 Loading always goes through `datasets.load_dataset`: a hub id, a local dataset directory, or
 local json/jsonl/parquet/csv files. The embedded demo is just local JSON lines.
+
+A local file holds one split, `train` (the library's name for a data file's rows), unless the
+spec says where its splits are: `{split}` in the path (one file per split) or `split_field` (a
+column naming each row's split). Any other split of a file is refused, never read as the
+whole file. Golds are read as the file writes them: a JSON number keeps its digits (Arrow
+would make `12` beside `2.5` the float `12.0`), a CSV cell stays text.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import pandas as pd
 
+from apo.config import dataset_file, file_split_problem
 from apo.settings import looks_local
 
 log = logging.getLogger(__name__)
@@ -28,35 +37,114 @@ class DataError(ValueError):
 
 
 def load_rows(spec: dict, demo_dir: str | None = None):
-    """A `datasets.Dataset` for the spec's path and split."""
+    """A `datasets.Dataset` of the spec's path and split."""
+    return read_rows(spec, demo_dir)[0]
+
+
+def read_rows(spec: dict, demo_dir: str | None = None):
+    """The spec's rows (a `datasets.Dataset`) and, for a local JSON file, its answer field of
+    each row as written (else None: the dataset's own values are the golds)."""
     import datasets
 
     path, split = spec["path"], spec["split"]
     if path == "demo":
         if demo_dir is None:
             raise DataError("dataset path 'demo' needs the demo stage directory")
-        return datasets.load_dataset("json", data_files=str(Path(demo_dir) / f"{split}.jsonl"), split="train")
-    local = Path(path)
-    if not local.exists() and looks_local(path):
-        raise DataError(f"{path}: no such file or directory (data.*.path)")
+        return datasets.load_dataset("json", data_files=str(Path(demo_dir) / f"{split}.jsonl"), split="train"), None
+    file = dataset_file(spec)
+    local = Path(file)
+    if not local.exists() and looks_local(file):
+        raise DataError(f"{file}: no such file or directory (data.*.path)")
     if local.is_file():
-        builder = BUILDERS.get(local.suffix)
-        if builder is None:
-            raise DataError(f"{path}: unknown file type {local.suffix!r} (use {sorted(BUILDERS)})")
-        check_file(local, builder)
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(local), split="train")
-        except Exception as e:  # the library's own error does not name the file
-            raise DataError(f"{path}: cannot be read as {builder}: {type(e).__name__}: {e}") from e
-        if len(ds) == 0:
-            raise DataError(f"{path}: the file has no rows")
-        return ds
+        return _read_file(local, spec)
     # A local dataset directory or a hub id; `subset` is the hub config name.
     try:
-        return datasets.load_dataset(path, spec.get("subset"), split=split, revision=spec.get("revision"))
+        return datasets.load_dataset(path, spec.get("subset"), split=split, revision=spec.get("revision")), None
     except (ConnectionError, OSError) as e:
         where = "a local dataset directory" if local.is_dir() else "not a local path, and the hub"
         raise DataError(f"{path}: {where} could not be read: {type(e).__name__}: {e}") from e
+    except ValueError as e:  # an unknown split: the library's message lists the known ones
+        raise DataError(f"{path}: {e} (data.*.split)") from e
+
+
+def local_splits(path: Path, subset: str | None = None) -> list[str]:
+    """The split names of a local dataset directory, as `datasets.load_dataset` finds them
+    (from its file names, or its README's configs)."""
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_split_names(str(path), subset))
+    except Exception as e:  # the library's own error does not name the directory
+        raise DataError(f"{path}: cannot be read as a dataset directory: {type(e).__name__}: {e}") from e
+
+
+def _read_file(local: Path, spec: dict):
+    import datasets
+
+    builder = BUILDERS.get(local.suffix)
+    if builder is None:
+        raise DataError(f"{local}: unknown file type {local.suffix!r} (use {sorted(BUILDERS)})")
+    problem = file_split_problem(spec)
+    if problem is not None:
+        raise DataError(problem)
+    check_file(local, builder)
+    options = {}
+    if builder == "csv":  # every cell as written: pandas would read "12" beside "2.5" as 12.0
+        with open(local, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh))
+        options = {"features": datasets.Features({c: datasets.Value("string") for c in header}),
+                   "keep_default_na": False}
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(local), split="train", **options)
+    except Exception as e:  # the library's own error does not name the file
+        raise DataError(f"{local}: cannot be read as {builder}: {type(e).__name__}: {e}") from e
+    if len(ds) == 0:
+        raise DataError(f"{local}: the file has no rows")
+    golds = json_column(local, spec["answer_field"], len(ds)) if builder == "json" and spec.get("answer_field") else None
+    keep = split_rows(ds, spec, local)
+    if keep is not None:
+        ds = ds.select(keep)
+        golds = [golds[i] for i in keep] if golds is not None else None
+    return ds, golds
+
+
+def split_rows(ds, spec: dict, path) -> list[int] | None:
+    """The rows of `spec['split']` by its `split_field` column (None: no split_field, every row)."""
+    field = spec.get("split_field")
+    if not field:
+        return None
+    if field not in ds.column_names:
+        raise DataError(f"{path}: no column {field!r} (split_field); columns: {ds.column_names}")
+    values = [None if v is None else str(v) for v in ds[field]]
+    keep = [i for i, v in enumerate(values) if v == spec["split"]]
+    if not keep:
+        found = sorted({v for v in values if v is not None})
+        raise DataError(f"{path}: no row has {field} = {spec['split']!r} (split); its values: {found[:20]}")
+    return keep
+
+
+def json_column(path: Path, field: str, rows: int) -> list:
+    """`field` of every row of a JSON-lines file (or a JSON array of objects), numbers as their
+    written text, in the order the loader reads the rows."""
+    text = path.read_text(encoding="utf-8")
+    parse = {"parse_int": str, "parse_float": str}
+    try:
+        objects = [json.loads(line, **parse) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        objects = None
+    if objects is None or not all(isinstance(o, dict) for o in objects):
+        try:
+            whole = json.loads(text, **parse)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: its answers cannot be read as written ({e.msg} at line {e.lineno}); "
+                            "write one JSON object per line") from None
+        if isinstance(whole, dict) and isinstance(whole.get(field), list):
+            objects = [{field: v} for v in whole[field]]  # a mapping of columns
+        else:
+            objects = whole if isinstance(whole, list) else [whole]
+    if len(objects) != rows:
+        raise DataError(f"{path}: {len(objects)} JSON rows, but the loader read {rows}; write one object per line")
+    return [o.get(field) if isinstance(o, dict) else None for o in objects]
 
 
 def check_file(path: Path, builder: str) -> None:
@@ -92,6 +180,24 @@ def _check_json_line(path: Path, lineno: int, line: str) -> None:
         raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}, line {lineno}: a JSON line must be an object {{...}}, got {type(row).__name__}")
+
+
+def gold_type_problem(raw) -> str | None:
+    """Why a gold value is not an answer (a boolean, an object, a NaN or infinite number, a
+    nested list), or None: `str()` would make `true` the answer 'True' and NaN 'nan'."""
+    if isinstance(raw, bool):
+        return "a boolean"
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return "not a finite number"
+    if isinstance(raw, (list, tuple)):
+        if not raw:
+            return "an empty list"
+        inner = [gold_type_problem(v) or ("a list inside a list" if isinstance(v, (list, tuple)) else None) for v in raw]
+        bad = next((p for p in inner if p is not None), None)
+        return None if bad is None else f"a list with {bad} in it"
+    if not isinstance(raw, (str, int, float)):
+        return f"an object ({type(raw).__name__})"
+    return None
 
 
 def normalize_answer(raw, answer_format: str) -> str:
@@ -157,8 +263,8 @@ def prepare(
     naming the row. Prompts longer than `max_prompt_tokens` and, when a `grader` is given,
     gold answers it cannot grade against (`apo.reward.gold_problem`) are dropped and counted.
     """
-    where = f"dataset {spec['path']!r} split {spec['split']!r}"
-    ds = load_rows(spec, demo_dir)
+    where = f"dataset {dataset_file(spec)!r} split {spec['split']!r}"
+    ds, golds = read_rows(spec, demo_dir)
     for key in ("prompt_field", "answer_field"):
         if spec[key] not in ds.column_names:
             raise DataError(f"{where}: no column {spec[key]!r} (data.*.{key}); columns: {ds.column_names}")
@@ -166,18 +272,23 @@ def prepare(
         raise DataError(f"{where}: no column {spec['id_field']!r} (id_field); columns: {ds.column_names}")
     rows_read = len(ds)
     if spec.get("limit"):
-        ds = ds.select(range(min(spec["limit"], len(ds))))
+        ds = ds.select(range(min(spec["limit"], len(ds))))  # the first rows: `golds` stay aligned
 
     rows, seen = [], {}
     too_long = 0
     max_chars = prompt_cfg["max_prompt_tokens"] * max_token_chars(tokenizer)
     for i, ex in enumerate(ds):
-        q, a = ex[spec["prompt_field"]], ex[spec["answer_field"]]
+        q = ex[spec["prompt_field"]]
+        a = golds[i] if golds is not None else ex[spec["answer_field"]]
         rid = str(ex[spec["id_field"]]) if spec.get("id_field") else f"{spec['split']}-{i:06d}"
         if not isinstance(q, str) or not q.strip():
             raise DataError(f"{where}, row {i} (id {rid}): prompt field {spec['prompt_field']!r} is empty or not a string")
         if a is None or (isinstance(a, str) and not a.strip()):
             raise DataError(f"{where}, row {i} (id {rid}): answer field {spec['answer_field']!r} is empty")
+        problem = gold_type_problem(a)
+        if problem is not None:
+            raise DataError(f"{where}, row {i} (id {rid}): answer field {spec['answer_field']!r} holds {a!r}, "
+                            f"{problem}; a gold answer is text or a number, or a list of them")
         if rid in seen:
             raise DataError(f"{where}, row {i}: duplicate id {rid!r} (first at row {seen[rid]})")
         seen[rid] = i
@@ -191,7 +302,7 @@ def prepare(
         if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > prompt_cfg["max_prompt_tokens"]:
             too_long += 1  # dropped, as the paper's max prompt length does; counted
             continue
-        rows.append({"id": rid, "prompt": prompt, "question": q, "answer": answer, "source": spec["path"]})
+        rows.append({"id": rid, "prompt": prompt, "question": q, "answer": answer, "source": dataset_file(spec)})
     rows, bad_gold = _drop_bad_golds(rows, grader, where)
     if not rows:
         raise DataError(
@@ -218,6 +329,23 @@ def _drop_bad_golds(rows: list[dict], grader, where: str) -> tuple[list[dict], i
     return [r for r, p in zip(rows, problems) if p is None], len(bad)
 
 
+def check_special_tokens(tokenizer, model: str) -> None:
+    """The tokens every later stage relies on, checked by the first job that loads the
+    tokenizer: EOS ends a response (without it every response runs to max_new_tokens) and pad
+    fills the training batches. Pad may be EOS itself, as in Qwen2.5's base tokenizer."""
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"model {model}: its tokenizer has no EOS token, so no response could end before "
+                        f"max_new_tokens; {_how_to_set('eos_token', model)} (the token that ends a turn)")
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"model {model}: its tokenizer has no pad token, which training pads batches with; "
+                        f"{_how_to_set('pad_token', model)} (e.g. to the EOS token {tokenizer.eos_token!r})")
+
+
+def _how_to_set(name: str, model: str) -> str:
+    return (f"set \"{name}\" in {model}/tokenizer_config.json, or save a copy of the tokenizer with it "
+            f"(tok.{name} = ...; tok.save_pretrained(DIR), beside the model's files) and set config key 'model' to DIR")
+
+
 def run(settings: dict, tokenizer_path: str, demo_dir: str | None, grading: dict) -> tuple[pd.DataFrame, dict]:
     """Stage entry: the prompt set `settings` describes (a data stage's manifest settings),
     formatted with the tokenizer's template, and its counts (counts.json)."""
@@ -230,5 +358,6 @@ def run(settings: dict, tokenizer_path: str, demo_dir: str | None, grading: dict
         verify_stage_file(Path(demo_dir) / f"{settings['split']}.jsonl")
     verify_if_stage(tokenizer_path)  # the demo's model is a stage output
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    check_special_tokens(tokenizer, tokenizer_path)
     with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"]) as grader:
         return prepare(settings, settings["prompt"], tokenizer, demo_dir, grader)

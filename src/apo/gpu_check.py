@@ -217,11 +217,9 @@ def check_config(profile: Profile, config_path: Path, backend: str = "hf", train
     """The paper config, validated, with the check's sizes in place of the paper's: one
     process on the transformers engine unless `backend` and `train_resources` (resources.train:
     gpu, distributed, gpu_memory_gb) say otherwise."""
-    import yaml
+    from apo.config import load_yaml, validate_config
 
-    from apo.config import validate_config
-
-    raw = yaml.safe_load(Path(config_path).read_text())
+    raw = load_yaml(config_path)
     raw["methods"] = list(METHODS)
     raw["seeds"] = [0]
     raw["generation"] = {**raw.get("generation", {}), "backend": backend, "batch_size": profile.generation_batch}

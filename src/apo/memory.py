@@ -680,15 +680,12 @@ def plan_from_files(
 ) -> MemoryPlan:
     """`apo plan`: the plan of config files (merged in order), not yet checked; raises
     MemoryPlanError when the model's size is unknown."""
-    import yaml
-
-    from apo.config import merge, validate_config
+    from apo.config import load_yaml, merge, validate_config
     from apo.settings import Plan, model_path
 
     raw: dict = {}
     for path in paths:
-        with open(path) as fh:
-            raw = merge(raw, yaml.safe_load(fh) or {})
+        raw = merge(raw, load_yaml(path) or {})
     config = validate_config(raw, source=" + ".join(paths))
     if gpu_memory_gb is not None:
         config["resources"]["train"]["gpu_memory_gb"] = gpu_memory_gb

@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from apo import __version__, methods, sweep
+from apo.config import LOCAL_SUFFIXES, ConfigError, check_held_out, dataset_file, dataset_specs
 from apo.fingerprint import DigestCache, content_digest
 
 # Bump a stage's format version when its code changes what it writes for the same settings;
 # every downstream address changes with it.
 FORMAT_VERSION = {
     "demo": 2,
-    "data": 2,
+    "data": 3,
     "sample": 2,
     "vstar": 2,
     "train": 2,
@@ -74,9 +75,6 @@ class External:
         return f"external:{self.ref}" + (f"@{self.revision}" if self.revision else "")
 
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
-
-
 def looks_local(ref: str) -> bool:
     """Whether a reference is meant as a local file or directory, even one that does not exist,
     rather than a hub id (`name` or `owner/name`): it exists, or has a data file suffix, is an
@@ -90,6 +88,26 @@ def looks_local(ref: str) -> bool:
         or ref.count("/") > 1
         or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
     )
+
+
+# One of these makes a directory a tokenizer transformers can load (with tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def local_model_problem(ref: str) -> str | None:
+    """What an existing local model path lacks for `from_pretrained` (its config.json, its
+    tokenizer files), or None. A missing path is left to Snakemake's missing-input error."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"{ref} is a file; a model is a directory of config.json, weights and tokenizer files"
+    if not (path / "config.json").is_file():
+        return f"{ref} has no config.json (the model's architecture); write the model there with save_pretrained"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return (f"{ref} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); write the model's tokenizer "
+                "there with tokenizer.save_pretrained")
+    return None
 
 
 @dataclass(frozen=True)
@@ -188,12 +206,15 @@ class Plan:
         demo = {**config["demo"], "instruction": config["prompt"]["instruction"]}
         self.demo = self._add("demo", demo, {}) if uses_demo else None
         self.model = self.demo if config["model"] == DEMO else self.external(config["model"], config["model_revision"])
+        self._check_local_inputs()
 
         grading = config["grading"]
         self.train_data = self._dataset(config["data"]["train"])
         self.benchmarks = {b["name"]: self._dataset(b) for b in config["data"]["benchmarks"]}
         spec = config["data"].get("validation")
         self.validation = self._dataset(spec) if spec is not None else None
+        # The held-out checks of validation, by what each prompt set is rather than its spelling.
+        check_held_out(config, "config", self.source_identity)
 
         sample, vstar = config["sample"], config["vstar"]
         if vstar["source"] == "table":
@@ -319,10 +340,44 @@ class Plan:
         if spec["path"] == DEMO:
             inputs["source"] = self.demo
         else:
-            source = self.external(spec["path"], spec["revision"])
+            source = self.external(dataset_file(spec), spec["revision"])
             if source.local:
                 inputs["source"] = source  # its path is in the settings; this is its content
         return self._add("data", settings, inputs)
+
+    def _check_local_inputs(self) -> None:
+        """What planning can tell of local inputs before any job: the results entry is not a
+        file, a local model has its config and tokenizer, a dataset directory has the split."""
+        entry = Path(self.results) / self.experiment
+        if entry.exists() and not entry.is_dir():
+            raise ConfigError(f"config key 'experiment': {entry} exists and is not a directory (the experiment's "
+                              "results entry); choose another experiment name or move the file")
+        if isinstance(self.model, External) and self.model.local:
+            problem = local_model_problem(self.model.ref)
+            if problem is not None:
+                raise ConfigError(f"config key 'model': {problem}")
+        for key, spec in dataset_specs(self.config):
+            path = Path(dataset_file(spec)).expanduser()
+            if spec["path"] != DEMO and path.is_dir():
+                from apo.data import local_splits
+
+                splits = local_splits(path, spec.get("subset"))
+                if spec["split"] not in splits:
+                    raise ConfigError(f"config key '{key}.split': the dataset directory {path} has no split "
+                                      f"{spec['split']!r}; its splits: {splits}")
+
+    def source_identity(self, spec: dict) -> tuple:
+        """What a prompt set is drawn from, by what it is: a local file or directory by its
+        content (a copy or another spelling of one path is the same data), a hub dataset by its
+        id, revision and subset; then the split, which selects rows of a directory or hub
+        dataset, or of a file by its `split_field` (a file read whole, or one per `{split}`, is
+        its content alone)."""
+        if spec["path"] == DEMO:
+            return ("demo", spec["split"])
+        source = self.external(dataset_file(spec), spec["revision"])
+        if source.local and Path(dataset_file(spec)).expanduser().is_file():
+            return (source.id, spec.get("split_field"), spec["split"] if spec.get("split_field") else None)
+        return (source.id, spec.get("subset"), spec["split"])
 
     def external(self, ref: str, revision: str | None) -> External:
         """A local path by its content (when it exists; a missing one is left for Snakemake

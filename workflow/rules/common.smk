@@ -2,7 +2,7 @@ import json
 import sys
 from pathlib import Path
 
-from apo.config import SCHEMA_PATH, refuse_template_files, validate_config
+from apo.config import SCHEMA_PATH, load_yaml, refuse_template_files, validate_config
 from apo.job import read_stage_json
 from apo.memory import workflow_plan
 from apo.report import FILES as REPORT_FILES
@@ -12,10 +12,13 @@ from apo.tracking import check_reachable, check_store_location, default_tracking
 
 # Validate before any job is planned: a bad key stops the run here, naming the key. The
 # config is the file given with --configfile (config/config.yaml, the demo, when none is:
-# profiles/default), with its `extends` file under it; nothing else is merged in.
-# Snakemake has already rendered a config with `__use_yte__` (Python in it ran): stop here
-# rather than run on what it computed.
+# profiles/default), with its `extends` file under it; nothing else is merged in. Snakemake
+# has rendered a config with `__use_yte__` (Python in it ran): stop here rather than run on
+# what it computed. And it read each file keeping the last of a key given twice: read again,
+# that is an error.
 refuse_template_files(workflow.configfiles)
+for _configfile in workflow.configfiles:
+    load_yaml(_configfile)
 _validated = validate_config(
     config,
     SCHEMA_PATH,
