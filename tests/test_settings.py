@@ -306,6 +306,40 @@ def test_grading_method_moves_every_stage_that_grades(demo_config):
     )
 
 
+def test_grading_extract_moves_reference_sampling_and_training_not_evaluation(demo_config):
+    moved = changed(plan(demo_config), plan(demo_config, grading__extract="boxed"))
+    dirs = set(stage_dirs(plan(demo_config)))
+    assert moved == {"sample", "vstar"} | {k for k in dirs if k.startswith(("train:", "eval:"))} - {
+        k for k in dirs if k.startswith("eval:reference")}
+    assert plan(demo_config, grading__extract="boxed").sample.settings["grading_extract"] == "boxed"
+
+
+def test_evaluate_extract_moves_only_the_evaluations(demo_config):
+    moved = changed(plan(demo_config), plan(demo_config, evaluate__extract="boxed"))
+    assert moved == {k for k in stage_dirs(plan(demo_config)) if k.startswith("eval:")}
+    ev = plan(demo_config, evaluate__extract="boxed").evals["reference", "demo_test"].settings
+    assert ev["grading_extract"] == "boxed" and "extract" not in ev
+
+
+def test_stage_one_may_grade_with_its_own_method(demo_config):
+    p = plan(demo_config, grading__sample_method="gsm8k_flexible")
+    assert p.sample.settings["grading_method"] == "gsm8k_flexible"
+    assert p.trains["apo"].settings["grading_method"] == "math_verify"
+    # the samples move, and with them V* and the A*-PO training that reads it
+    assert changed(plan(demo_config), p) == {"sample", "vstar", "train:apo", "eval:apo:demo_test"}
+
+
+def test_benchmarks_have_no_prompt_limit_unless_they_set_one(demo_config):
+    base = plan(demo_config)
+    assert base.benchmarks["demo_test"].settings["prompt"]["max_prompt_tokens"] is None
+    assert base.train_data.settings["prompt"]["max_prompt_tokens"] == demo_config["prompt"].get("max_prompt_tokens", 256)
+    cfg = copy.deepcopy(demo_config)
+    cfg["data"]["benchmarks"][0]["max_prompt_tokens"] = 100
+    own = Plan(validate_config(cfg, SCHEMA))
+    assert own.benchmarks["demo_test"].settings["prompt"]["max_prompt_tokens"] == 100
+    assert "max_prompt_tokens" not in own.benchmarks["demo_test"].settings  # one place: the prompt block
+
+
 def test_a_benchmarks_own_evaluation_settings_move_only_its_evaluations(demo_config):
     cfg = copy.deepcopy(demo_config)
     second = {**cfg["data"]["benchmarks"][0], "name": "second"}

@@ -21,7 +21,7 @@ SETTINGS = {
     "checkpoint_every": 2, "keep_checkpoints": 2, "stop_on_collapse": False,
     "collapse": {"window": 20, "reward_ratio": 0.5, "length_ratio": 0.3}, "backend": "hf",
     "compute_dtype": "float32", "reference_dtype": "float32", "mini_batch_size": None, "entropy_coef": 0.0,
-    "loss_agg": "token_mean", "require_eos": False, "grading_timeout_s": 5, "grading_method": "math_verify",
+    "loss_agg": "token_mean", "require_eos": False, "grading_timeout_s": 5, "grading_method": "math_verify", "grading_extract": "any",
     "validate_every": 2, "validation": {"k": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0},
 }
 RUNTIME = ({"batch_size": 64}, {"timeout_s": 5, "workers": 1})

@@ -154,8 +154,9 @@ def prepare(
     """Rows of the dataset in the fixed schema, plus counts for the report.
 
     Malformed rows (missing/empty/non-string prompt, empty answer, duplicate id) are errors
-    naming the row. Prompts longer than `max_prompt_tokens` and, when a `grader` is given,
-    gold answers it cannot grade against (`apo.reward.gold_problem`) are dropped and counted.
+    naming the row. Prompts longer than `max_prompt_tokens` (when it is set) and, when a
+    `grader` is given, gold answers it cannot grade against (`apo.reward.gold_problem`) are
+    dropped and counted.
     """
     where = f"dataset {spec['path']!r} split {spec['split']!r}"
     ds = load_rows(spec, demo_dir)
@@ -170,7 +171,8 @@ def prepare(
 
     rows, seen = [], {}
     too_long = 0
-    max_chars = prompt_cfg["max_prompt_tokens"] * max_token_chars(tokenizer)
+    limit = prompt_cfg["max_prompt_tokens"]  # None: no length filter (a benchmark's default)
+    max_chars = limit * max_token_chars(tokenizer) if limit is not None else float("inf")
     for i, ex in enumerate(ds):
         q, a = ex[spec["prompt_field"]], ex[spec["answer_field"]]
         rid = str(ex[spec["id_field"]]) if spec.get("id_field") else f"{spec['split']}-{i:06d}"
@@ -188,7 +190,7 @@ def prepare(
             too_long += 1  # certainly over the token bound: not worth tokenizing (a 10 MB row took 49 s)
             continue
         prompt = format_prompt(q, prompt_cfg, tokenizer)
-        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > prompt_cfg["max_prompt_tokens"]:
+        if limit is not None and len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > limit:
             too_long += 1  # dropped, as the paper's max prompt length does; counted
             continue
         rows.append({"id": rid, "prompt": prompt, "question": q, "answer": answer, "source": spec["path"]})

@@ -92,7 +92,8 @@ def run_shard(
     prompts = shard_rows(read_stage_parquet(prompts_path), shard, settings["shards"], str(prompts_path), f"{kind}.shards")
     seed = settings["seed"] * 10_007 + shard
     generator = open_generator(settings["backend"], model_path, generation, prompts, sampling.max_new_tokens, seed)
-    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"]) as grader:
+    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"],
+                extract=settings["grading_extract"]) as grader:
         samples = sample_and_grade(generator, grader, prompts, sampling, seed=seed)
     metrics = {"mean_reward": samples["reward"].mean(), "responses": len(samples),
                "ungraded": int((samples["status"] != "ok").sum()), "mean_tokens": samples["num_tokens"].mean()}

@@ -29,11 +29,11 @@ from apo.fingerprint import DigestCache, content_digest
 # every downstream address changes with it.
 FORMAT_VERSION = {
     "demo": 2,
-    "data": 2,
-    "sample": 2,
+    "data": 3,
+    "sample": 3,
     "vstar": 2,
-    "train": 2,
-    "evaluate": 2,
+    "train": 3,
+    "evaluate": 3,
     "sweep": 1,
 }
 # One name per stage: the config section, the rule, the `apo` command, the results folder and
@@ -153,9 +153,14 @@ def _subset(section: dict, keys: list[str]) -> dict:
     return {k: section[k] for k in keys}
 
 
-def _grading(grading: dict) -> dict:
-    """What every grading stage's address holds of the `grading` block (workers is speed only)."""
-    return {"grading_timeout_s": grading["timeout_s"], "grading_method": grading["method"]}
+def _grading(grading: dict, method: str | None = None, extract: str | None = None) -> dict:
+    """What a grading stage's address holds of the `grading` block (workers is speed only): the
+    time bound, the method (`method` where the stage has its own: stage 1's sample_method) and,
+    for a stage that grades responses, where their answer is read from (`extract`)."""
+    out = {"grading_timeout_s": grading["timeout_s"], "grading_method": method or grading["method"]}
+    if extract is not None:
+        out["grading_extract"] = extract
+    return out
 
 
 class Plan:
@@ -188,7 +193,7 @@ class Plan:
 
         grading = config["grading"]
         self.train_data = self._dataset(config["data"]["train"])
-        self.benchmarks = {b["name"]: self._dataset(b) for b in config["data"]["benchmarks"]}
+        self.benchmarks = {b["name"]: self._dataset(b, benchmark=True) for b in config["data"]["benchmarks"]}
         spec = config["data"].get("validation")
         self.validation = self._dataset(spec) if spec is not None else None
 
@@ -209,7 +214,7 @@ class Plan:
                 {
                     **_subset(sample, ["n", "temperature", "top_p", "max_new_tokens", "seed", "shards"]),
                     "backend": config["generation"]["backend"],
-                    **_grading(grading),
+                    **_grading(grading, grading["sample_method"], grading["extract"]),
                 },
                 {"model": self.model, "prompts": self.train_data},
             )
@@ -267,12 +272,14 @@ class Plan:
 
     def _add_evals(self, label: str, model) -> None:
         for name, bench in self.benchmarks.items():
+            settings = self.eval_settings(name)
+            extract = settings.pop("extract")
             self.evals[label, name] = self._add(
                 "evaluate",
                 {
-                    **self.eval_settings(name),
+                    **settings,
                     "backend": self.config["generation"]["backend"],
-                    **_grading(self.config["grading"]),
+                    **_grading(self.config["grading"], extract=extract),
                 },
                 {"model": model, "prompts": bench},
             )
@@ -291,7 +298,7 @@ class Plan:
             method=method,
             seed=seed,
             backend=self.config["generation"]["backend"],
-            **_grading(self.config["grading"]),
+            **_grading(self.config["grading"], extract=self.config["grading"]["extract"]),
         )
         inputs = {"model": self.model, "prompts": self.train_data}
         if spec.reads_vstar:
@@ -305,11 +312,11 @@ class Plan:
         self.stages[kind, stage.hash] = stage
         return stage
 
-    def _dataset(self, spec: dict) -> Stage:
+    def _dataset(self, spec: dict, benchmark: bool = False) -> Stage:
         # The tokenizer (chat template) shapes the prompts, so the model is an input. The
         # benchmark's display name and how it is evaluated do not change the file.
-        settings = {k: v for k, v in spec.items() if k not in ("name", "evaluate")}
-        settings["prompt"] = self.config["prompt"]
+        settings = {k: v for k, v in spec.items() if k not in ("name", "evaluate", "max_prompt_tokens")}
+        settings["prompt"] = {**self.config["prompt"], "max_prompt_tokens": prompt_limit(self.config, spec, benchmark)}
         # Which golds are kept depends on what the grader can read (and in what time).
         settings.update(_grading(self.config["grading"]))
         inputs = {"tokenizer": self.model}
@@ -338,6 +345,15 @@ class Plan:
 
     def hashes(self, kind: str) -> list[str]:
         return sorted(h for k, h in self.stages if k == kind)
+
+
+def prompt_limit(config: dict, spec: dict, benchmark: bool) -> int | None:
+    """The prompt-length limit of a prompt set: its own `max_prompt_tokens`, else
+    prompt.max_prompt_tokens for training and validation prompts and none for a benchmark
+    (published numbers score every problem)."""
+    if spec.get("max_prompt_tokens") is not None:
+        return spec["max_prompt_tokens"]
+    return None if benchmark else config["prompt"]["max_prompt_tokens"]
 
 
 def model_path(model: Stage | External) -> str:
