@@ -9,6 +9,8 @@ local json/jsonl/parquet/csv files. The embedded demo is just local JSON lines.
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -92,6 +94,44 @@ def _check_json_line(path: Path, lineno: int, line: str) -> None:
         raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}, line {lineno}: a JSON line must be an object {{...}}, got {type(row).__name__}")
+
+
+def file_fields(path: Path, rows: int = 100) -> list[str]:
+    """The field names of a local data file, read cheaply: a JSON-lines file's first `rows`
+    rows, a parquet file's schema, a CSV file's header (a .json file is read whole)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return next(csv.reader(fh), [])
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        records = data if isinstance(data, list) else [data]
+        return list(dict.fromkeys(k for r in records[:rows] if isinstance(r, dict) for k in r))
+    fields: dict = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in itertools.islice((ln for ln in fh if ln.strip()), rows):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the data stage names the line (`check_file`)
+            fields.update(dict.fromkeys(row) if isinstance(row, dict) else {})
+    return list(fields)
+
+
+def check_fields(spec: dict, where: str) -> None:
+    """At plan time: the fields a local file's entry names exist in the file, else an error
+    naming `where` (the config key of the entry), the file and the fields it has."""
+    path = Path(spec["path"]).expanduser()
+    if not path.is_file() or path.suffix not in BUILDERS:
+        return
+    have = file_fields(path)
+    keys = ("prompt_field", "answer_field", "id_field")
+    missing = [f"{key} {spec[key]!r}" for key in keys if spec.get(key) and spec[key] not in have]
+    if missing:
+        raise DataError(f"{where}: the file {path} has no field {', '.join(missing)}; its fields: {have}")
 
 
 def normalize_answer(raw, answer_format: str) -> str:

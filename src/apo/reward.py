@@ -70,9 +70,14 @@ _SCIENTIFIC = re.compile(r"(?<![\w.\\])(\d+\.?\d*|\.\d+)[eE]([+-]?\d+)(?!\w)(?!\
 _BARE_POINT = re.compile(r"(\d)\.(?=\s*/)")
 
 
+# numpy's names for functions, as one Minerva Math gold is written (`np.arcsin(10/13)`).
+_NUMPY = re.compile(r"(?<![\w.])np\.(arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|exp|log|sqrt|pi)\b")
+
+
 def normalize_numbers(text: str) -> str:
     """Numbers written for a program rewritten as LaTeX, in golds and responses alike:
-    ``4.5e33`` -> ``4.5 \\times 10^{33}``, ``-1./3`` -> ``-1/3``."""
+    ``4.5e33`` -> ``4.5 \\times 10^{33}``, ``-1./3`` -> ``-1/3``, ``np.arcsin`` -> ``\\arcsin``."""
+    text = _NUMPY.sub(r"\\\1", text)
     text = _SCIENTIFIC.sub(lambda m: f"{m.group(1).rstrip('.')} \\times 10^{{{int(m.group(2))}}}", text)
     return _BARE_POINT.sub(r"\1", text)
 
@@ -121,10 +126,14 @@ def gold_problem(gold: str, method: str = "math_verify") -> str | None:
     parsed = parse_gold(gold)
     if not parsed:
         return "math-verify finds no answer in it"
-    # parse() appends the matched text as a string; a gold whose every reading is a string
-    # was never understood, and every response would be compared with it as raw text.
-    if all(isinstance(p, str) for p in parsed):
-        return "math-verify reads it only as a raw string"
+    # parse() appends the matched text as a string. A gold math-verify reads only as that
+    # string (`E_{1},E_{2}`, `m_{\max}=n^2-n-1`) is kept: a response earns it by giving the same
+    # text, which is right, and every other response gets 0, as for a wrong answer. Unless the
+    # text is no answer at all: no letter or digit, or broken LaTeX (unbalanced braces).
+    if all(isinstance(p, str) for p in parsed) and (
+        not re.search(r"[A-Za-z0-9]", gold) or gold.count("{") != gold.count("}")
+    ):
+        return "math-verify reads it only as a raw string, and that holds no answer"
     # Words outside \text{} become a product of one-letter symbols ("no answer here" ->
     # a*e*h*...): it parses, but nothing a model writes should match it.
     if _PROSE.search(_COMMAND.sub(" ", _TEXT_GROUP.sub(" ", gold))):

@@ -192,10 +192,11 @@ class Plan:
         self.model = self.demo if config["model"] == DEMO else self.external(config["model"], config["model_revision"])
 
         grading = config["grading"]
-        self.train_data = self._dataset(config["data"]["train"])
-        self.benchmarks = {b["name"]: self._dataset(b, benchmark=True) for b in config["data"]["benchmarks"]}
+        self.train_data = self._dataset(config["data"]["train"], "data.train")
+        self.benchmarks = {b["name"]: self._dataset(b, f"benchmark {b['name']!r}", benchmark=True)
+                           for b in config["data"]["benchmarks"]}
         spec = config["data"].get("validation")
-        self.validation = self._dataset(spec) if spec is not None else None
+        self.validation = self._dataset(spec, "data.validation") if spec is not None else None
 
         sample, vstar = config["sample"], config["vstar"]
         if vstar["source"] == "table":
@@ -312,7 +313,7 @@ class Plan:
         self.stages[kind, stage.hash] = stage
         return stage
 
-    def _dataset(self, spec: dict, benchmark: bool = False) -> Stage:
+    def _dataset(self, spec: dict, where: str, benchmark: bool = False) -> Stage:
         # The tokenizer (chat template) shapes the prompts, so the model is an input. The
         # benchmark's display name and how it is evaluated do not change the file.
         settings = {k: v for k, v in spec.items() if k not in ("name", "evaluate", "max_prompt_tokens")}
@@ -326,6 +327,9 @@ class Plan:
             source = self.external(spec["path"], spec["revision"])
             if source.local:
                 inputs["source"] = source  # its path is in the settings; this is its content
+                from apo.data import check_fields  # (apo.data imports this module)
+
+                check_fields(spec, where)  # a misnamed field stops the plan, not the data job
         return self._add("data", settings, inputs)
 
     def external(self, ref: str, revision: str | None) -> External:
