@@ -399,3 +399,18 @@ def test_every_stage_output_is_kept_when_its_job_starts():
         for block in blocks:
             entries = re.findall(r"^        (?:\w+=)?(.+?),?$", block, flags=re.M)
             assert entries and all(e.startswith("addressed(") for e in entries), (rule.name, entries)
+
+
+def test_the_plan_prints_the_steps_train_epochs_comes_to(demo_config, tmp_path):
+    import json
+    from pathlib import Path
+
+    cfg = copy.deepcopy(demo_config)
+    cfg["train"]["epochs"] = 3
+    p = Plan(validate_config(cfg, SCHEMA), str(tmp_path / "results"))
+    assert "known once the training data stage has run" in p.epoch_steps()
+    Path(p.train_data.dir).mkdir(parents=True)
+    (Path(p.train_data.dir) / "counts.json").write_text(json.dumps({"rows_out": 100}))
+    batch = cfg["train"]["batch_size"]
+    assert p.epoch_steps().endswith(f"100 prepared prompts -> {100 // batch} batches an epoch, {3 * (100 // batch)} steps")
+    assert plan(demo_config).epoch_steps() is None

@@ -392,3 +392,12 @@ def test_without_a_validation_set_nothing_is_validated(train_inputs, tmp_path):
     res = T.train({**SETTINGS, "steps": 1}, *train_inputs, tmp_path / "run", *RUNTIME)
     assert res["validation"].empty and list(res["validation"].columns)[:3] == ["step", "train_time_s", "accuracy"]
     assert res["summary"]["val_accuracy_final"] is None and res["summary"]["validate_time_s"] == 0
+
+
+def test_epochs_give_the_steps_from_the_prompts_trained_on():
+    from apo.train import with_epochs
+
+    s = {"epochs": 25, "batch_size": 256, "steps": 100}
+    assert with_epochs(s, 7450)["steps"] == 25 * 29  # the tail of each epoch is dropped
+    assert with_epochs(s, 7423)["steps"] == 25 * 28
+    assert with_epochs({**s, "epochs": None}, 7450)["steps"] == 100  # no epochs: steps as set

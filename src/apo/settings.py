@@ -231,6 +231,21 @@ class Plan:
         self._plan_trainings()
         self.digests.save()
 
+    def epoch_steps(self) -> str | None:
+        """The plan's line on train.epochs: the steps it comes to from the prepared training
+        prompts (the data stage's counts.json), or when they will be known; None without it."""
+        train = self.config["train"]
+        if train.get("epochs") is None:
+            return None
+        counts = Path(self.train_data.dir) / "counts.json"
+        head = f"train.epochs {train['epochs']} x (prompts // train.batch_size {train['batch_size']})"
+        if not counts.exists():
+            return f"{head}: the steps are known once the training data stage has run ({self.train_data.dir})"
+        prompts = json.loads(counts.read_text())["rows_out"]
+        filtered = "" if self.config["vstar"]["filter"] == "keep_all" else " before V*'s filter, which A*-PO applies first"
+        return (f"{head}: {prompts} prepared prompts{filtered} -> {prompts // train['batch_size']} batches "
+                f"an epoch, {train['epochs'] * (prompts // train['batch_size'])} steps")
+
     def eval_settings(self, benchmark: str) -> dict:
         """The top-level `evaluate` block with the benchmark's own `evaluate` keys over it."""
         spec = next(b for b in self.config["data"]["benchmarks"] if b["name"] == benchmark)
