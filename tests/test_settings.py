@@ -1,6 +1,7 @@
 """Content addresses: exactly the settings a stage reads, plus its inputs' addresses."""
 
 import copy
+import json
 
 from apo.config import validate_config
 from apo.settings import STAGES, Plan, digest
@@ -193,7 +194,10 @@ def test_file_digests_are_cached_by_size_and_mtime(demo_config, tmp_path, monkey
 
 def test_a_local_dataset_and_table_are_addressed_by_content(demo_config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "t.jsonl").write_text('{"q": "x", "a": "1"}\n')
+    spec = demo_config["data"]["train"]
+    row = json.dumps({spec["prompt_field"]: "x", spec["answer_field"]: "1", spec.get("id_field") or "id": "0"}) + "\n"
+    # (the entry's fields: the plan checks them)
+    (tmp_path / "t.jsonl").write_text(row)
     (tmp_path / "table.parquet").write_bytes(b"one")
     table = {"path": "table.parquet", "id_field": "id", "reward_fields": ["r"]}
     cfg = dict(data__train={**demo_config["data"]["train"], "path": "t.jsonl"}, vstar__source="table", vstar__table=table, prompt__template="raw")
@@ -203,7 +207,7 @@ def test_a_local_dataset_and_table_are_addressed_by_content(demo_config, tmp_pat
     (tmp_path / "table.parquet").write_bytes(b"two")
     other = local_plan(demo_config, "results", **cfg)
     assert other.train_data.hash == base.train_data.hash and other.vstar.hash != base.vstar.hash
-    (tmp_path / "t.jsonl").write_text('{"q": "y", "a": "1"}\n')
+    (tmp_path / "t.jsonl").write_text(row.replace('"x"', '"y"', 1))
     assert local_plan(demo_config, "results", **cfg).train_data.hash != base.train_data.hash
 
 
