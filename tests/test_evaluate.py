@@ -51,6 +51,7 @@ def test_scores_from_shards_count_unparsed_and_truncated(tmp_path):
     d.mkdir(parents=True)
     prompts = tmp_path / "prompts.parquet"
     pd.DataFrame({"id": ["a", "b"]}).to_parquet(prompts)
+    (tmp_path / "counts.json").write_text(json.dumps(COUNTS))
     shard(["a", j, 1.0, "ok", True] for j in range(2)).to_parquet(d / "shard-0.parquet")
     shard([["b", 0, 0.0, "no_answer", False], ["b", 1, 1.0, "ok", True]]).to_parquet(d / "shard-1.parquet")
     record_outputs(d, {"kind": "evaluate", "hash": "0123456789ab"}, [d / "shard-0.parquet", d / "shard-1.parquet"])
@@ -59,6 +60,39 @@ def test_scores_from_shards_count_unparsed_and_truncated(tmp_path):
     assert len(samples) == 4 and s["accuracy"] == pytest.approx(0.75) and s["n"] == 2 and s["k"] == 2
     assert s["unparsed"] == 1 and s["status_counts"] == {"ok": 3, "no_answer": 1} and s["truncated"] == 0.25
     json.dumps(s)  # scores.json
+
+
+COUNTS = {"rows_in": 2, "rows_out": 2, "beyond_limit": 0, "dropped_too_long": 0, "dropped_bad_gold": 0}
+SETTINGS = {"k": 1, "temperature": 0, "top_p": 1, "max_new_tokens": 4}
+
+
+def test_an_unscorable_row_counts_as_wrong_unless_excluded():
+    # 4 rows read, one gold unreadable (dropped by the data stage), 3 scored: 2 right.
+    prompts = pd.DataFrame({"id": ["a", "b", "c"]})
+    samples = shard([["a", 0, 1.0, "ok", True], ["b", 0, 1.0, "ok", True], ["c", 0, 0.0, "ok", True]])
+    counts = {**COUNTS, "rows_in": 4, "rows_out": 3, "dropped_bad_gold": 1}
+    wrong = scores({**SETTINGS, "unscorable": "wrong"}, prompts, samples, counts)
+    assert (wrong["accuracy"], wrong["n"], wrong["n_rows"], wrong["n_counted"]) == (0.5, 3, 4, 4)
+    assert wrong["unscorable"] == 1
+    excluded = scores({**SETTINGS, "unscorable": "exclude"}, prompts, samples, counts)
+    assert excluded["accuracy"] == pytest.approx(2 / 3) and excluded["n_counted"] == 3
+
+
+def test_rows_a_benchmark_setting_leaves_out_are_not_counted():
+    """its `limit` and its own `max_prompt_tokens` are explicit choices: out of the denominator,
+    but still in N rows, so the report shows n / N and warns."""
+    prompts = pd.DataFrame({"id": ["a", "b"]})
+    samples = shard([["a", 0, 1.0, "ok", True], ["b", 0, 0.0, "ok", True]])
+    counts = {**COUNTS, "rows_in": 10, "beyond_limit": 7, "dropped_too_long": 1}
+    s = scores(SETTINGS, prompts, samples, counts)
+    assert (s["accuracy"], s["n"], s["n_rows"], s["n_counted"]) == (0.5, 2, 10, 2)
+
+
+def test_evaluation_needs_the_data_stage_counts(tmp_path):
+    prompts = tmp_path / "prompts.parquet"
+    pd.DataFrame({"id": ["a"]}).to_parquet(prompts)
+    with pytest.raises(FileNotFoundError, match="counts.json"):
+        run(SETTINGS, str(prompts), [])
 
 
 def test_a_problem_without_samples_is_an_error():

@@ -96,21 +96,40 @@ def test_every_reported_accuracy_carries_its_evaluation_settings():
     from apo.report import markdown, with_settings
 
     rows = [
-        {"benchmark": "math500", "model": m, "accuracy": a, "n": 500, "k": 1, "temperature": 0.0,
-         "top_p": 1.0, "max_new_tokens": 1024, "unparsed": 0} for m, a in [("reference", 45.8), ("apo", 57.8)]
+        {"benchmark": "math500", "model": m, "accuracy": a, "n": 500, "n_rows": 500, "n_counted": 500,
+         "scored": "500/500", "k": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 1024, "unparsed": 0}
+        for m, a in [("reference", 45.8), ("apo", 57.8)]
     ] + [
-        {"benchmark": "amc23", "model": m, "accuracy": a, "n": 40, "k": 32, "temperature": 0.6,
-         "top_p": 0.95, "max_new_tokens": 1024, "unparsed": 0} for m, a in [("reference", 20.55), ("apo", 31.88)]
+        {"benchmark": "amc23", "model": m, "accuracy": a, "n": 40, "n_rows": 40, "n_counted": 40,
+         "scored": "40/40", "k": 32, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 1024, "unparsed": 0}
+        for m, a in [("reference", 20.55), ("apo", 31.88)]
     ]
     table = pd.DataFrame(rows)
     paper = paper_table(with_settings(table), [])
-    amc = "amc23 (avg@32, T 0.6, top-p 0.95, 1024 tokens)"
-    math500 = "math500 (avg@1, greedy, 1024 tokens)"
+    amc = "amc23 (avg@32, T 0.6, top-p 0.95, 1024 tokens, 40/40 rows)"
+    math500 = "math500 (avg@1, greedy, 1024 tokens, 500/500 rows)"
     assert paper.columns.tolist()[:2] == [math500, amc]
     md = markdown("x", table, [], {}, paper)
     accuracy_header = md.split("## Accuracy")[1].splitlines()[2]
     assert amc in accuracy_header and math500 in accuracy_header
     assert amc in paper_table_markdown(paper) and "avg@32" in paper_table_latex(paper)
+    assert "40/40 rows" in paper_table_latex(paper) and "40/40 rows" in paper.to_csv()
+    assert "Warning" not in md  # every row scored
+
+
+def test_a_benchmark_scored_on_a_subset_is_flagged(tmp_path):
+    from apo.io import write_json
+    from apo.report import markdown, summary_table, with_settings
+
+    d = tmp_path / "eval"
+    d.mkdir()
+    write_json(d / "scores.json", {"accuracy": 0.5, "n": 486, "n_rows": 500, "n_counted": 498, "k": 1,
+                                   "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8, "unparsed": 0})
+    table = summary_table([{"model": "reference", "benchmark": "math500", "dir": str(d)}])
+    assert table["scored"].tolist() == ["486/500"]
+    md = markdown("x", table, [], {}, paper_table(with_settings(table), []))
+    assert "**Warning**: math500 scored 486 of its 500 rows; the accuracy is over 498" in md
+    assert "486/500 rows" in md.split("## Accuracy")[1].splitlines()[2]
 
 
 def _fake_run(root, label, times, accuracies):
@@ -139,8 +158,8 @@ def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
     for label in ("reference", "apo", "grpo"):
         d = tmp_path / f"eval-{label}"
         d.mkdir()
-        write_json(d / "scores.json", {"accuracy": 0.5, "n": 10, "k": 1, "temperature": 0.0, "top_p": 1.0,
-                                       "max_new_tokens": 8, "unparsed": 0})
+        write_json(d / "scores.json", {"accuracy": 0.5, "n": 10, "n_rows": 10, "n_counted": 10, "k": 1,
+                                       "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8, "unparsed": 0})
         evals.append({"model": label, "benchmark": "b", "dir": str(d)})
     sweep = [{"method": "apo", "label": "apo-lr0.0001", "combo": {"lr": 1e-4}, "dir": trainings[1]["dir"],
               "picked": False},

@@ -1,6 +1,7 @@
 """Content addresses: exactly the settings a stage reads, plus its inputs' addresses."""
 
 import copy
+import json
 
 from apo.config import validate_config
 from apo.settings import STAGES, Plan, digest
@@ -226,7 +227,10 @@ def test_a_digest_cache_that_cannot_be_written_is_skipped_with_a_warning(demo_co
 
 def test_a_local_dataset_and_table_are_addressed_by_content(demo_config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "t.jsonl").write_text('{"q": "x", "a": "1"}\n')
+    spec = demo_config["data"]["train"]
+    row = json.dumps({spec["prompt_field"]: "x", spec["answer_field"]: "1", spec.get("id_field") or "id": "0"}) + "\n"
+    # (the entry's fields: the plan checks them)
+    (tmp_path / "t.jsonl").write_text(row)
     (tmp_path / "table.parquet").write_bytes(b"one")
     table = {"path": "table.parquet", "id_field": "id", "reward_fields": ["r"]}
     cfg = dict(data__train={**demo_config["data"]["train"], "path": "t.jsonl"}, vstar__source="table", vstar__table=table, prompt__template="raw")
@@ -236,7 +240,7 @@ def test_a_local_dataset_and_table_are_addressed_by_content(demo_config, tmp_pat
     (tmp_path / "table.parquet").write_bytes(b"two")
     other = local_plan(demo_config, "results", **cfg)
     assert other.train_data.hash == base.train_data.hash and other.vstar.hash != base.vstar.hash
-    (tmp_path / "t.jsonl").write_text('{"q": "y", "a": "1"}\n')
+    (tmp_path / "t.jsonl").write_text(row.replace('"x"', '"y"', 1))
     assert local_plan(demo_config, "results", **cfg).train_data.hash != base.train_data.hash
 
 
@@ -337,6 +341,40 @@ def test_grading_method_moves_every_stage_that_grades(demo_config):
     assert changed(plan(demo_config), plan(demo_config, grading__method="gsm8k_strict")) == (
         set(stage_dirs(plan(demo_config))) - {"demo"}
     )
+
+
+def test_grading_extract_moves_reference_sampling_and_training_not_evaluation(demo_config):
+    moved = changed(plan(demo_config), plan(demo_config, grading__extract="boxed"))
+    dirs = set(stage_dirs(plan(demo_config)))
+    assert moved == {"sample", "vstar"} | {k for k in dirs if k.startswith(("train:", "eval:"))} - {
+        k for k in dirs if k.startswith("eval:reference")}
+    assert plan(demo_config, grading__extract="boxed").sample.settings["grading_extract"] == "boxed"
+
+
+def test_evaluate_extract_moves_only_the_evaluations(demo_config):
+    moved = changed(plan(demo_config), plan(demo_config, evaluate__extract="boxed"))
+    assert moved == {k for k in stage_dirs(plan(demo_config)) if k.startswith("eval:")}
+    ev = plan(demo_config, evaluate__extract="boxed").evals["reference", "demo_test"].settings
+    assert ev["grading_extract"] == "boxed" and "extract" not in ev
+
+
+def test_stage_one_may_grade_with_its_own_method(demo_config):
+    p = plan(demo_config, grading__sample_method="gsm8k_flexible")
+    assert p.sample.settings["grading_method"] == "gsm8k_flexible"
+    assert p.trains["apo"].settings["grading_method"] == "math_verify"
+    # the samples move, and with them V* and the A*-PO training that reads it
+    assert changed(plan(demo_config), p) == {"sample", "vstar", "train:apo", "eval:apo:demo_test"}
+
+
+def test_benchmarks_have_no_prompt_limit_unless_they_set_one(demo_config):
+    base = plan(demo_config)
+    assert base.benchmarks["demo_test"].settings["prompt"]["max_prompt_tokens"] is None
+    assert base.train_data.settings["prompt"]["max_prompt_tokens"] == demo_config["prompt"].get("max_prompt_tokens", 256)
+    cfg = copy.deepcopy(demo_config)
+    cfg["data"]["benchmarks"][0]["max_prompt_tokens"] = 100
+    own = Plan(validate_config(cfg, SCHEMA))
+    assert own.benchmarks["demo_test"].settings["prompt"]["max_prompt_tokens"] == 100
+    assert "max_prompt_tokens" not in own.benchmarks["demo_test"].settings  # one place: the prompt block
 
 
 def test_a_benchmarks_own_evaluation_settings_move_only_its_evaluations(demo_config):
@@ -460,3 +498,18 @@ def test_planning_names_local_inputs_that_cannot_work(demo_config, tmp_path, mon
     with pytest.raises(ConfigError, match=r"config key 'data.validation.split': the dataset directory ds has no "
                                           r"split 'valid'; its splits: \['train', 'test'\]"):
         local_plan(demo_config, "results", data__train={**spec, "split": "train"}, data__validation={**spec, "split": "valid"})
+
+
+def test_the_plan_prints_the_steps_train_epochs_comes_to(demo_config, tmp_path):
+    import json
+    from pathlib import Path
+
+    cfg = copy.deepcopy(demo_config)
+    cfg["train"]["epochs"] = 3
+    p = Plan(validate_config(cfg, SCHEMA), str(tmp_path / "results"))
+    assert "known once the training data stage has run" in p.epoch_steps()
+    Path(p.train_data.dir).mkdir(parents=True)
+    (Path(p.train_data.dir) / "counts.json").write_text(json.dumps({"rows_out": 100}))
+    batch = cfg["train"]["batch_size"]
+    assert p.epoch_steps().endswith(f"100 prepared prompts -> {100 // batch} batches an epoch, {3 * (100 // batch)} steps")
+    assert plan(demo_config).epoch_steps() is None

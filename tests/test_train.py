@@ -22,7 +22,7 @@ SETTINGS = {
     "checkpoint_every": 2, "keep_checkpoints": 2, "stop_on_collapse": False,
     "collapse": {"window": 20, "reward_ratio": 0.5, "length_ratio": 0.3}, "backend": "hf",
     "compute_dtype": "float32", "reference_dtype": "float32", "mini_batch_size": None, "entropy_coef": 0.0,
-    "loss_agg": "token_mean", "require_eos": False, "grading_timeout_s": 5, "grading_method": "math_verify",
+    "loss_agg": "token_mean", "require_eos": False, "grading_timeout_s": 5, "grading_method": "math_verify", "grading_extract": "any",
     "validate_every": 2, "validation": {"k": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0},
 }
 RUNTIME = ({"batch_size": 64}, {"timeout_s": 5, "workers": 1})
@@ -505,3 +505,12 @@ def test_a_run_cut_by_the_time_limit_checkpoints_and_the_next_job_finishes_it(tr
     monkeypatch.undo()
     resumed = T.train(settings, *train_inputs, out, *RUNTIME)["history"]
     pd.testing.assert_frame_equal(resumed.filter(regex="^(?!time_|peak_)"), straight.filter(regex="^(?!time_|peak_)"))
+
+
+def test_epochs_give_the_steps_from_the_prompts_trained_on():
+    from apo.train import with_epochs
+
+    s = {"epochs": 25, "batch_size": 256, "steps": 100}
+    assert with_epochs(s, 7450)["steps"] == 25 * 29  # the tail of each epoch is dropped
+    assert with_epochs(s, 7423)["steps"] == 25 * 28
+    assert with_epochs({**s, "epochs": None}, 7450)["steps"] == 100  # no epochs: steps as set

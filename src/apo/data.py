@@ -16,6 +16,7 @@ would make `12` beside `2.5` the float `12.0`), a CSV cell stays text.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
@@ -200,6 +201,44 @@ def gold_type_problem(raw) -> str | None:
     return None
 
 
+def file_fields(path: Path, rows: int = 100) -> list[str]:
+    """The field names of a local data file, read cheaply: a JSON-lines file's first `rows`
+    rows, a parquet file's schema, a CSV file's header (a .json file is read whole)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    if path.suffix == ".csv":
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return next(csv.reader(fh), [])
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        records = data if isinstance(data, list) else [data]
+        return list(dict.fromkeys(k for r in records[:rows] if isinstance(r, dict) for k in r))
+    fields: dict = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in itertools.islice((ln for ln in fh if ln.strip()), rows):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the data stage names the line (`check_file`)
+            fields.update(dict.fromkeys(row) if isinstance(row, dict) else {})
+    return list(fields)
+
+
+def check_fields(spec: dict, where: str) -> None:
+    """At plan time: the fields a local file's entry names exist in the file, else an error
+    naming `where` (the config key of the entry), the file and the fields it has."""
+    path = Path(spec["path"]).expanduser()
+    if not path.is_file() or path.suffix not in BUILDERS:
+        return
+    have = file_fields(path)
+    keys = ("prompt_field", "answer_field", "id_field")
+    missing = [f"{key} {spec[key]!r}" for key in keys if spec.get(key) and spec[key] not in have]
+    if missing:
+        raise DataError(f"{where}: the file {path} has no field {', '.join(missing)}; its fields: {have}")
+
+
 def normalize_answer(raw, answer_format: str) -> str:
     """The gold answer as a string, as the dataset means it (read by `apo.reward.gold_latex`).
 
@@ -260,8 +299,9 @@ def prepare(
     """Rows of the dataset in the fixed schema, plus counts for the report.
 
     Malformed rows (missing/empty/non-string prompt, empty answer, duplicate id) are errors
-    naming the row. Prompts longer than `max_prompt_tokens` and, when a `grader` is given,
-    gold answers it cannot grade against (`apo.reward.gold_problem`) are dropped and counted.
+    naming the row. Prompts longer than `max_prompt_tokens` (when it is set) and, when a
+    `grader` is given, gold answers it cannot grade against (`apo.reward.gold_problem`) are
+    dropped and counted.
     """
     where = f"dataset {dataset_file(spec)!r} split {spec['split']!r}"
     ds, golds = read_rows(spec, demo_dir)
@@ -276,7 +316,8 @@ def prepare(
 
     rows, seen = [], {}
     too_long = 0
-    max_chars = prompt_cfg["max_prompt_tokens"] * max_token_chars(tokenizer)
+    limit = prompt_cfg["max_prompt_tokens"]  # None: no length filter (a benchmark's default)
+    max_chars = limit * max_token_chars(tokenizer) if limit is not None else float("inf")
     for i, ex in enumerate(ds):
         q = ex[spec["prompt_field"]]
         a = golds[i] if golds is not None else ex[spec["answer_field"]]
@@ -299,7 +340,7 @@ def prepare(
             too_long += 1  # certainly over the token bound: not worth tokenizing (a 10 MB row took 49 s)
             continue
         prompt = format_prompt(q, prompt_cfg, tokenizer)
-        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > prompt_cfg["max_prompt_tokens"]:
+        if limit is not None and len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) > limit:
             too_long += 1  # dropped, as the paper's max prompt length does; counted
             continue
         rows.append({"id": rid, "prompt": prompt, "question": q, "answer": answer, "source": dataset_file(spec)})

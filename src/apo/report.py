@@ -38,6 +38,9 @@ def summary_table(evals: list[dict]) -> pd.DataFrame:
                 "model": e["model"],
                 "accuracy": round(100 * s["accuracy"], 2),
                 "n": s["n"],
+                "n_rows": s["n_rows"],
+                "n_counted": s["n_counted"],
+                "scored": f"{s['n']}/{s['n_rows']}",
                 "k": s["k"],
                 "temperature": s["temperature"],
                 "top_p": s["top_p"],
@@ -50,15 +53,28 @@ def summary_table(evals: list[dict]) -> pd.DataFrame:
 
 
 def eval_label(row) -> str:
-    """A benchmark's column header with the settings its numbers were measured with."""
+    """A benchmark's column header with the settings its numbers were measured with and the
+    rows it scored of the benchmark's rows (n / N)."""
     how = "greedy" if row["temperature"] == 0 else f"T {row['temperature']:g}, top-p {row['top_p']:g}"
-    return f"{row['benchmark']} (avg@{row['k']}, {how}, {row['max_new_tokens']} tokens)"
+    return f"{row['benchmark']} (avg@{row['k']}, {how}, {row['max_new_tokens']} tokens, {row['scored']} rows)"
 
 
 def with_settings(table: pd.DataFrame) -> pd.DataFrame:
     """The summary table with each benchmark named together with its evaluation settings, so
-    that every accuracy shown carries k, temperature, top_p and max tokens."""
+    that every accuracy shown carries k, temperature, top_p, max tokens and n / N rows."""
     return table.assign(benchmark=table.apply(eval_label, axis=1)) if len(table) else table
+
+
+def subset_warnings(table: pd.DataFrame) -> list[str]:
+    """A warning for each benchmark scored on fewer rows than it has: published numbers score
+    every row, so these are not comparable with them."""
+    lines = []
+    for r in table.drop_duplicates("benchmark").itertuples():
+        if r.n != r.n_rows:
+            lines.append(f"- **Warning**: {r.benchmark} scored {r.n} of its {r.n_rows} rows; the accuracy "
+                         f"is over {r.n_counted} (rows an explicit setting of it excludes are left out, "
+                         "unscorable golds count as wrong unless `evaluate.unscorable: exclude`).")
+    return lines + [""] if lines else []
 
 
 # Every file `write` puts in results/<experiment>/: the report rule declares these as its
@@ -228,7 +244,7 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
              validation: list[str] | None = None) -> str:
     lines = [f"# Experiment `{experiment}`", "", "## Accuracy (pass@1 = avg@k, %)", ""]
     pivot = with_settings(table).pivot(index="model", columns="benchmark", values="accuracy")
-    lines += [pivot.to_markdown(), ""]
+    lines += [pivot.to_markdown(), ""] + subset_warnings(table)
     if paper is not None:
         lines += [
             "## Methods compared (as in the paper's tables)", "",
@@ -241,9 +257,10 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
             "ratios divide by A*-PO's. Also in `paper_table.csv` and `paper_table.tex`.", "",
         ]
     settings = table.drop_duplicates(["benchmark", "model"])[
-        ["benchmark", "model", "n", "k", "temperature", "top_p", "max_new_tokens", "unparsed"]
+        ["benchmark", "model", "scored", "n_counted", "k", "temperature", "top_p", "max_new_tokens", "unparsed"]
     ]
-    lines += ["Sampling settings and counts (unparsed = responses graded 0 because no answer "
+    lines += ["Sampling settings and counts (scored = rows scored / rows of the benchmark; n_counted = "
+              "the rows the accuracy is over; unparsed = responses graded 0 because no answer "
               "could be extracted, the grader timed out or failed):", "", settings.to_markdown(index=False), ""]
     lines += ["## Training", ""]
     for t in trainings:

@@ -1,12 +1,21 @@
 """Binary math reward, graded in worker processes with a hard time bound per response.
 
-Two grading methods (config `grading.method`):
+Three grading methods (config `grading.method`):
 
-- ``math_verify``: the response's answer (its ``\\boxed{}`` first) checked against the gold
-  answer for mathematical equivalence by math-verify;
+- ``math_verify``: the response's answer checked against the gold answer for mathematical
+  equivalence by math-verify. Where the answer comes from is `extract`: ``any`` (its
+  ``\\boxed{}`` first, else math-verify's other readings, down to the last number of the text,
+  as the field's evaluation harnesses do) or ``boxed`` (the last ``\\boxed{}`` only, 0 without
+  one: the authors' MATH reward, ZhaolinGao/A-PO verl/utils/reward_score/math.py:31-42).
+  Numbers in scientific notation (``4.5e33``) or with a bare point (``-1./3``) are rewritten as
+  LaTeX in golds and responses alike, and a number written as a float is compared with a
+  relative tolerance (`FLOAT_REL_TOL`) instead of math-verify's fixed number of decimals;
 - ``gsm8k_strict``: the authors' GSM8K reward (ZhaolinGao/A-PO,
   verl/utils/reward_score/gsm8k.py, ``extract_solution(method='strict')``): the first
-  ``#### N`` of the response, commas and ``$`` removed, must equal the gold number as a string.
+  ``#### N`` of the response, commas and ``$`` removed, must equal the gold number as a string;
+- ``gsm8k_flexible``: the same file's ``method='flexible'``, which the authors grade their GSM8K
+  stage-1 samples with (preprocess/data_generation/model_generate.py:38): the last number
+  anywhere in the response, as written (commas and a trailing point kept), equal to the gold.
 
 math-verify's own timeouts use `signal.alarm`, which only works in the main thread of the main
 interpreter; they are switched off and time is bounded from outside instead. Responses are
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -37,25 +47,57 @@ log = logging.getLogger(__name__)
 
 # Status of one graded response (counted in every stage's outputs).
 OK, NO_ANSWER, BAD_GOLD, TIMEOUT, ERROR = "ok", "no_answer", "bad_gold", "timeout", "error"
-METHODS = ("math_verify", "gsm8k_strict")
+METHODS = ("math_verify", "gsm8k_strict", "gsm8k_flexible")
+# Where math_verify finds a response's answer (config `grading.extract`, `evaluate.extract`).
+EXTRACTS = ("any", "boxed")
+# Two numbers of which one is written as a float match when they agree to this relative
+# tolerance, the one the Qwen2.5-Math evaluation harness uses (QwenLM/Qwen2.5-Math,
+# evaluation/grader.py:266-273, `numeric_equal`). Exact numbers (integers, fractions, roots)
+# are compared exactly by math-verify.
+FLOAT_REL_TOL = 1e-4
 
 
 # ---------------------------------------------------------------------------- gold answers
 
-# An unescaped `$`, or `\(` / `\[`: the gold already carries its math delimiters.
-_DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[")
+# `\\(` or `\\[`: the gold carries display or inline delimiters of its own.
+_DELIMITED = re.compile(r"\\\(|\\\[")
+# An unescaped `$` (an escaped one, `\\$`, is a currency sign).
+_DOLLAR = re.compile(r"(?<!\\)\$")
+# Scientific notation as Minerva Math writes its golds (`4.5e33`, `2.88e-19`, `1.e5`): math-verify
+# reads the `e` as Euler's number. Not inside a word or a longer number.
+_SCIENTIFIC = re.compile(r"(?<![\w.\\])(\d+\.?\d*|\.\d+)[eE]([+-]?\d+)(?!\w)(?!\.\d)")
+# A number ending in a bare point before a division (`-1./3`): math-verify reads `-1.` alone.
+_BARE_POINT = re.compile(r"(\d)\.(?=\s*/)")
+
+
+# numpy's names for functions, as one Minerva Math gold is written (`np.arcsin(10/13)`).
+_NUMPY = re.compile(r"(?<![\w.])np\.(arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|exp|log|sqrt|pi)\b")
+
+
+def normalize_numbers(text: str) -> str:
+    """Numbers written for a program rewritten as LaTeX, in golds and responses alike:
+    ``4.5e33`` -> ``4.5 \\times 10^{33}``, ``-1./3`` -> ``-1/3``, ``np.arcsin`` -> ``\\arcsin``."""
+    text = _NUMPY.sub(r"\\\1", text)
+    text = _SCIENTIFIC.sub(lambda m: f"{m.group(1).rstrip('.')} \\times 10^{{{int(m.group(2))}}}", text)
+    return _BARE_POINT.sub(r"\1", text)
 
 
 def gold_latex(gold: str) -> str:
-    """A gold answer as math-verify's `parse` expects one: inside math delimiters.
+    """A gold answer as math-verify's `parse` expects one: inside one pair of `$`.
 
     Golds are stored the way MATH and MATH-500 store them, bare LaTeX without `$`
     (``2\\sqrt{3}``, ``\\left( 3, \\frac{\\pi}{2} \\right)``). Parsed bare, math-verify reads
     only a fragment of them (``2``, ``3``) or nothing (``\\frac{\\sqrt{3}}{2}``); inside `$...$`
-    it reads the whole expression. Golds that already hold `$` (OlympiadBench) stay as they are.
+    it reads the whole expression. OlympiadBench writes each part of a multi-part answer in its
+    own `$` (``$69$,$84$``, ``$f(x)=x$, $f(x)=2-x$``), and a reader that strips only the outer
+    pair leaves ``69$,$84``, of which math-verify reads ``69``: every unescaped `$` is removed
+    and the whole gold put in one pair, which math-verify reads as the set of its
+    comma-separated parts (compared in any order). A gold with `\\(` or `\\[` stays as it is.
     """
-    gold = gold.strip()
-    return gold if _DELIMITED.search(gold) else f"${gold}$"
+    gold = normalize_numbers(gold.strip())
+    if _DELIMITED.search(gold):
+        return gold
+    return f"${_DOLLAR.sub('', gold).strip()}$"
 
 
 @lru_cache(maxsize=4096)  # a gold is graded against every sample of its prompt
@@ -76,7 +118,7 @@ _NUMBER = re.compile(r"-?[0-9.]+")
 def gold_problem(gold: str, method: str = "math_verify") -> str | None:
     """Why a gold answer cannot be graded against (dropped when data is prepared), or None."""
     gold = str(gold).strip()
-    if method == "gsm8k_strict":
+    if method in ("gsm8k_strict", "gsm8k_flexible"):
         if not _NUMBER.fullmatch(gold.replace(",", "")):
             return "not a number, which the strict '#### N' match needs"
         return None
@@ -84,10 +126,14 @@ def gold_problem(gold: str, method: str = "math_verify") -> str | None:
     parsed = parse_gold(gold)
     if not parsed:
         return "math-verify finds no answer in it"
-    # parse() appends the matched text as a string; a gold whose every reading is a string
-    # was never understood, and every response would be compared with it as raw text.
-    if all(isinstance(p, str) for p in parsed):
-        return "math-verify reads it only as a raw string"
+    # parse() appends the matched text as a string. A gold math-verify reads only as that
+    # string (`E_{1},E_{2}`, `m_{\max}=n^2-n-1`) is kept: a response earns it by giving the same
+    # text, which is right, and every other response gets 0, as for a wrong answer. Unless the
+    # text is no answer at all: no letter or digit, or broken LaTeX (unbalanced braces).
+    if all(isinstance(p, str) for p in parsed) and (
+        not re.search(r"[A-Za-z0-9]", gold) or gold.count("{") != gold.count("}")
+    ):
+        return "math-verify reads it only as a raw string, and that holds no answer"
     # Words outside \text{} become a product of one-letter symbols ("no answer here" ->
     # a*e*h*...): it parses, but nothing a model writes should match it.
     if _PROSE.search(_COMMAND.sub(" ", _TEXT_GROUP.sub(" ", gold))):
@@ -98,34 +144,81 @@ def gold_problem(gold: str, method: str = "math_verify") -> str | None:
 # ---------------------------------------------------------------------------- grading
 
 
-def grade_math_verify(gold: str, response: str) -> tuple[float, str, str]:
+def grade_math_verify(gold: str, response: str, extract: str = "any") -> tuple[float, str, str]:
     """(reward, status, extracted answer) for one response; gold first, as math-verify wants.
 
-    Runs inside a worker process. The boxed answer is preferred over any other expression.
+    Runs inside a worker process. extract ``any``: the boxed answer is preferred over any other
+    expression; ``boxed``: the last ``\\boxed{}`` only, NO_ANSWER without one.
     """
     import math_verify
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:
         gold_parsed = parse_gold(gold)
         if not gold_parsed:
             return 0.0, BAD_GOLD, ""
-        pred = math_verify.parse(
-            response,
-            extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
-            parsing_timeout=None,
-        )
+        pred = parse_response(response, extract)
         if not pred:
             return 0.0, NO_ANSWER, ""
-        ok = math_verify.verify(gold_parsed, pred, timeout_seconds=None)
+        ok = numbers_match(gold_parsed, pred)
+        if ok is None:
+            ok = math_verify.verify(gold_parsed, pred, timeout_seconds=None)
         return (1.0 if ok else 0.0), OK, str(pred[-1])[:200]
     except Exception as e:  # a grader crash is the response's problem, not the run's
         return 0.0, ERROR, f"{type(e).__name__}"[:200]
 
 
+def grade_math_verify_boxed(gold: str, response: str) -> tuple[float, str, str]:
+    """`grade_math_verify` with extract ``boxed`` (workers call functions by name)."""
+    return grade_math_verify(gold, response, "boxed")
+
+
+def parse_response(response: str, extract: str) -> list:
+    """math-verify's reading of a response's answer, after `normalize_numbers`."""
+    import math_verify
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    if extract == "boxed":
+        from apo.data import last_boxed
+
+        box = last_boxed(response)
+        if box is None or not box.strip():
+            return []
+        return math_verify.parse(f"${normalize_numbers(box)}$", parsing_timeout=None)
+    return math_verify.parse(
+        normalize_numbers(response),
+        extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+        parsing_timeout=None,
+    )
+
+
+def _real_number(value) -> tuple[float, bool] | None:
+    """(value, written as a float) when `value` is one finite real number without symbols."""
+    import sympy
+
+    if not isinstance(value, sympy.Expr) or value.free_symbols or not value.is_number:
+        return None
+    number = value.evalf()
+    if not (number.is_real and number.is_finite):
+        return None
+    return float(number), bool(value.has(sympy.Float))
+
+
+def numbers_match(gold_parsed: list, pred: list) -> bool | None:
+    """Whether gold and answer are the same number when both are one real number and either is
+    written as a float: equal to `FLOAT_REL_TOL` (``0.0000673`` is not ``.0000672``, nor
+    ``2.88 \\times 10^{-18}`` ``2.88e-19``, which six decimals cannot tell apart). None where
+    this rule does not apply (exact numbers, expressions, sets): math-verify decides."""
+    gold_number, answer_number = _real_number(gold_parsed[0]), _real_number(pred[0])
+    if gold_number is None or answer_number is None or not (gold_number[1] or answer_number[1]):
+        return None
+    return math.isclose(gold_number[0], answer_number[0], rel_tol=FLOAT_REL_TOL)
+
+
 # ZhaolinGao/A-PO, verl/utils/reward_score/gsm8k.py, extract_solution(method='strict').
 _GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+# The same file's method='flexible' (lines 29-40): every run of digits, points and commas.
+_GSM8K_NUMBERS = re.compile(r"(\-?[0-9\.\,]+)")
 
 
 def grade_gsm8k_strict(gold: str, response: str) -> tuple[float, str, str]:
@@ -138,16 +231,41 @@ def grade_gsm8k_strict(gold: str, response: str) -> tuple[float, str, str]:
     return (1.0 if answer == gold.strip().replace(",", "") else 0.0), OK, answer[:200]
 
 
-def grade_one(gold: str, response: str, method: str = "math_verify") -> tuple[float, str, str]:
-    """One response graded in this process, without a time bound (tests, benchmarks)."""
-    return {"math_verify": grade_math_verify, "gsm8k_strict": grade_gsm8k_strict}[method](gold, response)
+def grade_gsm8k_flexible(gold: str, response: str) -> tuple[float, str, str]:
+    """The authors' flexible GSM8K match, as they grade stage-1 samples: the last number of the
+    response that is not a lone point, as written, must equal the gold. Its quirks are theirs:
+    ``1,072`` or a sentence's final ``72.`` does not match (gsm8k.py:30-40 strips nothing)."""
+    numbers = [n for n in _GSM8K_NUMBERS.findall(response) if n not in ("", ".")]
+    if not numbers:
+        return 0.0, NO_ANSWER, ""
+    answer = numbers[-1]
+    return (1.0 if answer == gold.strip().replace(",", "") else 0.0), OK, answer[:200]
 
 
-# What a worker calls for each method (workers import functions by name).
+# What a worker calls for each method and extraction (workers import functions by name).
 GRADE_FUNCTIONS = {
-    "math_verify": "apo.reward:grade_math_verify",
-    "gsm8k_strict": "apo.reward:grade_gsm8k_strict",
+    ("math_verify", "any"): "apo.reward:grade_math_verify",
+    ("math_verify", "boxed"): "apo.reward:grade_math_verify_boxed",
+    ("gsm8k_strict", "any"): "apo.reward:grade_gsm8k_strict",
+    ("gsm8k_flexible", "any"): "apo.reward:grade_gsm8k_flexible",
 }
+
+
+def grade_function(method: str, extract: str = "any") -> str:
+    """The worker function for a method; `extract` is math_verify's alone (the GSM8K matches
+    find their number themselves)."""
+    if method not in METHODS:
+        raise ValueError(f"grading method {method!r}: use one of {METHODS}")
+    if extract not in EXTRACTS:
+        raise ValueError(f"grading extract {extract!r}: use one of {EXTRACTS}")
+    return GRADE_FUNCTIONS[method, extract if method == "math_verify" else "any"]
+
+
+def grade_one(gold: str, response: str, method: str = "math_verify", extract: str = "any") -> tuple[float, str, str]:
+    """One response graded in this process, without a time bound (tests, benchmarks)."""
+    from apo.grade_worker import resolve
+
+    return resolve(grade_function(method, extract))(gold, response)
 
 
 GOLD_FUNCTION = "apo.reward:gold_problem"
@@ -258,12 +376,10 @@ class Grader:
     """Grades responses in `workers` processes, each response within `timeout_s` seconds."""
 
     def __init__(self, timeout_s: float = 5.0, workers: int = 2, method: str = "math_verify",
-                 grade_fn: str | None = None, max_start_failures: int = 3):
-        if method not in METHODS:
-            raise ValueError(f"grading method {method!r}: use one of {METHODS}")
+                 grade_fn: str | None = None, max_start_failures: int = 3, extract: str = "any"):
         self.timeout_s, self.workers, self.method = timeout_s, workers, method
         # "module:function" called as fn(gold, response) -> (reward, status, extracted)
-        self.grade_fn = grade_fn or GRADE_FUNCTIONS[method]
+        self.grade_fn = grade_fn or grade_function(method, extract)
         self.max_start_failures = max_start_failures
         # Responses take milliseconds; one still running after this is likely to hang.
         self.spare_after_s = min(1.0, timeout_s / 2)

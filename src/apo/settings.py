@@ -30,11 +30,11 @@ from apo.fingerprint import DigestCache, content_digest
 # every downstream address changes with it.
 FORMAT_VERSION = {
     "demo": 2,
-    "data": 3,
-    "sample": 2,
+    "data": 4,
+    "sample": 3,
     "vstar": 2,
-    "train": 2,
-    "evaluate": 2,
+    "train": 3,
+    "evaluate": 3,
     "sweep": 1,
 }
 # One name per stage: the config section, the rule, the `apo` command, the results folder and
@@ -174,9 +174,14 @@ def _subset(section: dict, keys: list[str]) -> dict:
     return {k: section[k] for k in keys}
 
 
-def _grading(grading: dict) -> dict:
-    """What every grading stage's address holds of the `grading` block (workers is speed only)."""
-    return {"grading_timeout_s": grading["timeout_s"], "grading_method": grading["method"]}
+def _grading(grading: dict, method: str | None = None, extract: str | None = None) -> dict:
+    """What a grading stage's address holds of the `grading` block (workers is speed only): the
+    time bound, the method (`method` where the stage has its own: stage 1's sample_method) and,
+    for a stage that grades responses, where their answer is read from (`extract`)."""
+    out = {"grading_timeout_s": grading["timeout_s"], "grading_method": method or grading["method"]}
+    if extract is not None:
+        out["grading_extract"] = extract
+    return out
 
 
 class Plan:
@@ -209,10 +214,11 @@ class Plan:
         self._check_local_inputs()
 
         grading = config["grading"]
-        self.train_data = self._dataset(config["data"]["train"])
-        self.benchmarks = {b["name"]: self._dataset(b) for b in config["data"]["benchmarks"]}
+        self.train_data = self._dataset(config["data"]["train"], "data.train")
+        self.benchmarks = {b["name"]: self._dataset(b, f"benchmark {b['name']!r}", benchmark=True)
+                           for b in config["data"]["benchmarks"]}
         spec = config["data"].get("validation")
-        self.validation = self._dataset(spec) if spec is not None else None
+        self.validation = self._dataset(spec, "data.validation") if spec is not None else None
         # The held-out checks of validation, by what each prompt set is rather than its spelling.
         check_held_out(config, "config", self.source_identity)
 
@@ -233,7 +239,7 @@ class Plan:
                 {
                     **_subset(sample, ["n", "temperature", "top_p", "max_new_tokens", "seed", "shards"]),
                     "backend": config["generation"]["backend"],
-                    **_grading(grading),
+                    **_grading(grading, grading["sample_method"], grading["extract"]),
                 },
                 {"model": self.model, "prompts": self.train_data},
             )
@@ -248,6 +254,21 @@ class Plan:
         self._add_evals("reference", self.model)
         self._plan_trainings()
         self.digests.save()
+
+    def epoch_steps(self) -> str | None:
+        """The plan's line on train.epochs: the steps it comes to from the prepared training
+        prompts (the data stage's counts.json), or when they will be known; None without it."""
+        train = self.config["train"]
+        if train.get("epochs") is None:
+            return None
+        counts = Path(self.train_data.dir) / "counts.json"
+        head = f"train.epochs {train['epochs']} x (prompts // train.batch_size {train['batch_size']})"
+        if not counts.exists():
+            return f"{head}: the steps are known once the training data stage has run ({self.train_data.dir})"
+        prompts = json.loads(counts.read_text())["rows_out"]
+        filtered = "" if self.config["vstar"]["filter"] == "keep_all" else " before V*'s filter, which A*-PO applies first"
+        return (f"{head}: {prompts} prepared prompts{filtered} -> {prompts // train['batch_size']} batches "
+                f"an epoch, {train['epochs'] * (prompts // train['batch_size'])} steps")
 
     def eval_settings(self, benchmark: str) -> dict:
         """The top-level `evaluate` block with the benchmark's own `evaluate` keys over it."""
@@ -291,12 +312,14 @@ class Plan:
 
     def _add_evals(self, label: str, model) -> None:
         for name, bench in self.benchmarks.items():
+            settings = self.eval_settings(name)
+            extract = settings.pop("extract")
             self.evals[label, name] = self._add(
                 "evaluate",
                 {
-                    **self.eval_settings(name),
+                    **settings,
                     "backend": self.config["generation"]["backend"],
-                    **_grading(self.config["grading"]),
+                    **_grading(self.config["grading"], extract=extract),
                 },
                 {"model": model, "prompts": bench},
             )
@@ -315,7 +338,7 @@ class Plan:
             method=method,
             seed=seed,
             backend=self.config["generation"]["backend"],
-            **_grading(self.config["grading"]),
+            **_grading(self.config["grading"], extract=self.config["grading"]["extract"]),
         )
         inputs = {"model": self.model, "prompts": self.train_data}
         if spec.reads_vstar:
@@ -329,11 +352,11 @@ class Plan:
         self.stages[kind, stage.hash] = stage
         return stage
 
-    def _dataset(self, spec: dict) -> Stage:
+    def _dataset(self, spec: dict, where: str, benchmark: bool = False) -> Stage:
         # The tokenizer (chat template) shapes the prompts, so the model is an input. The
         # benchmark's display name and how it is evaluated do not change the file.
-        settings = {k: v for k, v in spec.items() if k not in ("name", "evaluate")}
-        settings["prompt"] = self.config["prompt"]
+        settings = {k: v for k, v in spec.items() if k not in ("name", "evaluate", "max_prompt_tokens")}
+        settings["prompt"] = {**self.config["prompt"], "max_prompt_tokens": prompt_limit(self.config, spec, benchmark)}
         # Which golds are kept depends on what the grader can read (and in what time).
         settings.update(_grading(self.config["grading"]))
         inputs = {"tokenizer": self.model}
@@ -343,6 +366,9 @@ class Plan:
             source = self.external(dataset_file(spec), spec["revision"])
             if source.local:
                 inputs["source"] = source  # its path is in the settings; this is its content
+                from apo.data import check_fields  # (apo.data imports this module)
+
+                check_fields(spec, where)  # a misnamed field stops the plan, not the data job
         return self._add("data", settings, inputs)
 
     def _check_local_inputs(self) -> None:
@@ -396,6 +422,15 @@ class Plan:
 
     def hashes(self, kind: str) -> list[str]:
         return sorted(h for k, h in self.stages if k == kind)
+
+
+def prompt_limit(config: dict, spec: dict, benchmark: bool) -> int | None:
+    """The prompt-length limit of a prompt set: its own `max_prompt_tokens`, else
+    prompt.max_prompt_tokens for training and validation prompts and none for a benchmark
+    (published numbers score every problem)."""
+    if spec.get("max_prompt_tokens") is not None:
+        return spec["max_prompt_tokens"]
+    return None if benchmark else config["prompt"]["max_prompt_tokens"]
 
 
 def model_path(model: Stage | External) -> str:

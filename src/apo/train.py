@@ -106,6 +106,15 @@ def batch_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list
     return perm[pos * batch_size : (pos + 1) * batch_size].tolist()
 
 
+def with_epochs(s: dict, n_prompts: int) -> dict:
+    """The settings with `steps` = train.epochs x the full batches of `n_prompts` when epochs is
+    set (the authors' total_epochs x len(dataloader), drop_last: ZhaolinGao/A-PO
+    verl/trainer/apo/ray_trainer.py:316-320), else as they are."""
+    if s.get("epochs") is None:
+        return s
+    return {**s, "steps": s["epochs"] * (n_prompts // s["batch_size"])}
+
+
 def samples_per_prompt(s: dict) -> int:
     return methods.get(s["method"]).samples(s)
 
@@ -319,6 +328,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     verify_if_stage(model_path)  # the demo's model is a stage output
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data, prompt_ids = load_prompts(s, prompts_path, vstar_path, tokenizer)
+    s = with_epochs(s, len(data))
     vs = validate.load(s, validation_path, accelerator.process_index, world) if validation_path else None
     policy, reference, critic = load_models(s, model_path, accelerator, gradient_checkpointing, fsdp)
     policy, optimizer, scheduler = optimize(accelerator, policy, s, s["lr"], fsdp)
@@ -646,10 +656,12 @@ def train(
             monitor.update(h["reward"], h["response_length"])
         t.generator.sync_weights(t.accelerator.unwrap_model(t.policy))  # the engine loaded step 0's
     start = len(history)
-    bar = tqdm(range(start, settings["steps"]), desc="train", initial=start, total=settings["steps"],
+    steps = t.s["steps"]  # train.epochs resolved against the prompts (`with_epochs`)
+    bar = tqdm(range(start, steps), desc="train", initial=start, total=steps,
                mininterval=2, disable=not t.accelerator.is_main_process)
     # time bound and method from the stage's address; the worker count is a runtime knob
-    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"]) as grader:
+    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"],
+                extract=settings["grading_extract"]) as grader:
         validate_if_due(t, grader, history, validations, tracker)  # step 0
         for step in bar:
             row = train_step(t, grader, step)

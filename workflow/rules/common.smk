@@ -48,6 +48,8 @@ if workflow.is_main_process:
         model_path(PLAN.model),
         lambda text: print(text, file=sys.stderr),
     )
+    if PLAN.epoch_steps():
+        print(PLAN.epoch_steps(), file=sys.stderr)
 
 
 def picked_combo(pick_file):
