@@ -56,6 +56,8 @@ def test_shipped_configs_are_valid(config_file):
         (("resources",), {"trian": {"gpu": 1}}, "unknown config key 'resources.trian'"),
         (("vstar", "source"), "table", "config key 'vstar.table' is required"),
         (("vstar", "table"), {"split": "train"}, "config key 'vstar.table'"),
+        (("train", "gspo"), {"ratio": "response"}, "config key 'train.gspo.ratio'"),
+        (("train", "dapo"), {"loss_agg": "seq_sum"}, "config key 'train.dapo.loss_agg'"),
     ],
 )
 def test_bad_values_name_the_key(demo_config, path, value, message):
@@ -289,3 +291,13 @@ def test_validation_length_defaults_to_the_training_length(demo_config):
     assert cfg["train"]["validation"] == {"k": 1, "temperature": 0.0, "top_p": 1.0,
                                           "max_new_tokens": demo_config["train"]["max_new_tokens"], "seed": 0}
     assert cfg["data"]["validation"]["split"] == "valid" and cfg["train"]["validate_every"] == 50
+
+
+def test_dapo_overlong_buffer_must_be_shorter_than_the_length_limit(demo_config):
+    demo_config["methods"] = ["apo", "dapo"]
+    demo_config["train"]["dapo"] = {"overlong_buffer": 80}
+    with pytest.raises(ConfigError, match=r"'train.dapo.overlong_buffer' \(80\) must be shorter than "
+                                          r"'train.max_new_tokens' \(80\)"):
+        validate_config(demo_config, SCHEMA, source="my.yaml")
+    demo_config["train"]["dapo"] = {"overlong_buffer": 16}
+    assert validate_config(demo_config, SCHEMA)["train"]["dapo"]["clip_eps_high"] == 0.28  # the recipe's default

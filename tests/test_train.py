@@ -413,11 +413,11 @@ def _family_settings(method: str, **block):
 def test_grpo_variants_train_a_few_steps(method, train_inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "Grader", _Alternating)
     model, prompts, _ = train_inputs
-    h = T.train(_family_settings(method), model, prompts, None, tmp_path / method, *RUNTIME)["history"]
-    assert h["step"].tolist() == [1, 2, 3, 4] and h["loss"].notna().all() and h["clip_frac"].notna().all()
+    h = T.train({**_family_settings(method), "steps": 2}, model, prompts, None, tmp_path / method, *RUNTIME)["history"]
+    assert h["step"].tolist() == [1, 2] and h["loss"].notna().all() and h["clip_frac"].notna().all()
     assert (h["logprob_gap_mean"] < 1e-4).all()  # float32 everywhere: the engine is the policy
     if method == "dapo":  # dynamic sampling on, every alternating group informative: one draw
-        assert h["sampling_draws"].tolist() == [1] * 4 and h["groups_dropped"].tolist() == [0] * 4
+        assert h["sampling_draws"].tolist() == [1, 1] and h["groups_dropped"].tolist() == [0, 0]
 
 
 class _HalfSolved(_FakeGrader):
