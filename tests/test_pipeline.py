@@ -184,6 +184,15 @@ def test_compare_config_plans_the_sweep_before_its_picks(tmp_path):
     assert first["batch_size"] == plan.grids["grpo"][next(iter(plan.grids["grpo"]))].settings["batch_size"]
 
 
+def test_grpo_variants_config_plans_each_variant_with_its_own_sweep(tmp_path):
+    """GRPO, Dr. GRPO, DAPO and GSPO by name: 3 learning rates each on seed 0, one pick each;
+    no method reads V*, so no reference sampling (the sample rule: the reference's evaluation)."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config" / "grpo_variants.yaml"))
+    assert jobs == {"demo": 1, "data": 3, "sample": 1, "train": 12,
+                    "sweep": 4, "evaluate": 1, "report": 1, "all": 1}
+
+
 def test_published_stage1_table_plans_no_sampling(tmp_path):
     shutil.copytree(ROOT / "config", tmp_path / "config")
     table = ("{source: table, table: {path: Cornell-AGI/math_size_qwen2.5_1.5b_eval, "
