@@ -311,12 +311,13 @@ def rollout(t: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
     Under dynamic sampling (`dynamic_sampling`) groups with all-equal rewards are dropped and
     further prompts drawn until the share is full."""
     s, n, acc = t.s, t.sampling.n, t.accelerator
-    idx = batch_indices(step, s["batch_size"], len(t.data), s["seed"])[acc.process_index :: t.world]
+    batch = batch_indices(step, s["batch_size"], len(t.data), s["seed"])
+    idx = batch[acc.process_index :: t.world]
     seed = s["seed"] * 1_000_003 + step + 7_919 * acc.process_index
     times["generate"] = times["grade"] = 0.0
     groups = sample_groups(t, grader, idx, seed, times)
     block = s.get(t.method.name, {}) if t.method.group_filter else {}
-    draws, dropped, taken = 1, 0, set(idx)
+    draws, dropped, taken = 1, 0, set(batch)  # every process's prompts: each draw is split alike
     if block.get("dynamic_sampling"):
         want, groups = len(idx), [g for g in groups if informative(g)]
         dropped = len(idx) - len(groups)
@@ -326,8 +327,9 @@ def rollout(t: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
                     f"train.{t.method.name}.dynamic_sampling: {len(groups)} of {want} groups with unequal rewards "
                     f"after {draws} draws at step {step + 1} (train.{t.method.name}.max_draws); the prompts are "
                     "too easy or too hard for the policy, or the group too small")
-            more = extra_prompts(step, draws, s, len(t.data), taken)[acc.process_index :: t.world]
-            taken.update(more)
+            drawn = extra_prompts(step, draws, s, len(t.data), taken)
+            taken.update(drawn)
+            more = drawn[acc.process_index :: t.world]
             fresh = sample_groups(t, grader, more, seed + 104_729 * draws, times)
             kept = [g for g in fresh if informative(g)]
             dropped += len(fresh) - len(kept)
