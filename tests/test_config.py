@@ -57,6 +57,8 @@ def test_shipped_configs_are_valid(config_file):
         (("resources",), {"trian": {"gpu": 1}}, "unknown config key 'resources.trian'"),
         (("vstar", "source"), "table", "config key 'vstar.table' is required"),
         (("vstar", "table"), {"split": "train"}, "config key 'vstar.table'"),
+        (("train", "gspo"), {"ratio": "response"}, "config key 'train.gspo.ratio'"),
+        (("train", "dapo"), {"loss_agg": "seq_sum"}, "config key 'train.dapo.loss_agg'"),
     ],
 )
 def test_bad_values_name_the_key(demo_config, path, value, message):
@@ -477,3 +479,13 @@ def test_a_config_that_asks_to_be_evaluated_as_code_is_refused(demo_config, tmp_
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"__use_yte__": True, "experiment": "x"}))
     with pytest.raises(ConfigError, match=rf"invalid {tmp_path / 'base.yaml'}: config key '__use_yte__'"):
         validate_config({**demo_config, "extends": "base.yaml"}, SCHEMA, base_dir=tmp_path)
+
+
+def test_dapo_overlong_buffer_must_be_shorter_than_the_length_limit(demo_config):
+    demo_config["methods"] = ["apo", "dapo"]
+    demo_config["train"]["dapo"] = {"overlong_buffer": 80}
+    with pytest.raises(ConfigError, match=r"'train.dapo.overlong_buffer' \(80\) must be shorter than "
+                                          r"'train.max_new_tokens' \(80\)"):
+        validate_config(demo_config, SCHEMA, source="my.yaml")
+    demo_config["train"]["dapo"] = {"overlong_buffer": 16}
+    assert validate_config(demo_config, SCHEMA)["train"]["dapo"]["clip_eps_high"] == 0.28  # the recipe's default

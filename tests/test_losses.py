@@ -269,3 +269,186 @@ def test_ppo_gradients_move_policy_up_the_advantage_and_values_to_returns():
     loss.backward()
     assert logp.grad[0, 0] < 0 < logp.grad[0, 1]  # descent raises token 0, lowers token 1
     assert values.grad[0, 0] < 0 < values.grad[0, 1]  # descent moves V towards the returns
+
+
+# ---------------------------------------------------------------- GRPO variants
+
+import math  # noqa: E402
+
+from apo import methods  # noqa: E402
+from apo.config import validate_config  # noqa: E402
+from apo.losses import (  # noqa: E402
+    centred_advantages, grpo_variant_loss, logprob_gap, overlong_penalty, seq_mean_token_sum_norm,
+    sequence_log_ratio, tis_weights,
+)
+
+
+def _blocks(group_size: int = 2) -> dict:
+    """The train.* blocks of the GRPO family with their schema defaults (each variant's recipe),
+    for groups of `group_size`."""
+    cfg = {"experiment": "x", "model": "demo", "data": {
+        "train": {"path": "demo", "split": "train", "prompt_field": "q", "answer_field": "a"},
+        "benchmarks": [{"name": "b", "path": "demo", "split": "test", "prompt_field": "q", "answer_field": "a"}]}}
+    train = validate_config(cfg)["train"]
+    return {name: {**train[name], "group_size": group_size} for name in methods.GRPO_FAMILY}
+
+
+def _micro(logp, old, mask, rewards, **kw):
+    return methods.MicroBatch(logp=logp, old_logp=old, ref_logp=logp.detach().clone(), mask=mask, rewards=rewards,
+                              vstar=torch.full_like(rewards, float("nan")), tokens=float(mask.sum()),
+                              loss_agg="token_mean", **kw)
+
+
+def test_variant_defaults_are_the_peers_recipes():
+    b = _blocks()
+    assert (b["grpo"]["scale_rewards"], b["grpo"]["clip_eps_high"], b["grpo"]["ratio"]) == (True, None, "token")
+    assert (b["dr_grpo"]["scale_rewards"], b["dr_grpo"]["loss_agg"]) == (False, "seq_mean_token_sum_norm")
+    assert (b["dapo"]["clip_eps"], b["dapo"]["clip_eps_high"], b["dapo"]["loss_agg"], b["dapo"]["dynamic_sampling"]) == (
+        0.2, 0.28, "token_mean", True)
+    assert (b["gspo"]["ratio"], b["gspo"]["clip_eps"], b["gspo"]["clip_eps_high"], b["gspo"]["loss_agg"]) == (
+        "sequence", 3e-4, 4e-4, "seq_mean_token_mean")
+    assert [methods.get(n).display for n in b] == ["GRPO", "Dr. GRPO", "DAPO", "GSPO"]
+
+
+def test_centred_advantages_do_not_divide_by_the_std():
+    a = centred_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]]))
+    assert a.tolist() == [[0.5, -0.5, -0.5, 0.5], [0.25, 0.25, 0.25, -0.75]]
+
+
+def test_seq_mean_token_sum_norm_divides_token_sums_by_a_constant():
+    v = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # (1 + 2) + 3 over 2 responses x max_len 4
+    assert seq_mean_token_sum_norm(v, m, 4).item() == pytest.approx(6 / 8)
+
+
+def test_dr_grpo_loss_hand_computed():
+    """Group (1, 0): advantages +0.5 / -0.5 (no std division); at ratio 1 each token's loss is
+    -A; response 0 has 2 tokens, response 1 has 1: (-0.5 * 2 + 0.5 * 1) / (2 x max_len 4)."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    batch = _micro(logp, logp.detach(), mask, torch.tensor([1.0, 0.0]), max_len=4)
+    loss, _ = methods.get("dr_grpo").bind(_blocks())(batch)
+    assert loss.item() == pytest.approx((-0.5 * 2 + 0.5 * 1) / 8)
+    # GRPO on the same batch: A = +-0.5 / std(1, 0) = +-0.707107, token mean over 3 tokens
+    grpo, _ = methods.get("grpo").bind(_blocks())(batch)
+    assert grpo.item() == pytest.approx((-2 * 0.707106 + 0.707106) / 3, abs=1e-5)
+
+
+def test_dapo_clip_higher_hand_computed():
+    """DAPO clips the ratio to [0.8, 1.28]: response 0 (A = +1) has ratios 1.25 (inside, where
+    a symmetric 0.2 would clip it to 1.2) and 1.5 (-> 1.28); response 1 (A = -1) has 0.7
+    (-> the pessimistic 0.8). Token mean over the 3 tokens."""
+    old = torch.zeros(2, 2)
+    logp = torch.tensor([[math.log(1.25), math.log(1.5)], [math.log(0.7), 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = grpo_variant_loss(logp, old, logp, mask, adv, clip_eps=0.2, clip_eps_high=0.28)
+    assert loss.item() == pytest.approx((-1.25 - 1.28 + 0.8) / 3, abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(2 / 3)
+    symmetric, _ = grpo_variant_loss(logp, old, logp, mask, adv, clip_eps=0.2)
+    assert symmetric.item() == pytest.approx((-1.2 - 1.2 + 0.8) / 3, abs=1e-6)
+
+
+def test_dapo_loss_through_the_registry_is_the_batch_token_mean():
+    """The dapo entry: group-normalised advantages (std kept), clip-higher, token mean with the
+    trainer's mini-batch token count."""
+    old = torch.zeros(2, 2)
+    logp = torch.tensor([[math.log(1.25), math.log(1.5)], [math.log(0.7), 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    # group (1, 0): A = +-0.5 / 0.707107 = +-0.707107 (the +1e-6 of the std is negligible here)
+    a = 0.707106
+    loss, _ = methods.get("dapo").bind(_blocks())(_micro(logp, old, mask, torch.tensor([1.0, 0.0]), max_len=2))
+    assert loss.item() == pytest.approx((-1.25 * a - 1.28 * a + 0.8 * a) / 3, abs=1e-5)
+
+
+def test_gspo_sequence_ratio_value_and_gradient():
+    """GSPO: response 0's token log-ratios 0.1 and 0.3 give s = e^0.2 on both tokens, response
+    1's -0.2 gives e^-0.2; each token's gradient is s times its log-prob's."""
+    old = torch.zeros(2, 2)
+    logp = torch.tensor([[0.1, 0.3], [-0.2, 5.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    log_s = sequence_log_ratio(logp, old, mask)
+    assert torch.exp(log_s[0]).tolist() == pytest.approx([math.exp(0.2)] * 2, abs=1e-6)
+    assert math.exp(log_s[1, 0].item()) == pytest.approx(math.exp(-0.2), abs=1e-6)
+    # wide clip: unclipped; loss = mean over responses of the token mean of -s_b A_b
+    adv = torch.tensor([1.0, -1.0])
+    loss, _ = grpo_variant_loss(logp, old, logp.detach(), mask, adv, clip_eps=0.9, loss_agg="seq_mean_token_mean",
+                                ratio_level="sequence")
+    assert loss.item() == pytest.approx((-math.exp(0.2) + math.exp(-0.2)) / 2, abs=1e-6)
+    loss.backward()
+    # d/d logp_{0,t} = -A_0 s_0 / (|y_0| B) = -e^0.2 / 4; d/d logp_{1,0} = +e^-0.2 / 2; padding 0
+    assert logp.grad.flatten().tolist() == pytest.approx([-math.exp(0.2) / 4] * 2 + [math.exp(-0.2) / 2, 0.0], abs=1e-6)
+
+
+def test_gspo_clips_the_sequence_ratio_to_its_narrow_range():
+    old, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    logp = torch.tensor([[0.1, 0.3]])  # s = e^0.2, far outside [1 - 3e-4, 1 + 4e-4]
+    batch = _micro(logp, old, mask, torch.tensor([1.0]), max_len=2)
+    batch.rewards = torch.tensor([1.0, 0.0])  # group size 2 needs a pair
+    batch.logp, batch.old_logp = torch.cat([logp, logp]), torch.zeros(2, 2)
+    batch.ref_logp, batch.mask = batch.logp.clone(), torch.ones(2, 2)
+    loss, stats = methods.get("gspo").bind({"gspo": {**_blocks()["gspo"], "group_size": 2}})(batch)
+    a = 0.707106  # +-0.5 / std(1, 0)
+    assert loss.item() == pytest.approx((-(1 + 4e-4) * a + math.exp(0.2) * a) / 2, abs=1e-5)
+    assert stats["clip_frac"] == 1.0
+
+
+def test_variant_with_default_settings_is_grpo_loss():
+    torch.manual_seed(0)
+    logp, old, ref = torch.randn(3, 4) - 1, torch.randn(3, 4) - 1, torch.randn(3, 4) - 1
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    for agg in ("token_mean", "seq_mean_token_mean"):
+        a, sa = grpo_loss(logp, old, ref, mask, adv, 0.2, 0.1, agg)
+        b, sb = grpo_variant_loss(logp, old, ref, mask, adv, 0.2, None, 0.1, agg)
+        assert a.item() == pytest.approx(b.item(), abs=1e-6) and sa == pytest.approx(sb)
+
+
+def test_overlong_penalty_hand_computed():
+    # max_len 10, buffer 4: free up to 6 tokens, then -1/4 per token down to -1 at 10
+    lengths = torch.tensor([5, 6, 8, 10])
+    assert overlong_penalty(lengths, 10, 4, 1.0).tolist() == [0.0, 0.0, -0.5, -1.0]
+    assert overlong_penalty(lengths, 10, 4, 0.5).tolist() == [0.0, 0.0, -0.25, -0.5]
+    assert overlong_penalty(lengths, 10, 0, 1.0).tolist() == [0.0] * 4  # off
+
+
+def test_overlong_shaping_enters_the_advantage():
+    """dapo with overlong_buffer 2, max_len 4: response 0 (reward 1, 4 tokens) loses 1, response
+    1 (reward 0, 2 tokens) nothing: shaped rewards (0, 0) give no advantage and a zero loss."""
+    logp = torch.zeros(2, 4)
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    block = {**_blocks()["dapo"], "group_size": 2}
+    plain, _ = methods.get("dapo").bind({"dapo": block})(_micro(logp, logp, mask, torch.tensor([1.0, 0.0]), max_len=4))
+    shaped, _ = methods.get("dapo").bind({"dapo": {**block, "overlong_buffer": 2}})(
+        _micro(logp, logp, mask, torch.tensor([1.0, 0.0]), max_len=4))
+    assert plain.item() != 0 and shaped.item() == 0
+
+
+def test_tis_weights_truncate_the_trainer_engine_ratio():
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    engine = torch.tensor([[-1.5, -0.5, float("nan")]])
+    w = tis_weights(old, engine, cap=1.5)
+    assert w.flatten().tolist() == pytest.approx([1.5, math.exp(-0.5), 1.0])  # e^0.5 = 1.65 -> 1.5; no log-prob -> 1
+
+
+def test_tis_weights_scale_the_policy_term_only():
+    """grpo with tis_cap: each token's surrogate times its weight; the KL term unweighted."""
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -3.0]])
+    mask = torch.ones(2, 2)
+    engine = torch.tensor([[-1.0 - math.log(2), -2.0], [-1.0 + math.log(2), -3.0]])  # weights 2 -> cap 1.5, 1, 0.5, 1
+    block = {**_blocks()["grpo"], "group_size": 2, "tis_cap": 1.5}
+    batch = _micro(logp, logp, mask, torch.tensor([1.0, 0.0]), max_len=2, engine_logp=engine)
+    loss, _ = methods.get("grpo").bind({"grpo": block})(batch)
+    a = 0.707106  # +-0.5 / std(1, 0); ratio 1: token losses -a, -a, +a, +a
+    assert loss.item() == pytest.approx((-1.5 * a - a + 0.5 * a + a) / 4, abs=1e-5)
+    without, _ = methods.get("grpo").bind({"grpo": {**block, "tis_cap": None}})(batch)
+    assert without.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_logprob_gap_over_the_scored_response_tokens():
+    engine = torch.tensor([[-1.0, -2.0, 0.0], [float("nan"), -1.0, 0.0]])
+    trainer = torch.tensor([[-1.1, -1.5, 9.0], [-7.0, -1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    total, count, peak = logprob_gap(engine, trainer, mask)
+    assert (total, count, peak) == pytest.approx((0.1 + 0.5 + 0.0, 3.0, 0.5))

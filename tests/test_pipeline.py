@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from apo.config import validate_config
+from apo.settings import Plan
 from conftest import ROOT, SMOKE, snakemake
 
 def planned_jobs(workdir: Path, *args: str) -> dict:
@@ -188,12 +189,29 @@ def test_paper_configs_plan_the_full_dag(tmp_path, config_file):
 
 
 def test_compare_config_plans_the_sweep_before_its_picks(tmp_path):
-    """3 learning rates x 4 methods on seed 0, one pick per method; the picked runs on seed 1
-    and every evaluation but the reference's wait for the picks (a checkpoint)."""
+    """3 learning rates x 5 methods (the DAPO-style GRPO row included) on seed 0, one pick per
+    method; the picked runs on seed 1 and every evaluation but the reference's wait for the
+    picks (a checkpoint)."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
     jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config" / "compare.yaml"))
     # the sample rule: 2 reference sampling shards and the reference's evaluation shard
-    assert jobs == {"demo": 1, "data": 3, "sample": 2 + 1, "vstar": 1, "train": 12,
+    assert jobs == {"demo": 1, "data": 3, "sample": 2 + 1, "vstar": 1, "train": 15,
+                    "sweep": 5, "evaluate": 1, "report": 1, "all": 1}
+    plan = Plan(validate_config(yaml.safe_load((ROOT / "config" / "compare.yaml").read_text()), base_dir=ROOT))
+    dapo = plan.grids["dapo"]
+    assert len(dapo) == 3 and {s.settings["method"] for s in dapo.values()} == {"dapo"}
+    assert {s.settings["lr"] for s in dapo.values()} == {1e-4, 3e-4, 1e-3}  # its own pick from the sweep
+    first = next(iter(dapo.values())).settings
+    assert first["dapo"]["clip_eps_high"] == 0.28 and first["dapo"]["dynamic_sampling"] is True
+    assert first["batch_size"] == plan.grids["grpo"][next(iter(plan.grids["grpo"]))].settings["batch_size"]
+
+
+def test_grpo_variants_config_plans_each_variant_with_its_own_sweep(tmp_path):
+    """GRPO, Dr. GRPO, DAPO and GSPO by name: 3 learning rates each on seed 0, one pick each;
+    no method reads V*, so no reference sampling (the sample rule: the reference's evaluation)."""
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    jobs = planned_jobs(tmp_path, "--configfile", str(ROOT / "config" / "grpo_variants.yaml"))
+    assert jobs == {"demo": 1, "data": 3, "sample": 1, "train": 12,
                     "sweep": 4, "evaluate": 1, "report": 1, "all": 1}
 
 

@@ -132,19 +132,20 @@ def test_a_benchmark_scored_on_a_subset_is_flagged(tmp_path):
     assert "486/500 rows" in md.split("## Accuracy")[1].splitlines()[2]
 
 
-def _fake_run(root, label, times, accuracies):
+def _fake_run(root, label, times, accuracies, gap=None):
     from apo.io import write_json
 
     d = root / label
     d.mkdir()
     steps = list(range(1, len(times)))
+    gaps = {} if gap is None else {"logprob_gap_mean": gap[0], "logprob_gap_max": gap[1]}
     pd.DataFrame({"step": steps, "reward": 0.5, "loss": 0.1, "kl": 0.0, "response_length": 10.0,
                   "optimizer_steps": 1, "time_step_s": [times[s] - times[s - 1] for s in steps],
-                  "time_generate_s": 0.1}).to_parquet(d / "metrics.parquet")
+                  "time_generate_s": 0.1, **gaps}).to_parquet(d / "metrics.parquet")
     pd.DataFrame({"step": list(range(len(times))), "train_time_s": times,
                   "accuracy": accuracies}).to_parquet(d / "validation.parquet")
     write_json(d / "summary.json", {"steps": len(steps), "train_time_s": times[-1], "reward_first": 0.5,
-                                    "reward_last": 0.5, "kl_last": 0.0, "response_length_last": 10.0})
+                                    "reward_last": 0.5, "kl_last": 0.0, "response_length_last": 10.0, **gaps})
     return {"label": label, "method": label, "seed": 0, "dir": str(d)}
 
 
@@ -152,7 +153,7 @@ def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
     from apo import report
     from apo.io import write_json
 
-    trainings = [_fake_run(tmp_path, "apo", [0.0, 60.0, 120.0], [0.4, 0.7, 0.8]),
+    trainings = [_fake_run(tmp_path, "apo", [0.0, 60.0, 120.0], [0.4, 0.7, 0.8], gap=(4.7e-4, 5.3e-3)),
                  _fake_run(tmp_path, "grpo", [0.0, 300.0, 600.0], [0.4, 0.78, 0.8])]
     evals = []
     for label in ("reference", "apo", "grpo"):
@@ -180,6 +181,9 @@ def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
     # the grid and the pick
     assert "## Sweep" in md and re.search(r"\| A\*-PO +\| 0.0003 +\| 80.00 +\| 2.00 +\| yes", md)
     assert md.split("## Sweep")[1].count("| yes") == 1
+    # the train-inference gap of the run that logged it (a run without it is left out)
+    assert re.search(r"## Train-inference gap(.|\n)*\| apo +\| 4.70e-04 +\| 5.30e-03 +\|", md)
+    assert "| grpo " not in md.split("## Train-inference gap")[1]
     for name in ("validation_time.png", "validation_steps.png"):
         assert (tmp_path / "out" / name).stat().st_size > 5000
 

@@ -297,7 +297,8 @@ def shipped_configs() -> list[dict]:
     (so the table's keys are walked too)."""
     import yaml
 
-    files = [ROOT / "config/config.yaml", ROOT / "config/compare.yaml", *sorted((ROOT / "config/paper").glob("*.yaml"))]
+    files = [ROOT / "config/config.yaml", ROOT / "config/compare.yaml", ROOT / "config/grpo_variants.yaml",
+             *sorted((ROOT / "config/paper").glob("*.yaml"))]
     cfgs = [yaml.safe_load(f.read_text()) for f in files]
     table = copy.deepcopy(cfgs[-1])
     table["vstar"] = {"source": "table", "table": {**TABLE, "revision": "main", "subset": "s"}}

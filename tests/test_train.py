@@ -514,3 +514,107 @@ def test_epochs_give_the_steps_from_the_prompts_trained_on():
     assert with_epochs(s, 7450)["steps"] == 25 * 29  # the tail of each epoch is dropped
     assert with_epochs(s, 7423)["steps"] == 25 * 28
     assert with_epochs({**s, "epochs": None}, 7450)["steps"] == 100  # no epochs: steps as set
+
+
+# ---------------------------------------------------------------- GRPO variants, engine log-probs
+
+
+def _family_settings(method: str, **block):
+    """Training settings of a GRPO-family method with its schema defaults (its recipe), groups of 4."""
+    from apo.config import validate_config
+
+    cfg = {"experiment": "x", "model": "demo", "data": {
+        "train": {"path": "demo", "split": "train", "prompt_field": "q", "answer_field": "a"},
+        "benchmarks": [{"name": "b", "path": "demo", "split": "test", "prompt_field": "q", "answer_field": "a"}]}}
+    defaults = validate_config(cfg)["train"][method]
+    return {**{k: v for k, v in SETTINGS.items() if k != "beta2"}, "method": method, "lr": 1e-2,
+            method: {**defaults, "group_size": 4, **block}}
+
+
+@pytest.mark.parametrize("method", ["dr_grpo", "dapo", "gspo"])
+def test_grpo_variants_train_a_few_steps(method, train_inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "Grader", _Alternating)
+    model, prompts, _ = train_inputs
+    h = T.train({**_family_settings(method), "steps": 2}, model, prompts, None, tmp_path / method, *RUNTIME)["history"]
+    assert h["step"].tolist() == [1, 2] and h["loss"].notna().all() and h["clip_frac"].notna().all()
+    assert (h["logprob_gap_mean"] < 1e-4).all()  # float32 everywhere: the engine is the policy
+    if method == "dapo":  # dynamic sampling on, every alternating group informative: one draw
+        assert h["sampling_draws"].tolist() == [1, 1] and h["groups_dropped"].tolist() == [0, 0]
+
+
+class _HalfSolved(_FakeGrader):
+    """Per grading call, groups of 4 alternate between all right (no advantage) and half right."""
+
+    def grade(self, golds, responses):
+        from apo.reward import Grades
+
+        rewards = [1.0 if (i // 4) % 2 == 0 else float(i % 2) for i in range(len(responses))]
+        return Grades(rewards, ["ok"] * len(responses), [""] * len(responses))
+
+
+def test_dynamic_sampling_draws_prompts_until_the_batch_is_full(train_inputs, tmp_path, monkeypatch):
+    """DAPO's filter: half of each draw's 8 groups have equal rewards and are dropped, so a
+    second draw of 8 other prompts fills the batch; every kept group has an advantage."""
+    monkeypatch.setattr(T, "Grader", _HalfSolved)
+    model, prompts, _ = train_inputs
+    rollouts = []
+    real = T.rollout
+
+    def spy(*args):
+        rollouts.append(real(*args))
+        return rollouts[-1]
+
+    monkeypatch.setattr(T, "rollout", spy)
+    h = T.train({**_family_settings("dapo"), "steps": 1}, model, prompts, None, tmp_path / "ds", *RUNTIME)["history"]
+    assert h["sampling_draws"].tolist() == [2] and h["groups_dropped"].tolist() == [8]
+    r = rollouts[0]
+    assert len(r.idx) == 8 and len(set(r.idx)) == 8 and r.rewards.view(8, 4).std(-1).min() > 0
+
+
+def test_dynamic_sampling_stops_when_no_group_has_an_advantage(train_inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "Grader", _FakeGrader)  # every response right: nothing to learn from
+    model, prompts, _ = train_inputs
+    with pytest.raises(RuntimeError, match=r"train\.dapo\.dynamic_sampling: 0 of 8 groups .* after 2 draws"):
+        T.train({**_family_settings("dapo", max_draws=2), "steps": 1}, model, prompts, None, tmp_path / "x", *RUNTIME)
+
+
+class _Tracker:
+    def __init__(self):
+        self.metrics = {}
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def set_tags(self, tags):
+        pass
+
+
+# (mean, max) |log pi_engine - log pi_trainer| bounds per backend: float32 at most, bfloat16 at least
+GAP_BOUNDS = {"hf": ((1e-6, 1e-5), (5e-7, 5e-5)), "vllm": ((1e-6, 1e-5), (1e-4, 1e-3))}
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=VLLM)])
+def test_logprob_gap_is_near_zero_in_float32_and_larger_in_bfloat16(backend, train_inputs, tmp_path):
+    """The engine's log-probs of the sampled tokens against the trainer's, one step each in
+    float32 and in bfloat16, sampled at temperature 0.7 (the engines' log-probs are of the
+    tempered distribution, as the trainer's; vLLM's default, raw log-probs, are not).
+    hf samples with the policy module itself (under the same autocast as the trainer in bf16:
+    only the KV cache's arithmetic differs); vLLM with its own kernels and, in bf16, its own
+    bf16 copy of the weights."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    gaps = {}
+    for dtype in ("float32", "bfloat16"):
+        AcceleratorState._reset_state()  # one process trains twice, with different mixed precision
+        GradientState._reset_state()
+        tracker = _Tracker()
+        res = T.train({**SETTINGS, "steps": 1, "compute_dtype": dtype, "backend": backend, "temperature": 0.7}, *train_inputs,
+                      tmp_path / dtype, *RUNTIME, tracker=tracker)
+        gaps[dtype] = res["history"][["logprob_gap_mean", "logprob_gap_max"]].iloc[0].tolist()
+        assert tracker.metrics["logprob_gap_mean"] == gaps[dtype][0]  # logged to MLflow with the step
+        assert res["summary"]["logprob_gap_max"] == gaps[dtype][1]
+    print(f"{backend} log-prob gap (mean, max):", gaps)
+    (fp32_mean, fp32_max), (bf16_mean, bf16_max) = GAP_BOUNDS[backend]
+    assert gaps["float32"][0] < fp32_mean and gaps["float32"][1] < fp32_max
+    assert gaps["bfloat16"][0] > bf16_mean and gaps["bfloat16"][1] > bf16_max
+    assert gaps["bfloat16"][0] > 5 * gaps["float32"][0] and gaps["bfloat16"][1] > 10 * gaps["float32"][1]

@@ -313,6 +313,7 @@ def _check_consistency(config: dict, source: str) -> None:
     _check_batch_sizes(config["train"], source)
     _check_train_gpus(config, source)
     _check_greedy_samples(config, source)
+    _check_overlong(config, source)
     _check_vstar_table(config["vstar"], source)
     if config["vstar"]["source"] == "table" and config["prompt"]["template"] != "raw":
         # The published stage-1 rewards were sampled from raw prompts: V* of a chat prompt
@@ -388,6 +389,17 @@ def _check_greedy_samples(config: dict, source: str) -> None:
             raise ConfigError(
                 f"invalid {source}: {what} draws {count} samples per prompt at '{temp_key}' 0 (greedy "
                 "decoding), which would all be the same response; draw 1, or set a temperature above 0"
+            )
+
+
+def _check_overlong(config: dict, source: str) -> None:
+    """DAPO's overlong buffer is a stretch before the length limit: shorter than the limit."""
+    t = config["train"]
+    for name in (m for m in config["methods"] if m in methods.GRPO_FAMILY):
+        if t[name]["overlong_buffer"] >= t["max_new_tokens"]:
+            raise ConfigError(
+                f"invalid {source}: config key 'train.{name}.overlong_buffer' ({t[name]['overlong_buffer']}) must be "
+                f"shorter than 'train.max_new_tokens' ({t['max_new_tokens']})"
             )
 
 

@@ -87,8 +87,6 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts, sampling: SamplingSettings, progress: bool = True, seed=None, logprobs=False):
-        if logprobs:
-            raise NotImplementedError("the hf backend does not return log-probs; use the vllm backend")
         if seed is not None:
             torch.manual_seed(seed)
         tok, model = self.tokenizer, self.model
@@ -103,8 +101,10 @@ class HFGenerator:
             enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
             greedy = sampling.temperature == 0
+            recorder = SampledLogprobs(1.0 if greedy else sampling.temperature) if logprobs else None
             seqs = model.generate(
                 **enc,
+                logits_processor=[recorder] if recorder else None,
                 do_sample=not greedy,
                 temperature=None if greedy else sampling.temperature,
                 top_p=None if greedy else sampling.top_p,
@@ -114,18 +114,23 @@ class HFGenerator:
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
             )
-            new = seqs[:, enc["input_ids"].shape[1] :].tolist()
+            new = seqs[:, enc["input_ids"].shape[1] :]
+            lps = recorder.finish(new).tolist() if recorder else [None] * len(new)
+            new = new.tolist()
             for i in range(len(chunk)):
-                out.append([self._completion(ids) for ids in new[i * sampling.n : (i + 1) * sampling.n]])
+                rows = range(i * sampling.n, (i + 1) * sampling.n)
+                out.append([self._completion(new[j], lps[j]) for j in rows])
         model.train(was_training)
         return out
 
-    def _completion(self, ids: list[int]) -> Completion:
+    def _completion(self, ids: list[int], logprobs: list[float] | None = None) -> Completion:
+        finished = False
         for pos, t in enumerate(ids):
             if t in self.stop_ids:
-                ids = ids[: pos + 1]
-                return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, True)
-        return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, False)
+                ids, finished = ids[: pos + 1], True
+                break
+        lps = None if logprobs is None else logprobs[: len(ids)]
+        return Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, finished, lps)
 
     def sync_weights(self, model) -> None:
         assert model is self.model, "the hf backend samples from the model it was built with"
@@ -165,6 +170,32 @@ def engine_cache_root(environ) -> str | None:
         environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vllm"))
     mine = f"rank-{environ.get('RANK', 0)}"
     return root if os.path.basename(root) == mine else os.path.join(root, mine)  # set once per process
+
+
+class SampledLogprobs:
+    """A logits processor that records, during `generate`, the log-prob of each sampled token
+    under the distribution it was drawn from: log_softmax(logits / temperature) at every step.
+
+    transformers applies custom processors before its temperature and top-p warpers, so the
+    temperature is applied here; top-p truncation is not (the trainer's log-probs have none
+    either). Only one step's [B, V] log-probs are held at a time: at each call the previous
+    step's row is read at the token just sampled, the last step's in `finish`."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.steps, self.pending = temperature, [], None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.pending = (scores.float() / self.temperature).log_softmax(-1)
+        return scores
+
+    def finish(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] log-probs of the generated tokens `new_ids` (T = the steps generated)."""
+        if self.pending is not None and len(self.steps) < new_ids.shape[1]:
+            self.steps.append(self.pending.gather(-1, new_ids[:, len(self.steps) : len(self.steps) + 1]).squeeze(-1))
+        self.pending = None
+        return torch.stack(self.steps, dim=1).cpu() if self.steps else new_ids.new_zeros(new_ids.shape, dtype=torch.float)
 
 
 @dataclass(frozen=True)
@@ -218,6 +249,9 @@ class VLLMGenerator:
             enable_sleep_mode=self.on_gpu and settings.sleep,
             enforce_eager=settings.enforce_eager,
             **process_engine_args(os.environ),
+            # log-probs of the distribution sampled from (after temperature and top-p), as the
+            # trainer scores them; vLLM's default is the raw logits' log_softmax
+            logprobs_mode="processed_logprobs",
         )
         self.asleep = False
 

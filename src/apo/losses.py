@@ -262,18 +262,22 @@ def ppo_loss(
     value_clip: float = 0.5,
     loss_agg: str = "token_mean",
     tokens: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO with a learned critic: the clipped policy objective on per-token GAE advantages
     plus the clipped value regression onto the returns, each aggregated over tokens by
     `loss_agg` (see `aggregate`):
 
-        L = agg_{b,t} [ -min(rho_t A_t, clip(rho_t, 1 +- eps) A_t) ]
+        L = agg_{b,t} [ w_t * -min(rho_t A_t, clip(rho_t, 1 +- eps) A_t) ]
             + agg_{b,t} [ 1/2 max((V_t - R_t)^2, (clip(V_t, V_old_t +- value_clip) - R_t)^2) ]
 
     The policy and the critic are separate networks, so each term only moves its own.
+    w_t: the truncated importance weights to the engine (`tis_weights`), 1 without them.
     Args: all [B, T]; values with grad from the critic, the rest detached.
     """
     pg, ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    if weights is not None:
+        pg = pg * weights
     clipped_values = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
     vf = 0.5 * torch.maximum((values - returns).pow(2), (clipped_values - returns).pow(2))
     policy_loss, value_loss = aggregate(pg, mask, loss_agg, tokens), aggregate(vf, mask, loss_agg, tokens)
@@ -284,3 +288,142 @@ def ppo_loss(
         "value_mean": (masked_sum(values.detach(), mask).sum() / mask.sum().clamp(min=1)).item(),
     }
     return policy_loss + value_loss, stats
+
+
+# --------------------------------------------------------------------------- GRPO variants
+# The forms of GRPO the peers select by name (docs/method.md, section 4, "GRPO variants"):
+# Dr. GRPO (Liu et al. 2025), DAPO (Yu et al. 2025), GSPO (Zheng et al. 2025), and the
+# truncated importance-sampling correction for the engine's log-probs (TIS, Yao et al. 2025).
+
+
+def centred_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO's advantage: r - mean_group over a [prompts, G] reward table, without the
+    division by the group's std (TRL scale_rewards="none"; verl norm_adv_by_std_in_grpo=False)."""
+    return rewards - rewards.mean(dim=-1, keepdim=True)
+
+
+def seq_mean_token_sum_norm(values: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Dr. GRPO's aggregation: each response's token sum divided by a constant, the maximum
+    response length, then the mean over responses (TRL loss_type="dr_grpo":
+    sum / (B * max_completion_length)). A long response weighs by its length, as in the
+    policy gradient itself, and the constant keeps the scale from changing with the batch."""
+    return masked_sum(values, mask).sum() / (mask.shape[0] * max_len)
+
+
+def aggregate_variant(values: torch.Tensor, mask: torch.Tensor, mode: str, tokens: float | None,
+                      max_len: int | None) -> torch.Tensor:
+    """`aggregate` plus Dr. GRPO's "seq_mean_token_sum_norm" (which needs `max_len`)."""
+    if mode == "seq_mean_token_sum_norm":
+        return seq_mean_token_sum_norm(values, mask, max_len)
+    return aggregate(values, mask, mode, tokens)
+
+
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence-level importance ratio in log space, spread over the tokens ([B, T]):
+
+        log s_i = (1/|y_i|) sum_t log(pi(y_t) / pi_old(y_t))     (GSPO, Zheng et al. 2025)
+
+    in the form of its token version, log s_i,t = sg[log s_i] + log pi(y_t) - sg[log pi(y_t)]:
+    every token of a response carries the value s_i and the gradient s_i * grad log pi(y_t)
+    (verl compute_policy_loss_gspo; TRL importance_sampling_level="sequence" has the same
+    value and, under the sequence mean, the same gradient)."""
+    seq = masked_sum(logp - old_logp, mask) / mask.sum(dim=-1).clamp(min=1)
+    return logp - logp.detach() + seq.detach().unsqueeze(-1)
+
+
+def decoupled_clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float,
+                                clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate with DAPO's decoupled range (clip-higher, Yu et al. 2025):
+
+        -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A),   rho_t = exp(log_ratio)
+
+    (verl clip_ratio_low / clip_ratio_high; TRL epsilon / epsilon_high). Equal bounds give
+    `clipped_surrogate`. Returns (per-token loss [B, T], ratio [B, T])."""
+    ratio = torch.exp(log_ratio)
+    surrogate = torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages)
+    return -surrogate, ratio
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to the reward: 0 up to max_len - buffer tokens,
+    then falling linearly to -factor at max_len:
+
+        R_len(y) = min(0, -(|y| - (max_len - buffer)) / buffer * factor)
+
+    (Yu et al. 2025, eq. 13; verl reward_model.overlong_buffer.len / penalty_factor).
+    buffer 0 turns it off."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    exceed = lengths.float() - (max_len - buffer)
+    return torch.clamp(-exceed / buffer * factor, max=0.0)
+
+
+def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling between the trainer and the engine that sampled:
+
+        w_t = min(pi_old(y_t) / pi_engine(y_t), C),
+
+    detached, one per token; a token the engine gave no log-prob for (NaN) gets weight 1.
+    The per-token policy loss is multiplied by w_t (Yao et al. 2025; verl
+    rollout_is: token with rollout_is_threshold C; TRL vllm_importance_sampling_mode
+    "token_truncate")."""
+    w = torch.exp(old_logp.detach() - engine_logp).clamp(max=cap)
+    return torch.where(torch.isnan(engine_logp), torch.ones_like(w), w)
+
+
+def logprob_gap(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, float]:
+    """|log pi_engine(y_t) - log pi_trainer(y_t)| over the response tokens the engine scored
+    (NaN where it did not): (sum, token count, max), so that several micro-batches combine
+    into an exact mean."""
+    known = mask.bool() & ~torch.isnan(engine_logp)
+    diff = (engine_logp - trainer_logp.detach()).abs()[known]
+    if diff.numel() == 0:
+        return 0.0, 0.0, 0.0
+    return diff.sum().item(), float(diff.numel()), diff.max().item()
+
+
+def grpo_variant_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    kl_coef: float = 0.0,
+    loss_agg: str = "token_mean",
+    tokens: float | None = None,
+    max_len: int | None = None,
+    ratio_level: str = "token",
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """GRPO and its variants in one formula: the clipped surrogate on the token or sequence
+    (GSPO) ratio, with a decoupled upper clip (DAPO), optionally weighted per token (TIS),
+    plus the k3 KL penalty, aggregated by `loss_agg` (Dr. GRPO: "seq_mean_token_sum_norm"):
+
+        L = agg_{b,t} [ w_t * -min(rho A_b, clip(rho, 1 - eps, 1 + eps_high) A_b) + kl_coef * k3_t ]
+
+    with rho = pi(y_t)/pi_old(y_t) (ratio_level "token") or GSPO's s_b ("sequence"). With
+    eps_high None, ratio_level "token" and no weights it is `grpo_loss`.
+    Args: logp, old_logp, ref_logp, mask [B, T]; advantages [B]; weights [B, T] or None.
+    """
+    if ratio_level == "sequence":
+        log_ratio = sequence_log_ratio(logp, old_logp, mask)
+    elif ratio_level == "token":
+        log_ratio = logp - old_logp
+    else:
+        raise ValueError(f"unknown importance ratio level {ratio_level!r} (expected token or sequence)")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    pg, ratio = decoupled_clipped_surrogate(log_ratio, advantages.unsqueeze(-1), clip_eps, high)
+    if weights is not None:
+        pg = pg * weights
+    q = ref_logp - logp
+    k3 = torch.exp(q) - q - 1
+    loss = aggregate_variant(pg + kl_coef * k3, mask, loss_agg, tokens, max_len)
+    outside = (ratio.detach() < 1 - clip_eps) | (ratio.detach() > 1 + high)
+    stats = {
+        "clip_frac": (masked_sum(outside.float(), mask).sum() / mask.sum().clamp(min=1)).item(),
+        "ratio_dev": ratio_deviation(ratio, mask),
+        "kl_k3": seq_mean_token_mean(k3.detach(), mask).item(),
+    }
+    return loss, stats

@@ -265,10 +265,10 @@ class Job:
 
 
 def samples_per_prompt(train: dict, method: str) -> int:
-    """Responses per prompt; of a swept GRPO group size (a list), the largest: the peak."""
-    sizes = train["grpo"]["group_size"]
-    if isinstance(sizes, list):
-        train = {**train, "grpo": {**train["grpo"], "group_size": max(sizes)}}
+    """Responses per prompt; of a swept GRPO-family group size (a list), the largest: the peak."""
+    block = train.get(method)
+    if method in methods.GRPO_FAMILY and isinstance(block["group_size"], list):
+        train = {**train, method: {**block, "group_size": max(block["group_size"])}}
     return methods.get(method).samples(train)
 
 

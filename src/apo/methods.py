@@ -37,6 +37,8 @@ class MicroBatch:
     old_values: torch.Tensor | None = None  # PPO: [B, T] before the update
     advantages: torch.Tensor | None = None  # PPO: [B, T] GAE, whitened over the batch
     returns: torch.Tensor | None = None  # PPO: [B, T]
+    engine_logp: torch.Tensor | None = None  # [B, T] the engine's log-probs of the sampled tokens (NaN: none)
+    max_len: int | None = None  # train.max_new_tokens (Dr. GRPO's constant, DAPO's overlong buffer)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Method:
     reads_vstar: bool = False
     needs_old_logp: bool = False
     critic: bool = False
+    group_filter: bool = False  # GRPO family: its block's dynamic_sampling may drop all-equal groups
 
     def bind(self, train_settings: dict) -> Callable[[MicroBatch], tuple[torch.Tensor, dict]]:
         """The loss with this method's hyperparameters read from the settings once."""
@@ -88,13 +91,42 @@ def apo_micro_batch_loss(batch: MicroBatch, beta2: float):
     return apo_loss(batch.logp, batch.ref_logp, batch.mask, batch.rewards, batch.vstar, beta2)
 
 
-@register_method("grpo", "GRPO", samples=lambda s: s["grpo"]["group_size"], settings=("grpo",), needs_old_logp=True)
-def grpo_micro_batch_loss(batch: MicroBatch, grpo: dict):
-    from apo.losses import group_advantages, grpo_loss
+# GRPO and the variants the peers select by name: one loss (losses.grpo_variant_loss), each
+# name with its own block of train.* settings, whose schema defaults are that variant's recipe
+# (docs/method.md, "GRPO variants").
+GRPO_FAMILY = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO", "dapo": "DAPO", "gspo": "GSPO"}
 
-    adv = group_advantages(batch.rewards.view(-1, grpo["group_size"])).flatten()
-    return grpo_loss(batch.logp, batch.old_logp, batch.ref_logp, batch.mask, adv, grpo["clip_eps"], grpo["kl_coef"],
-                     batch.loss_agg, batch.tokens)
+
+def _tis(batch: MicroBatch, cap: float | None):
+    """Truncated importance weights to the engine's log-probs, where asked for and given."""
+    if cap is None or batch.engine_logp is None:
+        return None
+    from apo.losses import tis_weights
+
+    return tis_weights(batch.old_logp, batch.engine_logp, cap)
+
+
+def grpo_family_loss(batch: MicroBatch, **block: dict):
+    """The loss of a GRPO-family method; `block` is its one settings block (train.<name>)."""
+    from apo.losses import centred_advantages, grpo_variant_loss, group_advantages, overlong_penalty
+
+    (opts,) = block.values()
+    rewards = batch.rewards
+    if opts.get("overlong_buffer", 0):
+        rewards = rewards + overlong_penalty(batch.mask.sum(-1), batch.max_len, opts["overlong_buffer"],
+                                             opts["overlong_penalty"])
+    table = rewards.view(-1, opts["group_size"])
+    adv = (group_advantages(table) if opts.get("scale_rewards", True) else centred_advantages(table)).flatten()
+    return grpo_variant_loss(
+        batch.logp, batch.old_logp, batch.ref_logp, batch.mask, adv, opts["clip_eps"], opts.get("clip_eps_high"),
+        opts["kl_coef"], opts.get("loss_agg") or batch.loss_agg, batch.tokens, batch.max_len,
+        opts.get("ratio", "token"), _tis(batch, opts.get("tis_cap")),
+    )
+
+
+for _name, _display in GRPO_FAMILY.items():
+    register_method(_name, _display, samples=lambda s, _n=_name: s[_n]["group_size"], settings=(_name,),
+                    needs_old_logp=True, group_filter=True)(grpo_family_loss)
 
 
 @register_method("rebel", "REBEL", samples=2, settings=("rebel",), needs_old_logp=True)
@@ -109,4 +141,4 @@ def ppo_micro_batch_loss(batch: MicroBatch, ppo: dict):
     from apo.losses import ppo_loss
 
     return ppo_loss(batch.logp, batch.old_logp, batch.mask, batch.advantages, batch.values, batch.old_values, batch.returns,
-                    ppo["clip_eps"], ppo["value_clip"], batch.loss_agg, batch.tokens)
+                    ppo["clip_eps"], ppo["value_clip"], batch.loss_agg, batch.tokens, _tis(batch, ppo.get("tis_cap")))

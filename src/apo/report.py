@@ -25,6 +25,7 @@ CURVES = [
     ("loss", "loss"),
     ("kl", "KL to reference (nats, summed)"),
     ("response_length", "response length (tokens)"),
+    ("logprob_gap_mean", "engine vs trainer log-prob gap (mean |diff|)"),
 ]
 
 
@@ -182,6 +183,8 @@ def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
     for t in trainings:
         m = read_stage_parquet(Path(t["dir"]) / "metrics.parquet")
         for ax, (col, title) in zip(axes, CURVES):
+            if col not in m:  # a run from before the metric was logged
+                continue
             (line,) = ax.plot(m["step"], m[col], alpha=0.25)
             ax.plot(m["step"], m[col].rolling(smooth, min_periods=1).mean(), color=line.get_color(), label=t["label"])
             ax.set_title(title, fontsize=10)
@@ -237,6 +240,23 @@ def sweep_markdown(runs: list[dict]) -> list[str]:
             "pick (the best final validation accuracy, never a benchmark's) is the run trained on "
             "the other seeds and evaluated above.", "",
             table.to_markdown(index=False, disable_numparse=True), ""]
+
+
+def gap_markdown(trainings: list[dict]) -> list[str]:
+    """The report's section on the train-inference gap: per run, the mean and the largest
+    |log pi_engine(y_t) - log pi_trainer(y_t)| over the sampled tokens of all its steps."""
+    rows = []
+    for t in trainings:
+        s = read_json(Path(t["dir"]) / "summary.json")
+        if s.get("logprob_gap_mean") is not None:
+            rows.append({"run": t["label"], "mean": f"{s['logprob_gap_mean']:.2e}", "max": f"{s['logprob_gap_max']:.2e}"})
+    if not rows:
+        return []
+    return ["## Train-inference gap", "",
+            "How far the generation engine's log-probs of the sampled tokens are from the trainer's "
+            "(pi_old, or the policy before the update), in nats per token, over every step "
+            "(`logprob_gap_mean` and `logprob_gap_max` in each run's metrics.parquet):", "",
+            pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
 
 
 def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages: dict,
@@ -320,7 +340,7 @@ def write(spec: dict, out_dir: str | os.PathLike) -> pd.DataFrame:
     with atomic_path(out_dir / "paper_table.csv") as tmp:
         paper.to_csv(tmp, float_format="%.4f")
     write_text(out_dir / "paper_table.tex", paper_table_latex(paper))
-    val = write_validation(spec, out_dir) + sweep_markdown(spec.get("sweep", []))
+    val = write_validation(spec, out_dir) + sweep_markdown(spec.get("sweep", [])) + gap_markdown(spec["trainings"])
     write_text(out_dir / "report.md",
                markdown(spec["experiment"], table, spec["trainings"], spec["stages"], paper, phases, val))
     return table

@@ -1,6 +1,7 @@
 """Hyperparameter sweeps: each method at its own best setting.
 
-`train.lr`, `train.beta2`, `train.rebel.eta` and `train.grpo.group_size` may be lists. A
+`train.lr`, `train.beta2`, `train.rebel.eta` and the `group_size` of the GRPO family
+(`train.grpo`, `train.dr_grpo`, `train.dapo`, `train.gspo`) may be lists. A
 method is then trained once per combination of the listed values it reads (on the first of
 `seeds`); its pick is the combination with the best final validation accuracy (the policy
 after the last step, scored on data.validation: never a test benchmark), which alone is
@@ -20,7 +21,7 @@ import json
 from pathlib import Path
 
 # The keys a sweep may list, as dotted train.* paths.
-SWEEPABLE = ("lr", "beta2", "rebel.eta", "grpo.group_size")
+SWEEPABLE = ("lr", "beta2", "rebel.eta", "grpo.group_size", "dr_grpo.group_size", "dapo.group_size", "gspo.group_size")
 
 
 def _get(train: dict, dotted: str):

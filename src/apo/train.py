@@ -37,7 +37,7 @@ from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
 from apo.job import verify_if_stage
-from apo.losses import aggregate, gae, masked_whiten, ppo_token_rewards
+from apo.losses import aggregate, gae, logprob_gap, masked_whiten, ppo_token_rewards
 from apo.methods import MicroBatch
 from apo.monitor import CollapseMonitor, peak_memory_mb
 from apo.reward import Grader
@@ -364,6 +364,9 @@ class Rollout:
     rewards: torch.Tensor  # [B]
     vstars: torch.Tensor  # [B]
     finished: list[bool]  # ended with EOS
+    engine_logp: torch.Tensor | None = None  # [B, T] the engine's log-probs of the sampled tokens (NaN: none)
+    draws: int = 1  # generation rounds (several under dynamic sampling)
+    dropped: int = 0  # groups dropped by dynamic sampling (all rewards equal)
     # filled in by `score`
     ref_logp: torch.Tensor | None = None
     mask: torch.Tensor | None = None
@@ -375,31 +378,94 @@ class Rollout:
 
 def rollout(t: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
     """Sample this process's share of the step's prompts and grade the responses. The sampler
-    is seeded per step and process, so a resumed run draws what the uninterrupted run drew."""
+    is seeded per step and process, so a resumed run draws what the uninterrupted run drew.
+    Under dynamic sampling (`dynamic_sampling`) groups with all-equal rewards are dropped and
+    further prompts drawn until the share is full."""
+    s, n, acc = t.s, t.sampling.n, t.accelerator
+    batch = batch_indices(step, s["batch_size"], len(t.data), s["seed"])
+    idx = batch[acc.process_index :: t.world]
+    seed = s["seed"] * 1_000_003 + step + 7_919 * acc.process_index
+    times["generate"] = times["grade"] = 0.0
+    groups = sample_groups(t, grader, idx, seed, times)
+    block = s.get(t.method.name, {}) if t.method.group_filter else {}
+    draws, dropped, taken = 1, 0, set(batch)  # every process's prompts: each draw is split alike
+    if block.get("dynamic_sampling"):
+        want, groups = len(idx), [g for g in groups if informative(g)]
+        dropped = len(idx) - len(groups)
+        while len(groups) < want:
+            if draws >= block["max_draws"]:
+                raise RuntimeError(
+                    f"train.{t.method.name}.dynamic_sampling: {len(groups)} of {want} groups with unequal rewards "
+                    f"after {draws} draws at step {step + 1} (train.{t.method.name}.max_draws); the prompts are "
+                    "too easy or too hard for the policy, or the group too small")
+            drawn = extra_prompts(step, draws, s, len(t.data), taken)
+            taken.update(drawn)
+            more = drawn[acc.process_index :: t.world]
+            fresh = sample_groups(t, grader, more, seed + 104_729 * draws, times)
+            kept = [g for g in fresh if informative(g)]
+            dropped += len(fresh) - len(kept)
+            groups += kept
+            draws += 1
+        groups = groups[:want]
+    tick = clock(t.accelerator.device)
+    t.generator.sleep()  # GPU: hand the engine's memory to the update
+    times["generate"] += clock(t.accelerator.device) - tick
+    completions = [c for g in groups for c in g["completions"]]
+    finished = [c.finished for c in completions]
+    return Rollout(
+        idx=[g["prompt"] for g in groups],
+        p_ids=[t.prompt_ids[g["prompt"]] for g in groups for _ in range(n)],
+        r_ids=[c.token_ids or [t.tokenizer.eos_token_id] for c in completions],
+        rewards=torch.cat([g["rewards"] for g in groups]),
+        vstars=torch.tensor(t.data["vstar"].iloc[[g["prompt"] for g in groups]].repeat(n).to_numpy(),
+                            dtype=torch.float32, device=acc.device),
+        finished=finished,
+        engine_logp=engine_logprobs(completions, acc.device),
+        draws=draws,
+        dropped=dropped,
+    )
+
+
+def sample_groups(t: Trainer, grader: Grader, idx: list[int], seed: int, times: dict) -> list[dict]:
+    """Sample n responses to each prompt of `idx` with their log-probs and grade them: one
+    dict per prompt (its row, completions, rewards [n]); adds to the phase times."""
     s, n, acc = t.s, t.sampling.n, t.accelerator
     tick = clock(t.accelerator.device)
-    idx = batch_indices(step, s["batch_size"], len(t.data), s["seed"])[acc.process_index :: t.world]
     batch = t.data.iloc[idx]
-    seed = s["seed"] * 1_000_003 + step + 7_919 * acc.process_index
-    outs = t.generator.generate(list(batch["prompt"]), t.sampling, progress=False, seed=seed)
-    completions = [c for cs in outs for c in cs]
-    t.generator.sleep()  # GPU: hand the engine's memory to the update
-    times["generate"] = clock(t.accelerator.device) - tick
+    outs = t.generator.generate(list(batch["prompt"]), t.sampling, progress=False, seed=seed, logprobs=True)
+    times["generate"] += clock(t.accelerator.device) - tick
     tick = clock(t.accelerator.device)
+    completions = [c for cs in outs for c in cs]
     grades = grader.grade(list(batch["answer"].repeat(n)), [c.text for c in completions])
-    times["grade"] = clock(t.accelerator.device) - tick
-    finished = [c.finished for c in completions]
+    times["grade"] += clock(t.accelerator.device) - tick
     rewards = torch.tensor(grades.rewards, device=acc.device)
     if s["require_eos"]:  # the authors' reward: 0 for a response cut at the length limit
-        rewards = rewards * torch.tensor(finished, dtype=rewards.dtype, device=acc.device)
-    return Rollout(
-        idx=idx,
-        p_ids=[t.prompt_ids[i] for i in idx for _ in range(n)],
-        r_ids=[c.token_ids or [t.tokenizer.eos_token_id] for c in completions],
-        rewards=rewards,
-        vstars=torch.tensor(batch["vstar"].repeat(n).to_numpy(), dtype=torch.float32, device=acc.device),
-        finished=finished,
-    )
+        rewards = rewards * torch.tensor([c.finished for c in completions], dtype=rewards.dtype, device=acc.device)
+    return [{"prompt": i, "completions": outs[k], "rewards": rewards[k * n : (k + 1) * n]} for k, i in enumerate(idx)]
+
+
+def informative(group: dict) -> bool:
+    """Whether a group's rewards differ (DAPO's filter: an all-equal group has no advantage)."""
+    return bool((group["rewards"] != group["rewards"][0]).any())
+
+
+def extra_prompts(step: int, draw: int, s: dict, n_prompts: int, taken: set) -> list[int]:
+    """The prompts of dynamic sampling's extra draw `draw` of a step: `batch_size` prompts not
+    yet drawn in this step, from a permutation seeded by the run's seed, the step and the draw."""
+    g = torch.Generator().manual_seed(s["seed"] * 100_003 + 7_919 * step + 104_729 * draw + 1)
+    return [i for i in torch.randperm(n_prompts, generator=g).tolist() if i not in taken][: s["batch_size"]]
+
+
+def engine_logprobs(completions: list, device) -> torch.Tensor | None:
+    """The engine's log-probs of the sampled tokens as a right-padded [B, T] tensor aligned
+    with `score`'s (NaN where the engine gave none: an empty response scored as one EOS token)."""
+    if any(c.logprobs is None for c in completions):
+        return None
+    width = max(max(len(c.token_ids) for c in completions), 1)
+    out = torch.full((len(completions), width), float("nan"))
+    for b, c in enumerate(completions):
+        out[b, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+    return out.to(device)
 
 
 def micro_slices(t: Trainer) -> list[list[slice]]:
@@ -452,8 +518,13 @@ def mini_batch_tokens(t: Trainer, r: Rollout) -> list[float]:
     return (counts / (t.accum * t.world)).tolist()
 
 
-def micro_loss(t: Trainer, r: Rollout, rows: slice, tokens: float, step: int):
-    """The loss of one micro-batch (with grad) and its detached statistics."""
+GAP_KEYS = ("gap_sum", "gap_tokens", "gap_max")  # per micro-batch, combined by `gap_stats`
+
+
+def micro_loss(t: Trainer, r: Rollout, rows: slice, tokens: float, step: int, before_update: bool = True):
+    """The loss of one micro-batch (with grad) and its detached statistics; with the engine's
+    log-probs and `before_update` (no optimizer step yet in this batch, or pi_old scored
+    before the update), their gap to the trainer's (`GAP_KEYS`)."""
     s, pad = t.s, t.tokenizer.pad_token_id
     with_entropy = s["entropy_coef"] > 0
     logp, entropy, _ = token_logprobs_and_entropy(t.policy, r.p_ids[rows], r.r_ids[rows], pad, s["temperature"],
@@ -464,7 +535,8 @@ def micro_loss(t: Trainer, r: Rollout, rows: slice, tokens: float, step: int):
     old_logp = cut(r.old_logp) if r.old_logp is not None else logp.detach()
     batch = MicroBatch(logp=logp, old_logp=old_logp, ref_logp=cut(r.ref_logp), mask=mask, rewards=r.rewards[rows],
                     vstar=r.vstars[rows], tokens=tokens, loss_agg=s["loss_agg"], old_values=cut(r.old_values),
-                    advantages=cut(r.advantages), returns=cut(r.returns))
+                    advantages=cut(r.advantages), returns=cut(r.returns), engine_logp=cut(r.engine_logp),
+                    max_len=s["max_new_tokens"])
     if t.critic is not None:
         batch.values, _ = token_values(t.critic, r.p_ids[rows], r.r_ids[rows], pad)
     loss, stats = t.loss_fn(batch)
@@ -477,6 +549,8 @@ def micro_loss(t: Trainer, r: Rollout, rows: slice, tokens: float, step: int):
             f"non-finite loss {loss.item()} at optimizer step {step + 1}; the last good checkpoint "
             f"is {latest_checkpoint(t.ckpt_root)}"
         )
+    if r.engine_logp is not None and (before_update or r.old_logp is not None):
+        stats.update(zip(GAP_KEYS, logprob_gap(batch.engine_logp, old_logp, mask)))
     # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
     stats["kl"] = ((logp.detach() - batch.ref_logp) * mask).sum(-1).mean().item()
     stats["loss"] = loss.item()
@@ -493,11 +567,11 @@ def update(t: Trainer, r: Rollout, step: int) -> dict:
     # A sharded model is not wrapped by accelerate, whose wrapper casts the forward: the same
     # autocast as in `score`, so that pi_old and the policy are computed alike.
     forward_context = acc.autocast if t.fsdp else contextlib.nullcontext
-    for mini, tokens in zip(micro_slices(t), mini_batch_tokens(t, r)):
+    for m, (mini, tokens) in enumerate(zip(micro_slices(t), mini_batch_tokens(t, r))):
         for rows in mini:
             with acc.accumulate(*t.trained):
                 with forward_context():
-                    loss, micro_stats = micro_loss(t, r, rows, tokens, step)
+                    loss, micro_stats = micro_loss(t, r, rows, tokens, step, before_update=m == 0)
                 acc.backward(loss)
                 if acc.sync_gradients:  # the mini-batch's last micro-batch
                     norm = acc.clip_grad_norm_(t.policy.parameters(), t.s["max_grad_norm"])
@@ -514,8 +588,20 @@ def update(t: Trainer, r: Rollout, step: int) -> dict:
             sched.step()
     for model in t.trained:
         model.eval()
+    gap = gap_stats(stats)
     means = {k: sum(x[k] for x in stats) / len(stats) for k in stats[0]}
-    return {**means, "grad_norm": sum(norms) / len(norms), "optimizer_steps": len(norms)}
+    return {**means, **gap, "grad_norm": sum(norms) / len(norms), "optimizer_steps": len(norms)}
+
+
+def gap_stats(stats: list[dict]) -> dict:
+    """The train-inference gap of the step from the micro-batches that measured it (their
+    `GAP_KEYS`, taken out of `stats`): the mean and max of |log pi_engine - log pi_trainer|
+    over the response tokens."""
+    parts = [tuple(x.pop(k) for k in GAP_KEYS) for x in stats if GAP_KEYS[0] in x]
+    count = sum(p[1] for p in parts)
+    if not count:
+        return {}
+    return {"logprob_gap_mean": sum(p[0] for p in parts) / count, "logprob_gap_max": max(p[2] for p in parts)}
 
 
 def grad_norm(norm) -> float:
@@ -541,11 +627,17 @@ def step_row(t: Trainer, r: Rollout, step: int, update_stats: dict, times: dict)
         **{f"time_{k}_s": v for k, v in times.items()},
         "peak_memory_mb": peak_memory_mb(t.accelerator.device),
     }
+    if t.method.group_filter and t.s.get(t.method.name, {}).get("dynamic_sampling"):
+        row.update(sampling_draws=r.draws, groups_dropped=r.dropped)
     if t.world > 1:  # every process has an equal share
         keys = [k for k in row if k != "step"]
         values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=t.accelerator.device)
         row.update(zip(keys, t.accelerator.reduce(values, "mean").tolist()))
         row["tokens"] = round(row["tokens"] * t.world)
+        for key in ("logprob_gap_max",) if "logprob_gap_max" in row else ():  # the largest of all processes
+            peak = torch.tensor([row[key]], dtype=torch.float64, device=t.accelerator.device)
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+            row[key] = float(peak)
     return row
 
 
@@ -729,6 +821,9 @@ def summarize(t: Trainer, history: list, monitor: CollapseMonitor, validations: 
         "train_time_s": float(metrics["time_step_s"].sum()),
         "tokens": int(metrics["tokens"].sum()),
         "peak_memory_mb": float(metrics["peak_memory_mb"].max()),
+        # engine vs trainer log-probs of the sampled tokens, over all steps (None: not measured)
+        "logprob_gap_mean": float(metrics["logprob_gap_mean"].mean()) if "logprob_gap_mean" in metrics else None,
+        "logprob_gap_max": float(metrics["logprob_gap_max"].max()) if "logprob_gap_max" in metrics else None,
         "compute_dtype": t.s["compute_dtype"],
         "gradient_checkpointing": bool(t.gradient_checkpointing),
         # validation: accuracy after the last step and the time it cost (not in train_time_s)
