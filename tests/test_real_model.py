@@ -32,7 +32,11 @@ REDUCED = {
 
 
 @pytest.mark.slow
-def test_the_smollm2_example_runs_end_to_end(real_artefacts, tmp_path):
+def test_the_smollm2_example_runs_end_to_end(real_artefacts, tmp_path, monkeypatch):
+    # One OpenMP thread a job: with more runnable processes than cores, torch's two threads
+    # meet at a barrier in every operator and wait a time slice for each other there (a
+    # 4-prompt validation had not finished in 12 minutes at load 17 on 2 cores).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     shutil.copytree(ROOT / "config", tmp_path / "config")
     (tmp_path / "models").mkdir()
     os.symlink(real_artefacts["smollm2"], tmp_path / "models" / "smollm2-135m-instruct")
