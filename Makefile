@@ -24,7 +24,10 @@ demo: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH snakemake --cores $(CORES)
 	@echo "results: results/$$(grep '^experiment:' config/config.yaml | awk '{print $$2}')/report.md"
 
+# The real tokenizer and model the tests use, built once per package versions into
+# ~/.cache/apo-test-artefacts (scripts/real_artefacts.py; a second run does nothing).
 test: $(STAMP)
+	$(BIN)/python scripts/real_artefacts.py > /dev/null
 	PATH=$(abspath $(BIN)):$$PATH pytest
 
 lint: $(STAMP)

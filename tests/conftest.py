@@ -75,3 +75,15 @@ def _fresh_accelerate_state():
 
         AcceleratorState._reset_state()
         GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def real_artefacts() -> dict:
+    """The real Qwen2.5 tokenizer and SmolLM2-135M model directories (scripts/real_artefacts.py:
+    built once per package versions into ~/.cache/apo-test-artefacts, then found there)."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "real_artefacts.py")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/real_artefacts.py failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)

@@ -248,6 +248,16 @@ def pin_model_revision(args) -> None:
     log.info("model %s at revision %s: %s", ref, revision, getattr(args, attr))
 
 
+def cmd_import_model(args):
+    from apo.import_model import ImportModelError, import_model
+
+    try:
+        digest = import_model(args.source, args.dest, args.dtype)
+    except ImportModelError as e:
+        raise SystemExit(f"apo import-model: {e}") from None
+    print(f"{args.dest}: content sha256 {digest}; use it with `model: {args.dest}` in a config")
+
+
 def cmd_plan(args):
     from apo.memory import MemoryPlanError, plan_from_files
 
@@ -333,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_tool_commands(sub) -> None:
     """Commands that are not stages: the training rule's lock, the report, `verify`, benchmarks,
-    the plan."""
+    the plan, prefetching the hub's artefacts, importing a model."""
     sp = sub.add_parser("lock", help="run a command holding a stage job's lock (the training rule's launcher)")
     sp.add_argument("--wait-s", type=float, default=None,
                     help="how long to wait for another holder of the lock before failing (lock_wait_s); before FILE")
@@ -382,6 +392,13 @@ def add_tool_commands(sub) -> None:
     sp.add_argument("--artefacts", type=_json, default=None, help="what to fetch (JSON; the workflow's rule passes it)")
     sp.add_argument("--out", default=None, help="where to record what was fetched (JSON)")
     sp.set_defaults(fn=cmd_prefetch)
+
+    sp = sub.add_parser("import-model", help="a local GGUF file or checkpoint as a plain model directory")
+    sp.add_argument("source", help="a .gguf file, or a model directory transformers loads")
+    sp.add_argument("dest", help="the model directory to write (must not exist)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the weights' dtype in the written directory")
+    sp.set_defaults(fn=cmd_import_model)
 
     sp = sub.add_parser("plan", help="per-GPU memory plan of each training job of a config")
     sp.add_argument("configfile", nargs="+", help="config files, merged in order as snakemake --configfile does")
