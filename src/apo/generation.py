@@ -168,6 +168,9 @@ class VLLMGenerator:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)
         from vllm import LLM
 
+        from apo.engine_threads import EngineThreads
+
+        trainer_threads = EngineThreads.capture()
         self.tokenizer, self.settings = tokenizer, settings
         self.dtype = getattr(torch, dtype) if dtype != "auto" else None  # of the tensors sync_weights passes
         self.on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
@@ -183,6 +186,7 @@ class VLLMGenerator:
             enable_sleep_mode=self.on_gpu and settings.sleep,
             enforce_eager=settings.enforce_eager,
         )
+        self.restored = trainer_threads.restore()  # the process's threads as they were (apo.engine_threads)
         self.asleep = False
 
     def generate(self, prompts, sampling: SamplingSettings, progress: bool = True, seed=None, logprobs=False):
