@@ -55,6 +55,8 @@ SKIP = {
     "scripts/gpu-check.sh --pytest": "needs a CUDA GPU; its CPU form (--tiny) runs in tests/test_gpu_check.py",
     ".venv/bin/pytest ": "runs the test suite itself",
     "apo <stage> ": "a pattern for the stage commands, not a command",
+    ".venv/bin/pip install --no-deps trl": "installs TRL into the shared environment (the optional `bench` extra); "
+                                           "tests/test_bench_peers.py runs with or without it",
 }
 
 # `apo` sub-commands whose real run takes long: only their --help is checked.
@@ -62,6 +64,7 @@ APO_HELP_ONLY = {
     "bench-grading": "grades 2,000 responses 3 times, sequentially and in a pool (about 30 s on 2 cores)",
     "bench-generation": "builds the demo model and times both engines (minutes)",
     "bench-steps": "trains every method of a finished comparison for a few steps (minutes)",
+    "bench-peers": "needs TRL and the demo's stages, and trains every trainer for a few steps (minutes)",
     # the stage commands the rules call with a stage's manifest (the README names them in its
     # stage table); the end-to-end tests run every one of them
     **{name: "a stage command, run by its rule with a manifest (tests/test_pipeline.py)"

@@ -93,3 +93,15 @@ def test_weight_sync_makes_vllm_follow_the_updated_model(engines):
         model.load_state_dict(original)
         vllm.sync_weights(model)
     assert _ids(vllm.generate(prompts, GREEDY, progress=False)) == before
+
+
+def test_the_engine_leaves_torchs_threads_as_they_were(engines):
+    """vLLM's CPU worker replaces torch.set_num_threads by a no-op; the generator puts it back
+    (apo.engine_threads), with the thread count the process had."""
+    *_, vllm, _ = engines
+    assert "torch.set_num_threads" in vllm.restored
+    assert torch.set_num_threads.__module__ != "vllm.v1.worker.cpu_worker"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(n)

@@ -295,6 +295,12 @@ def cmd_bench_steps(args):
     bench_steps.run(args.runs, args.config, args.steps, args.rounds)
 
 
+def cmd_bench_peers(args):
+    from apo import bench_peers
+
+    bench_peers.run(args.config, args.steps, args.rounds, args.methods.split(","), args.engines.split(","), args.batch)
+
+
 def cmd_bench_grading(args):
     from apo import bench_grading
 
@@ -399,6 +405,15 @@ def add_tool_commands(sub) -> None:
     sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="the weights' dtype in the written directory")
     sp.set_defaults(fn=cmd_import_model)
+
+    sp = sub.add_parser("bench-peers", help="the project's A*-PO and GRPO against TRL's trainers, side by side")
+    sp.add_argument("--config", default="config/config.yaml", help="whose model, prompts, V* and settings")
+    sp.add_argument("--steps", type=int, default=12, help="steps per timed run (the first 2 are not counted)")
+    sp.add_argument("--rounds", type=int, default=3, help="runs per trainer, the trainers taking turns")
+    sp.add_argument("--methods", default="apo,grpo", help="comma-separated: apo, grpo")
+    sp.add_argument("--engines", default="vllm,hf", help="the project's generation engines to time")
+    sp.add_argument("--batch", type=int, default=16, help="prompts of the batch the A*-PO losses are compared on")
+    sp.set_defaults(fn=cmd_bench_peers)
 
     sp = sub.add_parser("plan", help="per-GPU memory plan of each training job of a config")
     sp.add_argument("configfile", nargs="+", help="config files, merged in order as snakemake --configfile does")

@@ -234,6 +234,9 @@ class VLLMGenerator:
             os.environ["VLLM_CACHE_ROOT"] = cache_root
         from vllm import LLM
 
+        from apo.engine_threads import EngineThreads
+
+        trainer_threads = EngineThreads.capture()
         self.tokenizer, self.settings = tokenizer, settings
         self.dtype = getattr(torch, dtype) if dtype != "auto" else None  # of the tensors sync_weights passes
         self.on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
@@ -253,6 +256,7 @@ class VLLMGenerator:
             # trainer scores them; vLLM's default is the raw logits' log_softmax
             logprobs_mode="processed_logprobs",
         )
+        self.restored = trainer_threads.restore()  # the process's threads as they were (apo.engine_threads)
         self.asleep = False
 
     def generate(self, prompts, sampling: SamplingSettings, progress: bool = True, seed=None, logprobs=False):
