@@ -101,14 +101,14 @@ def test_every_sampled_row_earns_its_point_with_its_own_reference(name, method, 
     awkward shapes (list golds, scientific notation, '025', 27.0), go through the data stage
     and score 1 with their reference answer; the one sampled OlympiadBench row whose gold is
     prose ("..., where $b$ is an arbitrary integer") is the only one dropped, and counts 0."""
-    rows, right, wrong = reference_scores(SAMPLES / name / "test.jsonl", CATALOG[name]["local"], graders(method))
+    rows, right, wrong = reference_scores(SAMPLES / name / "{split}.jsonl", CATALOG[name]["local"], graders(method))
     lost = {"olympiadbench": 1}.get(name, 0)
     assert rows == len((SAMPLES / name / "test.jsonl").read_text().splitlines())
     assert rows - right == lost, wrong
 
 
 def test_list_golds_keep_every_part_through_the_data_stage():
-    spec = {**DEFAULTS, **CATALOG["olympiadbench"]["local"], "path": str(SAMPLES / "olympiadbench" / "test.jsonl")}
+    spec = {**DEFAULTS, **CATALOG["olympiadbench"]["local"], "path": str(SAMPLES / "olympiadbench" / "{split}.jsonl")}
     df, _ = prepare(spec, RAW, None)
     gold = df.set_index("id").loc["1664", "answer"]
     assert reward.grade_one(gold, r"\boxed{84, 69}")[0] == 1.0
@@ -122,7 +122,7 @@ def test_full_public_files_score_their_own_references(name, method, graders):
     """The same on the full files: APO_BENCHMARK_FILES names a directory with
     <name>/test.jsonl for each benchmark (Qwen2.5-Math's evaluation/data, plus MATH-500's rows).
     Prints the figure; at least 99.5 % of each file's rows must earn 1."""
-    path = Path(os.environ["APO_BENCHMARK_FILES"]) / name / "test.jsonl"
+    path = Path(os.environ["APO_BENCHMARK_FILES"]) / name / "{split}.jsonl"  # split test: test.jsonl
     rows, right, wrong = reference_scores(path, CATALOG[name]["local"], graders(method))
     print(f"\n{name} ({method}): {right}/{rows} = {100 * right / rows:.2f} %; not earned: {wrong[:10]}")
     assert right >= 0.995 * rows
@@ -131,13 +131,13 @@ def test_full_public_files_score_their_own_references(name, method, graders):
 def test_a_local_file_without_the_named_fields_stops_the_plan(demo_config, tmp_path):
     from apo.settings import Plan
 
-    path = tmp_path / "minerva.jsonl"
-    path.write_text((SAMPLES / "minerva_math" / "test.jsonl").read_text())
+    (tmp_path / "minerva").mkdir()
+    (tmp_path / "minerva" / "test.jsonl").write_text((SAMPLES / "minerva_math" / "test.jsonl").read_text())
     # the hub entry's fields on the local copy: it names its gold `solution`, not `answer`
-    bench = {**CATALOG["minerva_math"]["hub"], "path": str(path)}
+    bench = {**CATALOG["minerva_math"]["hub"], "path": str(tmp_path / "minerva" / "{split}.jsonl")}
     demo_config["data"]["benchmarks"].append(bench)
     cfg = validate_config(demo_config, SCHEMA)
-    with pytest.raises(DataError, match=r"benchmark 'minerva_math': the file .*minerva.jsonl has no field "
+    with pytest.raises(DataError, match=r"benchmark 'minerva_math': the file .*minerva/test.jsonl has no field "
                                         r"prompt_field 'question', answer_field 'answer'; its fields: "
                                         r"\['problem', 'solution', 'type', 'idx'\]"):
         Plan(cfg, str(tmp_path / "results"))

@@ -452,3 +452,14 @@ def test_logprob_gap_over_the_scored_response_tokens():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
     total, count, peak = logprob_gap(engine, trainer, mask)
     assert (total, count, peak) == pytest.approx((0.1 + 0.5 + 0.0, 3.0, 0.5))
+
+
+def test_every_grpo_variant_clamps_its_kl_term_as_verl_does():
+    """The registry's GRPO family trains with `grpo_variant_loss`: its k3 term is clamped too."""
+    from apo.losses import grpo_variant_loss
+
+    logp = torch.tensor([[0.0, -40.0]])
+    ref = torch.tensor([[-30.0, -10.0]])
+    for agg in ("token_mean", "seq_mean_token_mean"):
+        loss, stats = grpo_variant_loss(logp, logp, ref, torch.ones(1, 2), torch.tensor([0.0]), kl_coef=1.0, loss_agg=agg)
+        assert loss.item() == pytest.approx(10.0) and stats["kl_k3"] == pytest.approx(10.0)

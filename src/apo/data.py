@@ -229,7 +229,7 @@ def file_fields(path: Path, rows: int = 100) -> list[str]:
 def check_fields(spec: dict, where: str) -> None:
     """At plan time: the fields a local file's entry names exist in the file, else an error
     naming `where` (the config key of the entry), the file and the fields it has."""
-    path = Path(spec["path"]).expanduser()
+    path = Path(dataset_file({"split": "train", **spec})).expanduser()  # the schema's default split
     if not path.is_file() or path.suffix not in BUILDERS:
         return
     have = file_fields(path)

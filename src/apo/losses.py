@@ -417,8 +417,7 @@ def grpo_variant_loss(
     pg, ratio = decoupled_clipped_surrogate(log_ratio, advantages.unsqueeze(-1), clip_eps, high)
     if weights is not None:
         pg = pg * weights
-    q = ref_logp - logp
-    k3 = torch.exp(q) - q - 1
+    k3 = k3_kl(logp, ref_logp)
     loss = aggregate_variant(pg + kl_coef * k3, mask, loss_agg, tokens, max_len)
     outside = (ratio.detach() < 1 - clip_eps) | (ratio.detach() > 1 + high)
     stats = {
