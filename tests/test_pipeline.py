@@ -177,6 +177,7 @@ def test_paper_configs_plan_the_full_dag(tmp_path, config_file):
     assert cfg["methods"] == ["apo", "grpo", "rebel", "ppo"]  # the paper's comparison
     assert jobs == {
         **({"demo": 1} if cfg["model"] == "demo" else {}),
+        "prefetch": 1,  # a hub model and hub datasets: fetched first, on this host
         "data": 1 + benches + (cfg["data"].get("validation") is not None),
         "sample": cfg["sample"]["shards"] + models * evaluation_shards(cfg),
         "vstar": 1,
@@ -361,8 +362,9 @@ def test_editing_a_local_train_file_replans_data_prep_and_after_only(tmp_path):
 # addressed), its shard index, and the runtime knobs that change speed, not results.
 JOB_OPTIONS = {"--manifest", "--stage-dir", "--runtime", "--model", "--model-revision", "--tokenizer",
                "--prompts", "--samples", "--shard", "--shards", "--out", "--demo-dir", "--vstar", "--validation"}
-RUNTIME_KEYS = {"generation": {"batch_size", "vllm"}, "grading": {"workers"},
-                "tracking_uri": None, "train": {"gradient_checkpointing", "distributed"}}
+RUNTIME_KEYS = {"generation": {"batch_size", "vllm"}, "grading": {"workers"}, "tracking_uri": None,
+                "lock_wait_s": None, "hub_offline": None,
+                "train": {"gradient_checkpointing", "distributed", "time_limit_min"}}
 
 
 def test_jobs_receive_settings_only_through_their_manifest(tmp_path):

@@ -53,6 +53,10 @@ SKIP = {
     "scripts/slurm-local-down.sh": "stops the daemons scripts/slurm-local-up.sh started; tests/test_slurm.py",
     "mlflow ui ": "starts a web server that runs until stopped",
     "scripts/gpu-check.sh --pytest": "needs a CUDA GPU; its CPU form (--tiny) runs in tests/test_gpu_check.py",
+    "scripts/gpu-check.sh --gpus auto results/gpu-check": "needs a node with 2 or more GPUs; its CPU form "
+                                                            "(--tiny --gpus 2) runs in tests/test_gpu_check_multi.py",
+    "scripts/gpu-check.sh --gpus 4 --methods apo,grpo,rebel,ppo --budget-s 1800 results/gpu-check":
+        "needs a node with 4 GPUs; its CPU form (--tiny --gpus 2) runs in tests/test_gpu_check_multi.py",
     ".venv/bin/pytest ": "runs the test suite itself",
     "apo <stage> ": "a pattern for the stage commands, not a command",
     ".venv/bin/pip install --no-deps trl": "installs TRL into the shared environment (the optional `bench` extra); "
@@ -65,6 +69,8 @@ APO_HELP_ONLY = {
     "bench-generation": "builds the demo model and times both engines (minutes)",
     "bench-steps": "trains every method of a finished comparison for a few steps (minutes)",
     "bench-peers": "needs TRL and the demo's stages, and trains every trainer for a few steps (minutes)",
+    "prefetch": "downloads from the Hugging Face hub, which this machine cannot reach; tests/test_prefetch.py "
+                "runs it against stand-ins for the hub",
     # the stage commands the rules call with a stage's manifest (the README names them in its
     # stage table); the end-to-end tests run every one of them
     **{name: "a stage command, run by its rule with a manifest (tests/test_pipeline.py)"

@@ -5,6 +5,8 @@ rule prefetch:
         f"{RESULTS}/prefetch/{{h}}/fetched.json",
     log:
         f"{RESULTS}/prefetch/{{h}}/log/prefetch.log",
+    conda:
+        "../../envs/apo.yaml"
     params:
         artefacts=json.dumps(HUB),
     shell:
