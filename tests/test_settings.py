@@ -212,6 +212,8 @@ def test_a_digest_cache_that_cannot_be_written_is_skipped_with_a_warning(demo_co
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "w.bin").write_bytes(b"abc")
+    (tmp_path / "m" / "config.json").write_text("{}")  # what planning asks of a local model
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
 
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "results"))
