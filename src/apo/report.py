@@ -247,7 +247,7 @@ def gap_markdown(trainings: list[dict]) -> list[str]:
     |log pi_engine(y_t) - log pi_trainer(y_t)| over the sampled tokens of all its steps."""
     rows = []
     for t in trainings:
-        s = read_json(Path(t["dir"]) / "summary.json")
+        s = read_stage_json(Path(t["dir"]) / "summary.json")
         if s.get("logprob_gap_mean") is not None:
             rows.append({"run": t["label"], "mean": f"{s['logprob_gap_mean']:.2e}", "max": f"{s['logprob_gap_max']:.2e}"})
     if not rows:
