@@ -61,7 +61,8 @@ def test_a_file_added_to_a_model_or_one_missing_from_it_is_an_error(tmp_path):
 
 
 def test_an_edited_score_does_not_reach_the_report(tmp_path):
-    scores = {"accuracy": 0.5, "n": 2, "k": 1, "temperature": 0, "top_p": 1, "max_new_tokens": 8, "unparsed": 0}
+    scores = {"accuracy": 0.5, "n": 2, "n_rows": 2, "n_counted": 2, "k": 1, "temperature": 0, "top_p": 1,
+              "max_new_tokens": 8, "unparsed": 0}
     d = finished(tmp_path / "results", "evaluate", {"scores.json": json.dumps(scores).encode()})
     evals = [{"dir": str(d), "benchmark": "b", "model": "m"}]
     assert report.summary_table(evals)["accuracy"].tolist() == [50.0]
