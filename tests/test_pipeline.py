@@ -284,7 +284,8 @@ def test_every_path_in_a_shell_command_is_quoted(tmp_path):
                 if line.startswith(prefix) and line != prefix + "None"]  # rule all: no command
     assert len(commands) >= 8
     (train,) = [shlex.split(c) for c in commands if "accelerate launch" in c]
-    assert train[:2] == ["apo", "lock"] and train[2] == train[train.index("--stage-dir") + 1] + "/.train.lock"
+    assert train[:3] == ["apo", "lock", "--wait-s"]
+    assert train[4] == train[train.index("--stage-dir") + 1] + "/.train.lock"
     assert train[train.index("--config_file") + 1] == str(checkout / "workflow/accelerate/ddp.yaml")
     assert "--main_process_port" in train
     for c in commands:
