@@ -145,7 +145,9 @@ def grpo_loss(
     loss_agg: str = "token_mean",
     tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """GRPO: clipped importance-ratio objective with a group-normalised advantage, plus an
+    """GRPO, the token-ratio, symmetric-clip case of `grpo_variant_loss` (which the registry
+    trains with; one formula, so the two cannot drift): clipped importance-ratio objective with
+    a group-normalised advantage, plus an
     optional KL penalty to the reference (the clamped k3 estimator, `k3_kl`), aggregated over
     tokens by `loss_agg` (see `aggregate`):
 
@@ -154,15 +156,8 @@ def grpo_loss(
 
     Args: logp, old_logp, ref_logp, mask [B, T]; advantages [B] (one per response).
     """
-    pg, ratio = clipped_surrogate(logp, old_logp, advantages.unsqueeze(-1), clip_eps)
-    k3 = k3_kl(logp, ref_logp)
-    loss = aggregate(pg + kl_coef * k3, mask, loss_agg, tokens)
-    stats = {
-        "clip_frac": clip_fraction(ratio, mask, clip_eps),
-        "ratio_dev": ratio_deviation(ratio, mask),
-        "kl_k3": seq_mean_token_mean(k3.detach(), mask).item(),
-    }
-    return loss, stats
+    return grpo_variant_loss(logp, old_logp, ref_logp, mask, advantages, clip_eps=clip_eps, kl_coef=kl_coef,
+                             loss_agg=loss_agg, tokens=tokens)
 
 
 def rebel_loss(
