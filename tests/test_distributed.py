@@ -29,10 +29,6 @@ def train_2_processes(results: Path, train_dir: Path, out: Path) -> subprocess.C
     return proc
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known regression of this round's checkpoint format (apo.checkpoint without pickle): under two DDP "
-    "processes the rerun sets the step-2 checkpoint aside as corrupt and trains from step 0; FSDP's and "
-    "one process's resumes pass (tests/test_fsdp.py, tests/test_train.py). To fix first next session."))
 def test_two_process_training_shares_batches_and_resumes(smoke_run, tmp_path):
     results = smoke_run[0] / "results"
     train_dir = next((results / "train").iterdir())

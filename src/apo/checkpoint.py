@@ -109,6 +109,12 @@ def save_state(accelerator, directory: Path, parts: list, sharded: dict) -> None
             torch.save(optimizer.state_dict(), directory / _name("optimizer", k, ".pt"))
 
 
+def safetensors_device(device: torch.device) -> str:
+    """`device` as safetensors names it: a data-parallel CPU process's device is `cpu:<rank>`,
+    which safetensors refuses; it knows one CPU."""
+    return "cpu" if device.type == "cpu" else str(device)
+
+
 def load_state(accelerator, directory: Path, parts: list, sharded: dict) -> None:
     """Load what `save_state` wrote, without unpickling anything but tensors and numbers."""
     from safetensors.torch import load_file, load_model
@@ -123,7 +129,7 @@ def load_state(accelerator, directory: Path, parts: list, sharded: dict) -> None
         scheduler.load_state_dict(read_json(directory / _name("scheduler", k, ".json")))
         if not sharded and not _deepspeed(accelerator):
             load_model(accelerator.unwrap_model(model), str(directory / _name("model", k, ".safetensors")),
-                       device=str(accelerator.device))
+                       device=safetensors_device(accelerator.device))
             optimizer.load_state_dict(torch.load(directory / _name("optimizer", k, ".pt"), map_location="cpu",
                                                  weights_only=True))
 
@@ -169,17 +175,28 @@ def resume(accelerator, ckpt_root: Path, parts: list, sharded: dict | None = Non
     from torch.distributed.checkpoint.api import CheckpointException  # not an Exception
 
     for ckpt in reversed(checkpoints(ckpt_root)):
+        error = None
         try:
             state = read_json(ckpt / "trainer_state.json")
             load_state(accelerator, ckpt, parts, sharded or {})
         except (Exception, CheckpointException) as e:  # any failure to read it: this checkpoint is unusable
+            error = e
+            log.warning("process %d: checkpoint %s does not load (%s: %s)", accelerator.process_index, ckpt,
+                        type(e).__name__, str(e)[:200])
+        # Every process resumes from the same checkpoint or none does: one that loaded on
+        # some processes only is set aside for all.
+        if _failed_anywhere(accelerator, error is not None):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 aside = _set_aside(ckpt)
-                log.warning("checkpoint %s does not load (%s: %s); set aside as %s, trying the one before",
-                            ckpt, type(e).__name__, str(e)[:200], aside.name)
+                log.warning("checkpoint %s set aside as %s; trying the one before", ckpt, aside.name)
             accelerator.wait_for_everyone()
             continue
         log.info("resumed from %s at step %d", ckpt, state["step"])
         return state
     return None
+
+
+def _failed_anywhere(accelerator, failed: bool) -> bool:
+    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
