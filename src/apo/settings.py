@@ -261,7 +261,9 @@ class Plan:
         train = self.config["train"]
         if train.get("epochs") is None:
             return None
-        counts = Path(self.train_data.dir) / "counts.json"
+        from apo.job import output_name  # (apo.job imports this module)
+
+        counts = Path(self.train_data.dir) / output_name("data", "counts")
         head = f"train.epochs {train['epochs']} x (prompts // train.batch_size {train['batch_size']})"
         if not counts.exists():
             return f"{head}: the steps are known once the training data stage has run ({self.train_data.dir})"

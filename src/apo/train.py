@@ -36,7 +36,7 @@ from apo import methods, sharding, validate
 from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
-from apo.job import verify_if_stage
+from apo.job import output_name, verify_if_stage
 from apo.losses import aggregate, gae, logprob_gap, masked_whiten, ppo_token_rewards
 from apo.methods import MicroBatch
 from apo.monitor import CollapseMonitor, peak_memory_mb
@@ -775,7 +775,7 @@ def save_model(t: Trainer, out_dir: Path) -> None:
         final = unsharded_copy(final, dtype, keep=t.accelerator.is_main_process)
     t.accelerator.wait_for_everyone()
     if t.accelerator.is_main_process:
-        with atomic_path(out_dir / "model", is_dir=True) as tmp:
+        with atomic_path(out_dir / output_name("train", "model"), is_dir=True) as tmp:
             final.to(dtype).save_pretrained(tmp)
             t.tokenizer.save_pretrained(tmp)
 
@@ -847,7 +847,7 @@ def run(settings: dict, model_path: str, prompts_path: str, vstar_path: str | No
     if tracker is not None:
         out_dir = Path(out_dir)
         tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items() if isinstance(v, (int, float))})
-        write_json(out_dir / "summary.json", result["summary"])
-        write_parquet(out_dir / "validation.parquet", result["validation"])
-        write_parquet(out_dir / "metrics.parquet", result["history"])
+        write_json(out_dir / output_name("train", "summary"), result["summary"])
+        write_parquet(out_dir / output_name("train", "validation"), result["validation"])
+        write_parquet(out_dir / output_name("train", "metrics"), result["history"])
     return result
