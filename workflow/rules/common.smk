@@ -292,75 +292,10 @@ def picked_scores(w):
     ]
 
 
-def sweep_spec():
-    """Every run of every sweep, its combination and whether it is the method's pick."""
-    return [
-        {
-            "method": method,
-            "label": f"{method}-{label}",
-            "combo": combo,
-            "dir": run.dir,
-            "picked": combo == PLAN.picked.get(method),
-        }
-        for method, runs in PLAN.grids.items()
-        for (label, run), combo in zip(
-            runs.items(), PLAN.sweeps[method].settings["grid"]
-        )
-    ]
-
-
 def report_spec(w=None):
-    """What the report reads: every evaluation and training run of this experiment."""
+    """params: what the report reads (`apo.settings.Plan.report_spec`), as JSON."""
     resolve_picks()
-    return json.dumps(
-        {
-            "experiment": PLAN.experiment,
-            "evals": [
-                {"model": label, "benchmark": bench, "dir": evaluation.dir}
-                for (label, bench), evaluation in PLAN.evals.items()
-            ],
-            "trainings": [
-                {
-                    "label": label,
-                    "dir": run.dir,
-                    "method": run.settings["method"],
-                    "seed": run.settings["seed"],
-                }
-                for label, run in PLAN.trains.items()
-            ],
-            "validation": validation_spec(),
-            "sweep": sweep_spec(),
-            "stages": {
-                name: used.dir
-                for name, used in [
-                    ("demo", PLAN.demo),
-                    ("data_train", PLAN.train_data),
-                    *[(f"data_{b}", d) for b, d in PLAN.benchmarks.items()],
-                    ("data_validation", PLAN.validation),
-                    ("sample", PLAN.sample),
-                    ("vstar", PLAN.vstar),
-                    *[(f"train_{label}", run) for label, run in PLAN.trains.items()],
-                    *[(f"sweep_{m}", sweep) for m, sweep in PLAN.sweeps.items()],
-                ]
-                if used is not None
-            },
-        }
-    )
-
-
-def validation_spec():
-    """What the report says of the validation set: which it is, and whether the config
-    declares it a test benchmark's (data.validation_on_benchmark)."""
-    spec = config["data"]["validation"]
-    if spec is None:
-        return None
-    sampling = config["train"]["validation"]
-    return {
-        "dataset": f"{spec['path']} split {spec['split']}",
-        "on_benchmark": config["data"]["validation_on_benchmark"],
-        "k": sampling["k"],
-        "temperature": sampling["temperature"],
-    }
+    return json.dumps(PLAN.report_spec())
 
 
 def job_resources(kind=None):

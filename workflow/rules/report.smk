@@ -10,7 +10,7 @@ rule report:
         metrics=report_inputs("metrics"),
         validation=report_inputs("validation"),
         sweep=lambda w: [
-            f"{s['dir']}/{output_name('train', 'validation')}" for s in sweep_spec()
+            f"{s['dir']}/{output_name('train', 'validation')}" for s in PLAN.sweep_spec()
         ],
     output:
         md=report(
