@@ -166,7 +166,7 @@ def test_baselines_train_without_vstar(method, extra, train_inputs, tmp_path):
     settings = {k: v for k, v in SETTINGS.items() if k != "beta2"}
     res = T.train({**settings, **extra, "method": method, "steps": 2}, model, prompts, None, tmp_path / method, *RUNTIME)
     h = res["history"]
-    n = T.samples_per_prompt({**settings, **extra, "method": method})
+    n = methods.get(method).samples({**settings, **extra, "method": method})
     assert n == {"grpo": 4, "rebel": 2, "ppo": 1}[method]
     assert h["step"].tolist() == [1, 2] and h["loss"].notna().all()
     assert (tmp_path / method / "model" / "config.json").exists()

@@ -115,10 +115,6 @@ def with_epochs(s: dict, n_prompts: int) -> dict:
     return {**s, "steps": s["epochs"] * (n_prompts // s["batch_size"])}
 
 
-def samples_per_prompt(s: dict) -> int:
-    return methods.get(s["method"]).samples(s)
-
-
 def batch_layout(s: dict, world: int) -> tuple[int, int]:
     """(mini-batches per generation batch, micro-batches per mini-batch on each process)."""
     mini = s.get("mini_batch_size") or s["batch_size"]
