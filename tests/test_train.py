@@ -558,13 +558,13 @@ def test_dynamic_sampling_draws_prompts_until_the_batch_is_full(train_inputs, tm
     monkeypatch.setattr(T, "Grader", _HalfSolved)
     model, prompts, _ = train_inputs
     rollouts = []
-    real = T.rollout
+    real = T.roll_out
 
     def spy(*args):
         rollouts.append(real(*args))
         return rollouts[-1]
 
-    monkeypatch.setattr(T, "rollout", spy)
+    monkeypatch.setattr(T, "roll_out", spy)
     h = T.train({**_family_settings("dapo"), "steps": 1}, model, prompts, None, tmp_path / "ds", *RUNTIME)["history"]
     assert h["sampling_draws"].tolist() == [2] and h["groups_dropped"].tolist() == [8]
     r = rollouts[0]
