@@ -456,6 +456,7 @@ def test_every_rule_declares_exactly_the_outputs_its_job_writes(tmp_path):
         w = dict(item.split("=") for item in wildcards.split(", "))
         stage_dir = f"results/{w.get('kind', rule)}/{w['h']}"
         declared = [o.removesuffix(" (update)") for o in outputs.split(", ")]
+        assert all(o.endswith(" (update)") for o in outputs.split(", ")), rule  # `addressed`: kept
         assert declared == [f"{stage_dir}/{name.format(**w)}" for name in STAGE_OUTPUTS[rule].values()], rule
         seen.add(rule)
     assert seen == set(STAGE_OUTPUTS)

@@ -430,7 +430,8 @@ def test_an_experiment_cannot_be_named_like_a_stage_folder():
 def test_every_stage_output_is_kept_when_its_job_starts():
     """Snakemake deletes a job's existing outputs when it starts the job unless they are
     flagged `update`: with two runs at once, the second would delete outputs the first had
-    just written and its readers need (common.smk, `addressed`)."""
+    just written and its readers need. Every stage rule's outputs are `rule_outputs`', each
+    `addressed` (common.smk; a dry run shows the flag: tests/test_pipeline.py)."""
     import re
 
     for kind in STAGES:
@@ -438,8 +439,11 @@ def test_every_stage_output_is_kept_when_its_job_starts():
         blocks = re.findall(r"\n    output:\n((?:        .*\n)+)", rule.read_text())
         assert blocks, rule.name
         for block in blocks:
-            entries = re.findall(r"^        (?:\w+=)?(.+?),?$", block, flags=re.M)
-            assert entries and all(e.startswith("addressed(") for e in entries), (rule.name, entries)
+            entries = re.findall(r"^        (.+?),?$", block, flags=re.M)
+            assert entries and all(re.fullmatch(r'\*\*rule_outputs\("\w+".*\)', e) for e in entries), (rule.name, entries)
+    common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    body = common.split("def rule_outputs(")[1].split("\ndef ")[0]
+    assert "addressed(" in body
 
 
 # ---------------------------------------------------------------- local inputs at planning (issue 23)
