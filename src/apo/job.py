@@ -4,9 +4,9 @@ before trusting it.
 - Each rule's outputs are named once, in `STAGE_OUTPUTS`: the rule files declare them
   (`workflow/rules/common.smk`, `rule_outputs`), the stage commands write them, and readers
   find them by role (`output_name`).
-- A `Job` is one run of a rule's command into its stage directory: its outputs, its lock file,
-  whether they are done, the checksums it records (`Job.run` does all of it in order).
-
+- A `Job` is one run of a rule's command into its stage directory: its outputs, its lock
+  file, whether its outputs are done, and the checksums it records (`Job.record`, once the
+  command has written them); `Job.run` runs the command's work under the lock unless done.
 - A job holds an OS lock on a file in its stage directory while it runs (`job_lock`); a second
   job for the same outputs says on the console who holds it, waits at most `lock_wait_s`, then
   finds the outputs written (`outputs_done`) or fails naming the holder.
