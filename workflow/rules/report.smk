@@ -10,7 +10,9 @@ rule report:
         metrics=report_inputs("metrics"),
         validation=report_inputs("validation"),
         sweep=lambda w: [
-            f"{s['dir']}/{output_name('train', 'validation')}" for s in PLAN.sweep_spec()
+            output_file(run, "validation")
+            for runs in PLAN.grids.values()
+            for run in runs.values()
         ],
     output:
         md=report(
