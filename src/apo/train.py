@@ -327,7 +327,8 @@ def setup(settings: dict, model_path: str, prompts_path: str, vstar_path, out_di
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data, prompt_ids = load_prompts(settings, prompts_path, vstar_path, tokenizer)
     settings = with_epochs(settings, len(data))
-    vs = validate.load(settings, validation_path, accelerator.process_index, world) if validation_path else None
+    vs = (validate.load(settings, validation_path, accelerator.process_index, world, data)
+          if validation_path else None)
     policy, reference, critic = load_models(settings, model_path, accelerator, gradient_checkpointing, fsdp)
     policy, optimizer, scheduler = optimize(accelerator, policy, settings, settings["lr"], fsdp)
     critic_opt = critic_sched = None
