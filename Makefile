@@ -31,6 +31,7 @@ test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH pytest
 
 lint: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH ruff check src tests scripts
 	PATH=$(abspath $(BIN)):$$PATH snakemake --lint
 	PATH=$(abspath $(BIN)):$$PATH snakefmt --check Snakefile workflow/rules
 

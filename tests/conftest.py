@@ -29,6 +29,15 @@ TINY_DEMO = {
 SMOKE = ROOT / "tests" / "smoke_config.yaml"
 
 
+def grade_one(gold: str, response: str, method: str = "math_verify", extract: str = "any") -> tuple[float, str, str]:
+    """One response graded in this process, without a time bound: the function a grading
+    worker runs for the method (`apo.reward.grade_function`), called directly."""
+    from apo.grade_worker import resolve
+    from apo.reward import grade_function
+
+    return resolve(grade_function(method, extract))(gold, response)
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run snakemake on the repository's Snakefile with results under `workdir`."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),

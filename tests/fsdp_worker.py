@@ -23,10 +23,10 @@ from apo.sharding import full_weights
 
 
 def fixed_rollout(t: T.Trainer) -> T.Rollout:
-    """Step 0's prompts, this process's share of them (as `train.rollout` splits them), with
+    """Step 0's prompts, this process's share of them (as `train.roll_out` splits them), with
     responses and rewards that depend only on the prompt: the same global batch in one process
     or several."""
-    s, n, acc = t.s, t.sampling.n, t.accelerator
+    s, n, acc = t.settings, t.sampling.n, t.accelerator
     idx = T.batch_indices(0, s["batch_size"], len(t.data), s["seed"])[acc.process_index :: t.world]
     eos = t.tokenizer.eos_token_id
     r_ids = [[10 + (7 * i + 3 * j + k) % 290 for k in range(4 + (i + j) % 5)] + [eos] for i in idx for j in range(n)]

@@ -1,7 +1,7 @@
 """`apo bench-grading`: realistic MATH-style responses, both ways timed on the same items."""
 
 from apo import bench_grading
-from apo.reward import grade_one
+from conftest import grade_one
 
 
 def test_responses_are_math_style_and_reproducible():

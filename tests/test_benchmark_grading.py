@@ -8,7 +8,8 @@ import pytest
 
 from apo import reward
 from apo.data import normalize_answer
-from apo.reward import Grader, grade_one
+from apo.reward import Grader
+from conftest import grade_one
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 

@@ -15,7 +15,7 @@ from apo import reward
 from apo.config import validate_config
 from apo.data import DataError, check_fields, prepare
 from apo.reward import Grader
-from conftest import ROOT, SCHEMA
+from conftest import ROOT, SCHEMA, grade_one
 
 CATALOG = yaml.safe_load((ROOT / "config" / "benchmarks" / "catalog.yaml").read_text())
 SAMPLES = ROOT / "tests" / "data" / "benchmarks"
@@ -111,8 +111,8 @@ def test_list_golds_keep_every_part_through_the_data_stage():
     spec = {**DEFAULTS, **CATALOG["olympiadbench"]["local"], "path": str(SAMPLES / "olympiadbench" / "{split}.jsonl")}
     df, _ = prepare(spec, RAW, None)
     gold = df.set_index("id").loc["1664", "answer"]
-    assert reward.grade_one(gold, r"\boxed{84, 69}")[0] == 1.0
-    assert reward.grade_one(gold, r"\boxed{69}")[0] == 0.0
+    assert grade_one(gold, r"\boxed{84, 69}")[0] == 1.0
+    assert grade_one(gold, r"\boxed{69}")[0] == 0.0
 
 
 @pytest.mark.slow

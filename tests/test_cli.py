@@ -27,8 +27,7 @@ def vstar_job(tmp_path: Path, samples: Path, prompts: Path | None = None) -> sub
         (samples.parent / "manifest.json").write_text(json.dumps({"settings": {"n": 2, "shards": 1}}))
     return subprocess.run(
         [str(APO), "vstar", "--manifest", json.dumps(manifest), "--stage-dir", str(stage_dir),
-         "--runtime", json.dumps(runtime), "--samples", str(samples), "--prompts", str(prompts),
-         "--out", str(stage_dir / "vstar.parquet")],
+         "--runtime", json.dumps(runtime), "--samples", str(samples), "--prompts", str(prompts)],
         capture_output=True, text=True, timeout=300,
     )
 
@@ -74,7 +73,7 @@ def test_a_pinned_hub_model_is_loaded_from_its_revision(monkeypatch):
     pin_model_revision(args)
     assert args.model == "/snap/abc" and calls == [("Qwen/Q", "abc")]
     args = build_parser().parse_args(["data", "--manifest", "{}", "--stage-dir", "d", "--tokenizer", "Qwen/Q",
-                                      "--model-revision", "v2", "--out", "o"])
+                                      "--model-revision", "v2"])
     pin_model_revision(args)
     assert args.tokenizer == "/snap/v2"
     args = build_parser().parse_args(["train", *common, "--model", "Qwen/Q"])
@@ -106,7 +105,7 @@ def test_a_second_job_for_the_same_outputs_waits_and_then_finds_them(tmp_path):
             [str(APO), "vstar", "--manifest", json.dumps({"kind": "vstar", "hash": "0123456789ab",
              "settings": {"beta1": 0.0, "filter": "keep_all"}, "inputs": {}}), "--stage-dir", str(stage_dir),
              "--runtime", json.dumps({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}), "--samples", str(samples),
-             "--prompts", str(samples), "--out", str(stage_dir / "vstar.parquet")],
+             "--prompts", str(samples)],
             stderr=subprocess.PIPE, text=True)
         (samples.parent / "manifest.json").write_text(json.dumps({"settings": {"n": 2, "shards": 1}}))
         time.sleep(8)

@@ -12,7 +12,7 @@ import pytest
 
 from apo import reward
 from apo.data import normalize_answer
-from apo.reward import grade_one
+from conftest import grade_one
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 

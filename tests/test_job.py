@@ -138,3 +138,33 @@ def test_a_whole_stage_directory_is_verified_output_by_output(tmp_path):
     (d / "train.jsonl").unlink()
     with pytest.raises(StageFileError, match=rf"{d}/train.jsonl: missing; rerun snakemake \(rule demo"):
         verify_if_stage(d)
+
+
+def test_a_job_writes_its_rules_outputs_and_does_nothing_once_they_are_recorded(tmp_path):
+    """`Job`: a rule's outputs in its stage directory (a shard's with its index), one lock per
+    shard, and `run` skips the work when the job before it recorded the same outputs."""
+    from apo.job import Job, writer_rule
+
+    shard = Job("sample", tmp_path / "evaluate" / "0123456789ab", {"hash": "0123456789ab"}, shard=3)
+    assert shard.outputs == [shard.stage_dir / "shard-3.parquet"]
+    assert shard.lock.name == ".sample-3.lock"
+    assert writer_rule(shard.stage_dir, "shard-3.parquet") == "sample"
+    assert writer_rule(shard.stage_dir, "scores.json") == "evaluate"
+
+    job = Job("vstar", tmp_path / "vstar" / "0123456789ab", {"hash": "0123456789ab"})
+    assert [p.name for p in job.outputs] == ["vstar.parquet", "counts.json"]
+    calls = []
+
+    def work():
+        calls.append(1)
+        job.output("vstar").write_bytes(b"table")
+        job.output("counts").write_text("{}")
+
+    job.run(work)
+    assert not job.done()  # written but not recorded: the tracker records them (`stage_job`)
+    job.record()
+    assert job.done()
+    job.run(work)
+    assert calls == [1]
+    job.output("counts").write_text('{"edited": 1}')
+    assert not job.done()

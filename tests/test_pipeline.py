@@ -303,18 +303,16 @@ from pathlib import Path
 args = sys.argv[1:]
 if args[0] == "lock":  # apo lock FILE -- accelerate launch ...
     args = args[args.index("--") + 2:]
+from apo.job import DIRECTORY_OUTPUTS, STAGE_OUTPUTS
+from apo.report import FILES
 cmd = "train" if args[0] == "launch" else args[0]
-opt = lambda name: Path(args[args.index(name) + 1]) if name in args else None
-d = opt("--stage-dir")
-names = {"demo": ["train.jsonl", "test.jsonl", "valid.jsonl", "model"], "evaluate": ["scores.json", "samples.parquet"],
-         "train": ["metrics.parquet", "summary.json", "validation.parquet", "model"],
-         "report": ["report.md", "summary.csv", "paper_table.csv", "paper_table.tex",
-                    "training_curves.png", "training_phases.png", "validation_time.png",
-                    "validation_steps.png", "time_to_accuracy.csv"]}
-base = opt("--out-dir") if cmd == "report" else d
-files = [base / n for n in names[cmd]] if cmd in names else [opt("--out")]
+opt = lambda name: args[args.index(name) + 1] if name in args else None
+if cmd == "report":
+    files = [Path(opt("--out-dir")) / n for n in FILES]
+else:
+    files = [Path(opt("--stage-dir")) / n.format(shard=opt("--shard")) for n in STAGE_OUTPUTS[cmd].values()]
 for f in files:
-    f.mkdir(parents=True, exist_ok=True) if str(f).endswith("model") else (f.parent.mkdir(parents=True, exist_ok=True), f.touch())
+    f.mkdir(parents=True, exist_ok=True) if f.name in DIRECTORY_OUTPUTS else (f.parent.mkdir(parents=True, exist_ok=True), f.touch())
 """
 
 
@@ -359,10 +357,11 @@ def test_editing_a_local_train_file_replans_data_prep_and_after_only(tmp_path):
         "data": 1, "sample": 2 + 2, "vstar": 1, "train": 1, "evaluate": 1, "report": 1, "all": 1}
 
 
-# What a stage job may receive besides its manifest: paths of its inputs and outputs (all
-# addressed), its shard index, and the runtime knobs that change speed, not results.
+# What a stage job may receive besides its manifest: paths of its inputs (all addressed; its
+# outputs are its rule's, in its stage directory), its shard index, and the runtime knobs that
+# change speed, not results.
 JOB_OPTIONS = {"--manifest", "--stage-dir", "--runtime", "--model", "--model-revision", "--tokenizer",
-               "--prompts", "--samples", "--shard", "--shards", "--out", "--demo-dir", "--vstar", "--validation"}
+               "--prompts", "--samples", "--shard", "--shards", "--demo-dir", "--vstar", "--validation"}
 RUNTIME_KEYS = {"generation": {"batch_size", "vllm"}, "grading": {"workers"}, "tracking_uri": None,
                 "lock_wait_s": None, "hub_offline": None,
                 "train": {"gradient_checkpointing", "distributed", "time_limit_min"}}
@@ -438,3 +437,26 @@ def test_a_named_config_is_the_whole_config(tmp_path):
     train = next(m["settings"] for m in manifests if m["kind"] == "train")
     data = next(m["settings"] for m in manifests if m["kind"] == "data" and m["settings"]["split"] == "train")
     assert (train["lr"], train["steps"], data["limit"]) == (1.0e-6, 100, None)
+
+
+def test_every_rule_declares_exactly_the_outputs_its_job_writes(tmp_path):
+    """apo.job.STAGE_OUTPUTS is the one list of each rule's outputs: in a dry run of a plan with
+    every rule (sweeps included), each job's declared outputs are its rule's entries in its
+    stage directory, and they are what the job records and `apo verify` checks."""
+    from apo.job import STAGE_OUTPUTS
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    out = snakemake(tmp_path, "-n", "--configfile", str(ROOT / "config" / "compare.yaml")).stdout
+    jobs = re.findall(r"^(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    output: (.*)\n(?:    .*\n)*?    wildcards: (.*)",
+                      out, re.M)
+    seen = set()
+    for rule, outputs, wildcards in jobs:
+        if rule == "report":
+            continue  # not a stage: apo.report.FILES (tests/test_report.py)
+        w = dict(item.split("=") for item in wildcards.split(", "))
+        stage_dir = f"results/{w.get('kind', rule)}/{w['h']}"
+        declared = [o.removesuffix(" (update)") for o in outputs.split(", ")]
+        assert all(o.endswith(" (update)") for o in outputs.split(", ")), rule  # `addressed`: kept
+        assert declared == [f"{stage_dir}/{name.format(**w)}" for name in STAGE_OUTPUTS[rule].values()], rule
+        seen.add(rule)
+    assert seen == set(STAGE_OUTPUTS)

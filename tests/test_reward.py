@@ -7,7 +7,8 @@ import psutil
 import pytest
 
 from apo import reward
-from apo.reward import Grader, grade_one
+from apo.reward import Grader
+from conftest import grade_one
 
 
 @pytest.fixture(scope="module")

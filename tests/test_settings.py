@@ -112,7 +112,7 @@ TABLE = {"path": "Cornell-AGI/math_size_qwen2.5_1.5b_eval", "prompt_field": "ext
 
 def test_published_table_replaces_sampling(demo_config):
     p = plan(demo_config, vstar__source="table", vstar__table=TABLE, prompt__template="raw")
-    assert p.sample is None and p.hashes("sample") == []
+    assert p.sample is None and not any(kind == "sample" for kind, _ in p.stages)
     m = p.vstar.manifest()
     assert m["inputs"] == {"table": f"external:{TABLE['path']}", "prompts": f"data/{p.train_data.hash}"}
     assert m["settings"]["table"]["prompt_field"] == "extra_info.question"
@@ -430,7 +430,8 @@ def test_an_experiment_cannot_be_named_like_a_stage_folder():
 def test_every_stage_output_is_kept_when_its_job_starts():
     """Snakemake deletes a job's existing outputs when it starts the job unless they are
     flagged `update`: with two runs at once, the second would delete outputs the first had
-    just written and its readers need (common.smk, `addressed`)."""
+    just written and its readers need. Every stage rule's outputs are `rule_outputs`', each
+    `addressed` (common.smk; a dry run shows the flag: tests/test_pipeline.py)."""
     import re
 
     for kind in STAGES:
@@ -438,8 +439,11 @@ def test_every_stage_output_is_kept_when_its_job_starts():
         blocks = re.findall(r"\n    output:\n((?:        .*\n)+)", rule.read_text())
         assert blocks, rule.name
         for block in blocks:
-            entries = re.findall(r"^        (?:\w+=)?(.+?),?$", block, flags=re.M)
-            assert entries and all(e.startswith("addressed(") for e in entries), (rule.name, entries)
+            entries = re.findall(r"^        (.+?),?$", block, flags=re.M)
+            assert entries and all(re.fullmatch(r'\*\*rule_outputs\("\w+".*\)', e) for e in entries), (rule.name, entries)
+    common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    body = common.split("def rule_outputs(")[1].split("\ndef ")[0]
+    assert "addressed(" in body
 
 
 # ---------------------------------------------------------------- local inputs at planning (issue 23)
@@ -516,3 +520,32 @@ def test_the_plan_prints_the_steps_train_epochs_comes_to(demo_config, tmp_path):
     batch = cfg["train"]["batch_size"]
     assert p.epoch_steps().endswith(f"100 prepared prompts -> {100 // batch} batches an epoch, {3 * (100 // batch)} steps")
     assert plan(demo_config).epoch_steps() is None
+
+
+def test_the_report_spec_names_every_run_the_sweeps_and_the_stages_used(demo_config):
+    """What `apo report` reads (Plan.report_spec): every evaluation and training run, each
+    sweep's runs with the pick marked once it is known, and a link for every stage used."""
+    p = plan(demo_config, seeds=[0, 1], train__lr=[1.0e-4, 3.0e-4])
+    before = p.report_spec()
+    assert before["trainings"] == [] and not any(run["picked"] for run in before["sweep"])
+    p.add_pick("apo", {"lr": 3.0e-4})
+    spec = p.report_spec()
+    assert spec["experiment"] == demo_config["experiment"]
+    assert [(t["label"], t["seed"], t["method"]) for t in spec["trainings"]] == [("apo-seed0", 0, "apo"),
+                                                                                 ("apo-seed1", 1, "apo")]
+    assert {(e["model"], e["dir"]) for e in spec["evals"]} == {(label, s.dir) for (label, _), s in p.evals.items()}
+    assert [(run["label"], run["picked"]) for run in spec["sweep"]] == [("apo-lr0.0001", False),
+                                                                        ("apo-lr0.0003", True)]
+    assert spec["stages"]["sweep_apo"] == p.sweeps["apo"].dir
+    assert spec["stages"]["train_apo-seed1"] == p.trains["apo-seed1"].dir
+    assert set(spec["stages"]) >= {"demo", "data_train", "sample", "vstar"}
+    assert json.loads(json.dumps(spec)) == spec  # the rule passes it as JSON
+
+
+def test_the_report_spec_says_which_validation_set_it_is(demo_config):
+    valid = {"path": "demo", "split": "valid", "prompt_field": "question", "answer_field": "answer",
+             "id_field": "id"}
+    assert plan(demo_config, data__validation=None).report_spec()["validation"] is None
+    spec = plan(demo_config, data__validation=valid).report_spec()
+    assert spec["validation"]["dataset"] == "demo split valid" and spec["validation"]["on_benchmark"] is False
+    assert spec["stages"]["data_validation"].startswith("results/data/")

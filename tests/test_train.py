@@ -166,7 +166,7 @@ def test_baselines_train_without_vstar(method, extra, train_inputs, tmp_path):
     settings = {k: v for k, v in SETTINGS.items() if k != "beta2"}
     res = T.train({**settings, **extra, "method": method, "steps": 2}, model, prompts, None, tmp_path / method, *RUNTIME)
     h = res["history"]
-    n = T.samples_per_prompt({**settings, **extra, "method": method})
+    n = methods.get(method).samples({**settings, **extra, "method": method})
     assert n == {"grpo": 4, "rebel": 2, "ppo": 1}[method]
     assert h["step"].tolist() == [1, 2] and h["loss"].notna().all()
     assert (tmp_path / method / "model" / "config.json").exists()
@@ -558,13 +558,13 @@ def test_dynamic_sampling_draws_prompts_until_the_batch_is_full(train_inputs, tm
     monkeypatch.setattr(T, "Grader", _HalfSolved)
     model, prompts, _ = train_inputs
     rollouts = []
-    real = T.rollout
+    real = T.roll_out
 
     def spy(*args):
         rollouts.append(real(*args))
         return rollouts[-1]
 
-    monkeypatch.setattr(T, "rollout", spy)
+    monkeypatch.setattr(T, "roll_out", spy)
     h = T.train({**_family_settings("dapo"), "steps": 1}, model, prompts, None, tmp_path / "ds", *RUNTIME)["history"]
     assert h["sampling_draws"].tolist() == [2] and h["groups_dropped"].tolist() == [8]
     r = rollouts[0]

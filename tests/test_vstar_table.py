@@ -117,8 +117,7 @@ def test_vstar_command_reads_the_table(table_file, tmp_path):
     stage = tmp_path / "vstar" / ("0" * 12)
     out = stage / "vstar.parquet"
     cli.main(["vstar", "--manifest", json.dumps(manifest), "--stage-dir", str(stage), "--runtime",
-              json.dumps({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}), "--prompts", str(prompts),
-              "--out", str(out)])
+              json.dumps({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}), "--prompts", str(prompts)])
     v = pd.read_parquet(out)
     assert v["id"].tolist() == ["a", "c"]  # b unsolved (dropped by the filter), unmatched absent
     assert v["vstar"].tolist() == pytest.approx([0.75, 0.25])

@@ -27,33 +27,29 @@ def _json(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
 
 
-def job_outputs(args) -> list[Path]:
-    """The files and directories one stage job writes: its rule's outputs (and counts)."""
-    d = Path(args.stage_dir)
-    named = {
-        "demo": ["train.jsonl", "test.jsonl", "valid.jsonl", "model"],
-        "data": ["counts.json"],
-        "vstar": ["counts.json"],
-        "train": ["metrics.parquet", "summary.json", "validation.parquet", "model"],
-        "evaluate": ["scores.json", "samples.parquet"],
-    }.get(args.command, [])
-    return [d / name for name in named] + ([Path(args.out)] if getattr(args, "out", None) else [])
+def job_of(args):
+    """The stage job a command line describes (`apo.job.Job`: its outputs, lock and record)."""
+    from apo.job import LOCK_WAIT_S, Job
+
+    return Job(args.command, Path(args.stage_dir), args.manifest, getattr(args, "shard", None),
+               float(args.runtime.get("lock_wait_s", LOCK_WAIT_S)))
 
 
 def job_inputs(args) -> list:
     """The paths one stage job reads (stage files among them are checked before it runs): its
     path arguments, and a sweep's grid runs' validations."""
+    from apo.job import output_name
+
     paths = [getattr(args, name, None) for name in ("tokenizer", "demo_dir", "model", "prompts", "vstar", "validation")]
     paths += [*(getattr(args, "samples", None) or []), *(getattr(args, "shards", None) or [])]
-    paths += [Path(r["dir"]) / "validation.parquet" for r in getattr(args, "runs", None) or []]
+    paths += [Path(r["dir"]) / output_name("train", "validation") for r in getattr(args, "runs", None) or []]
     return [p for p in paths if p]
 
 
 @contextlib.contextmanager
 def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
     """Tracking and bookkeeping around one stage job; yields the MLflow tracker. When the job
-    succeeds, its manifest records the checksums of its outputs (`apo.job.record_outputs`)."""
-    from apo.job import record_outputs
+    succeeds, its manifest records the checksums of its outputs (`apo.job.Job.record`)."""
     from apo.tracking import Tracker, default_tracking_uri
 
     m = args.manifest
@@ -74,24 +70,7 @@ def stage_job(args, run_suffix: str = "", run_id_file: str | None = None):
         tracker.finish("FAILED")
         raise
     tracker.finish()
-    record_outputs(stage_dir, m, job_outputs(args))
-
-
-def lock_wait_s(args) -> float:
-    from apo.job import LOCK_WAIT_S
-
-    return float(args.runtime.get("lock_wait_s", LOCK_WAIT_S))
-
-
-def lock_path(args) -> Path:
-    shard = f"-{args.shard}" if getattr(args, "shard", None) is not None else ""
-    return Path(args.stage_dir) / f".{args.command}{shard}.lock"
-
-
-def outputs_done(args) -> bool:
-    from apo.job import outputs_done
-
-    return outputs_done(Path(args.stage_dir), args.manifest, job_outputs(args))
+    job_of(args).record()
 
 
 def cmd_lock(args):
@@ -122,12 +101,13 @@ def cmd_data(args):
     from apo import data
     from apo.io import write_json, write_parquet
 
+    job = job_of(args)
     with stage_job(args) as tracker:
         df, counts = data.run(args.manifest["settings"], args.tokenizer, args.demo_dir, args.runtime["grading"])
         tracker.log_metrics(counts)
-        write_parquet(args.out, df)
-        write_json(Path(args.stage_dir) / "counts.json", counts)
-        log.info("%s: %s", args.out, counts)
+        write_parquet(job.output("prompts"), df)
+        write_json(job.output("counts"), counts)
+        log.info("%s: %s", job.output("prompts"), counts)
 
 
 def cmd_sample(args):
@@ -139,18 +119,19 @@ def cmd_sample(args):
         df, metrics = sample.run_shard(m["kind"], m["settings"], args.model, args.prompts, args.shard,
                                        args.runtime["generation"], args.runtime["grading"])
         tracker.log_metrics(metrics)
-        write_parquet(args.out, df)
+        write_parquet(job_of(args).output("shard"), df)
 
 
 def cmd_vstar(args):
     from apo import vstar
     from apo.io import write_json, write_parquet
 
+    job = job_of(args)
     with stage_job(args) as tracker:
         kept, counts, metrics = vstar.run(args.manifest["settings"], args.prompts, args.samples or [])
         tracker.log_metrics(metrics)
-        write_json(Path(args.stage_dir) / "counts.json", counts)
-        write_parquet(args.out, kept)
+        write_json(job.output("counts"), counts)
+        write_parquet(job.output("vstar"), kept)
 
 
 def cmd_train(args):
@@ -182,19 +163,19 @@ def cmd_sweep(args):
         tracker.log_metrics({f"final_val_accuracy.{r['label']}": r["final_accuracy"] for r in result["runs"]})
         tracker.set_tags({"picked": result["label"]})
         log.info("%s: picked %s %s", args.manifest["settings"]["method"], result["label"], result["picked"])
-        write_json(args.out, result)
+        write_json(job_of(args).output("pick"), result)
 
 
 def cmd_evaluate(args):
     from apo import evaluate
     from apo.io import write_json, write_parquet
 
-    out = Path(args.stage_dir)
+    job = job_of(args)
     with stage_job(args) as tracker:
         samples, scores = evaluate.run(args.manifest["settings"], args.prompts, args.shards)
         tracker.log_metrics({k: v for k, v in scores.items() if isinstance(v, (int, float))})
-        write_parquet(out / "samples.parquet", samples)
-        write_json(out / "scores.json", scores)
+        write_parquet(job.output("samples"), samples)
+        write_json(job.output("scores"), scores)
 
 
 def cmd_report(args):
@@ -308,25 +289,25 @@ def cmd_bench_grading(args):
 
 
 # The stage commands the rules call: (name, function, help, their own arguments). Every one
-# also takes --manifest, --stage-dir and --runtime.
+# also takes --manifest, --stage-dir and --runtime, and writes its rule's outputs
+# (`apo.job.STAGE_OUTPUTS`) into the stage directory.
 MODEL = ("--model", {"required": True, "help": "a stage's model directory, a local model or a hub id"})
 REVISION = ("--model-revision", {"help": "hub revision of the model (model_revision)"})
 PROMPTS = ("--prompts", {"required": True, "help": "a data stage's prompts.parquet"})
-OUT = ("--out", {"required": True})
 STAGE_COMMANDS = [
     ("demo", cmd_demo, "build the demo task and reference model", []),
     ("data", cmd_data, "prepare a prompt set into parquet",
      [("--tokenizer", {"required": True}), ("--model-revision", {"help": "hub revision of the tokenizer's model"}),
-      ("--demo-dir", {}), OUT]),
+      ("--demo-dir", {})]),
     ("sample", cmd_sample, "sample and grade responses: one shard of reference sampling or of an evaluation",
-     [MODEL, REVISION, PROMPTS, ("--shard", {"type": int, "required": True}), OUT]),
+     [MODEL, REVISION, PROMPTS, ("--shard", {"type": int, "required": True})]),
     ("vstar", cmd_vstar, "V* table from graded reference samples or a published stage-1 table",
-     [("--samples", {"nargs": "+", "help": "the sample stage's shards (vstar.source: sample)"}), PROMPTS, OUT]),
+     [("--samples", {"nargs": "+", "help": "the sample stage's shards (vstar.source: sample)"}), PROMPTS]),
     ("train", cmd_train, "stage 2: A*-PO or a baseline, on-policy",
      [MODEL, REVISION, PROMPTS, ("--vstar", {"help": "V* table (A*-PO only)"}),
       ("--validation", {"help": "validation prompts (data.validation), scored during training"})]),
     ("sweep", cmd_sweep, "a sweep's pick: the grid run with the best final validation accuracy",
-     [("--runs", {"type": _json, "required": True, "help": "[{label, combo, dir}] of the grid's runs (JSON)"}), OUT]),
+     [("--runs", {"type": _json, "required": True, "help": "[{label, combo, dir}] of the grid's runs (JSON)"})]),
     ("evaluate", cmd_evaluate, "a benchmark's avg@k from its sampled shards",
      [PROMPTS, ("--shards", {"nargs": "+", "required": True})]),
 ]
@@ -450,26 +431,26 @@ def _main(argv: list[str] | None) -> int:
     offline_environment(args.runtime)  # after `apo prefetch`: the hub cache only
 
     from apo.io import clean_dead_tmp
-    from apo.job import job_lock, verify_inputs
+    from apo.job import verify_inputs
 
     # A changed input is an error here, before a job whose outputs are done would report
     # "nothing to do" over it.
     verify_inputs(job_inputs(args))
+    job = job_of(args)
     if args.command == "train":
         # Locked by `apo lock` around `accelerate launch`: every process checks, none waits.
-        if not outputs_done(args):
+        if not job.done():
             if int(os.environ.get("RANK", 0)) == 0:
                 clean_dead_tmp(args.stage_dir)
             pin_model_revision(args)
             args.fn(args)
         return 0
-    with job_lock(lock_path(args), f"apo {args.command} {args.stage_dir}", lock_wait_s(args)):
-        clean_dead_tmp(args.stage_dir)
-        if outputs_done(args):
-            log.info("%s: outputs already written by the job that held the lock; nothing to do", args.stage_dir)
-            return 0
+
+    def work():
         pin_model_revision(args)
         args.fn(args)
+
+    job.run(work)
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from apo.io import atomic_path
-from apo.job import read_stage_parquet
+from apo.job import output_name, read_stage_parquet
 from apo.methods import METHODS
 
 FRACTIONS = (0.95, 1.0)
@@ -25,13 +25,13 @@ def load(trainings: list[dict]) -> pd.DataFrame:
     that step), train_time_s, accuracy. Runs without validation add no rows."""
     frames = []
     for t in trainings:
-        path = Path(t["dir"]) / "validation.parquet"
+        path = Path(t["dir"]) / output_name("train", "validation")
         if not path.exists():
             continue
         v = read_stage_parquet(path)
         if v.empty:
             continue
-        m = read_stage_parquet(Path(t["dir"]) / "metrics.parquet")
+        m = read_stage_parquet(Path(t["dir"]) / output_name("train", "metrics"))
         done = dict(zip(m["step"], m["optimizer_steps"].cumsum())) if "optimizer_steps" in m else {}
         v = v.assign(label=t["label"], method=t.get("method", t["label"]), seed=t.get("seed", 0),
                      optimizer_steps=v["step"].map(lambda s: done.get(s, 0)))

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from apo.job import output_name
+
 log = logging.getLogger(__name__)
 
 NAMES = ["Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Ivy", "Sam", "Lena", "Raj", "Tom", "Ana"]
@@ -223,10 +225,10 @@ def build(settings: dict, out_dir: str | Path, instruction: str) -> dict:
 
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(EOS)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
+    model.save_pretrained(out_dir / output_name("demo", "model"))
+    tokenizer.save_pretrained(out_dir / output_name("demo", "model"))
     for name, problems in [("train", train), ("test", test), ("valid", valid)]:
-        with open(out_dir / f"{name}.jsonl", "w") as f:
+        with open(out_dir / output_name("demo", name), "w") as f:
             for i, p in enumerate(problems):
                 row = {"id": f"{name}-{i:05d}", "question": p.question, "answer": str(p.answer)}
                 f.write(json.dumps(row) + "\n")
@@ -245,6 +247,6 @@ def run(settings: dict, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
         info = build(settings, tmp, settings["instruction"])
-        for name in ("train.jsonl", "test.jsonl", "valid.jsonl", "model"):
-            move_into_place(Path(tmp) / name, out_dir / name)
+        for role in ("train", "test", "valid", "model"):
+            move_into_place(Path(tmp) / output_name("demo", role), out_dir / output_name("demo", role))
     return info

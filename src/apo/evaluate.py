@@ -20,9 +20,9 @@ def avg_at_k(samples: pd.DataFrame) -> float:
 def run(settings: dict, prompts_path: str, shard_paths: list[str]) -> tuple[pd.DataFrame, dict]:
     """Stage entry: every shard's samples in one table, and the benchmark's scores. The data
     stage's counts (counts.json beside the prompts) say how many rows the benchmark has."""
-    from apo.job import read_stage_json, read_stage_parquet
+    from apo.job import output_name, read_stage_json, read_stage_parquet
 
-    counts_path = Path(prompts_path).with_name("counts.json")
+    counts_path = Path(prompts_path).with_name(output_name("data", "counts"))
     if not counts_path.exists():
         raise FileNotFoundError(f"{counts_path}: the data stage's counts are missing (rerun its data stage)")
     counts = read_stage_json(counts_path)

@@ -1,5 +1,12 @@
-"""The stage-job contract: what a job leaves behind, and what a reader checks before trusting it.
+"""The stage-job contract: what a job writes, what it leaves behind, and what a reader checks
+before trusting it.
 
+- Each rule's outputs are named once, in `STAGE_OUTPUTS`: the rule files declare them
+  (`workflow/rules/common.smk`, `rule_outputs`), the stage commands write them, and readers
+  find them by role (`output_name`).
+- A `Job` is one run of a rule's command into its stage directory: its outputs, its lock
+  file, whether its outputs are done, and the checksums it records (`Job.record`, once the
+  command has written them); `Job.run` runs the command's work under the lock unless done.
 - A job holds an OS lock on a file in its stage directory while it runs (`job_lock`); a second
   job for the same outputs says on the console who holds it, waits at most `lock_wait_s`, then
   finds the outputs written (`outputs_done`) or fails naming the holder.
@@ -25,11 +32,13 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from apo.io import read_json, write_json
+from apo.io import clean_dead_tmp, read_json, write_json
 from apo.settings import HASH_LEN, STAGES
 
 log = logging.getLogger("apo")
@@ -39,6 +48,34 @@ MANIFEST = "manifest.json"
 # (checked when resumed), and dot-files (locks, temporaries).
 NOT_OUTPUTS = (MANIFEST, "log", "checkpoints")
 HASH_DIR = re.compile(rf"[0-9a-f]{{{HASH_LEN}}}")
+
+# What each rule's job writes into its stage directory, by role; a rule, its `apo` command and
+# its stage share a name. Rule `sample` writes the shards of both the sample and the evaluate
+# stages (`{shard}` is the rule's wildcard); the evaluate rule then writes the scores beside
+# them. The rule files declare exactly these (common.smk's `rule_outputs`), the stage
+# commands write them (`Job.output`) and every reader names a file by rule and role
+# (`output_name`).
+STAGE_OUTPUTS: dict[str, dict[str, str]] = {
+    "demo": {"model": "model", "train": "train.jsonl", "test": "test.jsonl", "valid": "valid.jsonl"},
+    "data": {"prompts": "prompts.parquet", "counts": "counts.json"},
+    "sample": {"shard": "shard-{shard}.parquet"},
+    "vstar": {"vstar": "vstar.parquet", "counts": "counts.json"},
+    "train": {"model": "model", "metrics": "metrics.parquet", "summary": "summary.json",
+              "validation": "validation.parquet"},
+    "sweep": {"pick": "pick.json"},
+    "evaluate": {"scores": "scores.json", "samples": "samples.parquet"},
+}
+# The outputs that are directories (a saved model): Snakemake's `directory()`, checksummed
+# file by file.
+DIRECTORY_OUTPUTS = frozenset({"model"})
+SHARD_RULE = "sample"
+
+
+def output_name(rule: str, role: str, shard: int | None = None) -> str:
+    """The file name of a rule's output, relative to its stage directory; a shard's with its
+    index filled in (without one, the rule's wildcard pattern)."""
+    name = STAGE_OUTPUTS[rule][role]
+    return name if shard is None else name.format(shard=shard)
 
 
 class StageFileError(ValueError):
@@ -67,7 +104,9 @@ def stage_dir_of(path: str | os.PathLike) -> Path | None:
 def writer_rule(stage_dir: Path, name: str) -> str:
     """The rule that writes a stage file: the stage's own (rules are named after their stage),
     but shards of reference sampling and of evaluation are both written by rule `sample`."""
-    return "sample" if name.startswith("shard-") else stage_dir.parent.name
+    top = name.split("/")[0]
+    shards = [re.escape(n).replace(re.escape("{shard}"), r"\d+") for n in STAGE_OUTPUTS[SHARD_RULE].values()]
+    return SHARD_RULE if any(re.fullmatch(p, top) for p in shards) else stage_dir.parent.name
 
 
 def _files(path: Path):
@@ -327,6 +366,52 @@ def outputs_done(stage_dir: Path, manifest: dict, outputs: list[Path]) -> bool:
     recorded = m.get("outputs") or {}
     return m.get("hash") == manifest.get("hash") and all(
         recorded.get(name) == sha for name, sha in output_sums(stage_dir, outputs).items())
+
+
+def lock_file(stage_dir: str | os.PathLike, rule: str, shard: int | None = None) -> Path:
+    """The lock a rule's job holds in its stage directory (one per shard: a stage's shards run
+    at once); the training rule takes it in `apo lock`, around every training process."""
+    return Path(stage_dir) / (f".{rule}.lock" if shard is None else f".{rule}-{shard}.lock")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of a rule: its `apo` command writing the rule's outputs (`STAGE_OUTPUTS`) into
+    the stage directory of the stage `manifest` describes (`shard`: rule sample's index)."""
+
+    rule: str
+    stage_dir: Path
+    manifest: dict
+    shard: int | None = None
+    lock_wait_s: float = LOCK_WAIT_S
+
+    def output(self, role: str) -> Path:
+        return self.stage_dir / output_name(self.rule, role, self.shard)
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.output(role) for role in STAGE_OUTPUTS[self.rule]]
+
+    @property
+    def lock(self) -> Path:
+        return lock_file(self.stage_dir, self.rule, self.shard)
+
+    def done(self) -> bool:
+        return outputs_done(self.stage_dir, self.manifest, self.outputs)
+
+    def record(self) -> None:
+        """The finished job's checksums, in the stage manifest (`record_outputs`)."""
+        record_outputs(self.stage_dir, self.manifest, self.outputs)
+
+    def run(self, work: Callable[[], None]) -> None:
+        """`work` under the job's lock, unless the job that held it before wrote the outputs;
+        dead writers' temporaries removed first (`apo.io.clean_dead_tmp`)."""
+        with job_lock(self.lock, f"apo {self.rule} {self.stage_dir}", self.lock_wait_s):
+            clean_dead_tmp(self.stage_dir)
+            if self.done():
+                log.info("%s: outputs already written by the job that held the lock; nothing to do", self.stage_dir)
+                return
+            work()
 
 
 def verify_inputs(paths: list) -> None:

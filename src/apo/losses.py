@@ -134,32 +134,6 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, bound: float = 10.0) -> to
     return torch.clamp(torch.exp(q) - q - 1, min=-bound, max=bound)
 
 
-def grpo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
-    mask: torch.Tensor,
-    advantages: torch.Tensor,
-    clip_eps: float = 0.2,
-    kl_coef: float = 0.0,
-    loss_agg: str = "token_mean",
-    tokens: float | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """GRPO, the token-ratio, symmetric-clip case of `grpo_variant_loss` (which the registry
-    trains with; one formula, so the two cannot drift): clipped importance-ratio objective with
-    a group-normalised advantage, plus an
-    optional KL penalty to the reference (the clamped k3 estimator, `k3_kl`), aggregated over
-    tokens by `loss_agg` (see `aggregate`):
-
-        L = agg_{b,t} [ -min(rho_t A_b, clip(rho_t, 1-eps, 1+eps) A_b) + kl_coef * k3_t ],
-        rho_t = pi(y_t) / pi_old(y_t)
-
-    Args: logp, old_logp, ref_logp, mask [B, T]; advantages [B] (one per response).
-    """
-    return grpo_variant_loss(logp, old_logp, ref_logp, mask, advantages, clip_eps=clip_eps, kl_coef=kl_coef,
-                             loss_agg=loss_agg, tokens=tokens)
-
-
 def rebel_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -399,7 +373,7 @@ def grpo_variant_loss(
         L = agg_{b,t} [ w_t * -min(rho A_b, clip(rho, 1 - eps, 1 + eps_high) A_b) + kl_coef * k3_t ]
 
     with rho = pi(y_t)/pi_old(y_t) (ratio_level "token") or GSPO's s_b ("sequence"). With
-    eps_high None, ratio_level "token" and no weights it is `grpo_loss`.
+    eps_high None, ratio_level "token" and no weights it is GRPO's loss.
     Args: logp, old_logp, ref_logp, mask [B, T]; advantages [B]; weights [B, T] or None.
     """
     if ratio_level == "sequence":

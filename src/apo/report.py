@@ -17,7 +17,7 @@ import pandas as pd
 
 from apo import curves, sweep
 from apo.io import atomic_path, write_text
-from apo.job import read_stage_json, read_stage_parquet
+from apo.job import output_name, read_stage_json, read_stage_parquet
 from apo.methods import METHODS
 
 CURVES = [
@@ -32,7 +32,7 @@ CURVES = [
 def summary_table(evals: list[dict]) -> pd.DataFrame:
     rows = []
     for e in evals:
-        s = read_stage_json(Path(e["dir"]) / "scores.json")
+        s = read_stage_json(Path(e["dir"]) / output_name("evaluate", "scores"))
         rows.append(
             {
                 "benchmark": e["benchmark"],
@@ -149,7 +149,7 @@ def phase_times(trainings: list[dict]) -> pd.DataFrame:
     (rows = run label, columns = phase; a phase a run does not time counts 0)."""
     rows = {}
     for t in trainings:
-        m = read_stage_parquet(Path(t["dir"]) / "metrics.parquet")
+        m = read_stage_parquet(Path(t["dir"]) / output_name("train", "metrics"))
         rows[t["label"]] = {name: float(m[col].sum()) if col in m else 0.0 for col, name in PHASES}
     return pd.DataFrame.from_dict(rows, orient="index", columns=[name for _, name in PHASES])
 
@@ -181,7 +181,7 @@ def plot_curves(trainings: list[dict], path: Path, smooth: int = 10) -> None:
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
     for t in trainings:
-        m = read_stage_parquet(Path(t["dir"]) / "metrics.parquet")
+        m = read_stage_parquet(Path(t["dir"]) / output_name("train", "metrics"))
         for ax, (col, title) in zip(axes, CURVES):
             if col not in m:  # a run from before the metric was logged
                 continue
@@ -228,7 +228,7 @@ def sweep_markdown(runs: list[dict]) -> list[str]:
         return []
     rows = []
     for r in runs:
-        v = read_stage_parquet(Path(r["dir"]) / "validation.parquet").sort_values("step").iloc[-1]
+        v = read_stage_parquet(Path(r["dir"]) / output_name("train", "validation")).sort_values("step").iloc[-1]
         rows.append({"method": METHOD_NAMES.get(r["method"], r["method"]),
                      **{k: sweep.value_text(val) for k, val in r["combo"].items()},
                      "final val. acc. (%)": f"{100 * v['accuracy']:.2f}",
@@ -247,7 +247,7 @@ def gap_markdown(trainings: list[dict]) -> list[str]:
     |log pi_engine(y_t) - log pi_trainer(y_t)| over the sampled tokens of all its steps."""
     rows = []
     for t in trainings:
-        s = read_stage_json(Path(t["dir"]) / "summary.json")
+        s = read_stage_json(Path(t["dir"]) / output_name("train", "summary"))
         if s.get("logprob_gap_mean") is not None:
             rows.append({"run": t["label"], "mean": f"{s['logprob_gap_mean']:.2e}", "max": f"{s['logprob_gap_max']:.2e}"})
     if not rows:
@@ -284,7 +284,7 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
               "could be extracted, the grader timed out or failed):", "", settings.to_markdown(index=False), ""]
     lines += ["## Training", ""]
     for t in trainings:
-        s = read_stage_json(Path(t["dir"]) / "summary.json")
+        s = read_stage_json(Path(t["dir"]) / output_name("train", "summary"))
         lines.append(
             f"- **{t['label']}**: {s['steps']} steps in {s['train_time_s'] / 60:.1f} min "
             f"({s.get('tokens', 0):,} tokens, peak memory {s.get('peak_memory_mb', 0):,.0f} MB); "
@@ -300,7 +300,7 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
     lines += validation or []
     lines += ["## Data", ""]
     for name, d in stages.items():
-        counts_file = Path(d) / "counts.json"
+        counts_file = Path(d) / output_name("data", "counts")
         if name.startswith("data_") and counts_file.exists():
             c = read_stage_json(counts_file)
             lines.append(
@@ -362,7 +362,7 @@ def training_costs(trainings: list[dict]) -> list[dict]:
     """Label, method, seed, training time and peak memory of each run, from summary.json."""
     rows = []
     for t in trainings:
-        s = read_stage_json(Path(t["dir"]) / "summary.json")
+        s = read_stage_json(Path(t["dir"]) / output_name("train", "summary"))
         rows.append({"label": t["label"], "method": t.get("method", t["label"]), "seed": t.get("seed", 0),
                      "train_time_s": s["train_time_s"], "peak_memory_mb": s.get("peak_memory_mb", float("nan"))})
     return rows

@@ -261,13 +261,6 @@ def grade_function(method: str, extract: str = "any") -> str:
     return GRADE_FUNCTIONS[method, extract if method == "math_verify" else "any"]
 
 
-def grade_one(gold: str, response: str, method: str = "math_verify", extract: str = "any") -> tuple[float, str, str]:
-    """One response graded in this process, without a time bound (tests, benchmarks)."""
-    from apo.grade_worker import resolve
-
-    return resolve(grade_function(method, extract))(gold, response)
-
-
 GOLD_FUNCTION = "apo.reward:gold_problem"
 
 

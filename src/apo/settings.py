@@ -261,7 +261,9 @@ class Plan:
         train = self.config["train"]
         if train.get("epochs") is None:
             return None
-        counts = Path(self.train_data.dir) / "counts.json"
+        from apo.job import output_name  # (apo.job imports this module)
+
+        counts = Path(self.train_data.dir) / output_name("data", "counts")
         head = f"train.epochs {train['epochs']} x (prompts // train.batch_size {train['batch_size']})"
         if not counts.exists():
             return f"{head}: the steps are known once the training data stage has run ({self.train_data.dir})"
@@ -420,8 +422,52 @@ class Plan:
         except KeyError:
             raise KeyError(f"no {kind} stage with hash {hash_} in this config's plan") from None
 
-    def hashes(self, kind: str) -> list[str]:
-        return sorted(h for k, h in self.stages if k == kind)
+    # ----------------------------------------------------------------- what the report reads
+
+    def sweep_spec(self) -> list[dict]:
+        """Every run of every sweep: its label, combination, directory and whether it is its
+        method's pick (False while the pick is not known)."""
+        return [
+            {"method": method, "label": f"{method}-{label}", "combo": combo, "dir": run.dir,
+             "picked": combo == self.picked.get(method)}
+            for method, runs in self.grids.items()
+            for (label, run), combo in zip(runs.items(), self.sweeps[method].settings["grid"])
+        ]
+
+    def validation_spec(self) -> dict | None:
+        """What the report says of the validation set: which it is, how it is sampled, and
+        whether the config declares it a test benchmark's (data.validation_on_benchmark)."""
+        spec = self.config["data"]["validation"]
+        if spec is None:
+            return None
+        sampling = self.config["train"]["validation"]
+        return {"dataset": f"{spec['path']} split {spec['split']}",
+                "on_benchmark": self.config["data"]["validation_on_benchmark"],
+                "k": sampling["k"], "temperature": sampling["temperature"]}
+
+    def used_stages(self) -> dict[str, str]:
+        """{link name: stage directory} of every stage the experiment uses (its `stages/`)."""
+        named = [("demo", self.demo), ("data_train", self.train_data),
+                 *[(f"data_{b}", d) for b, d in self.benchmarks.items()],
+                 ("data_validation", self.validation), ("sample", self.sample), ("vstar", self.vstar),
+                 *[(f"train_{label}", run) for label, run in self.trains.items()],
+                 *[(f"sweep_{m}", sweep) for m, sweep in self.sweeps.items()]]
+        return {name: used.dir for name, used in named if used is not None}
+
+    def report_spec(self) -> dict:
+        """What `apo report` reads (`apo.report.write`'s spec): every evaluation and training
+        run of the experiment, the sweeps, the validation set and the stages used. Complete
+        once every sweep's pick is known (`add_pick`)."""
+        return {
+            "experiment": self.experiment,
+            "evals": [{"model": label, "benchmark": bench, "dir": evaluation.dir}
+                      for (label, bench), evaluation in self.evals.items()],
+            "trainings": [{"label": label, "dir": run.dir, "method": run.settings["method"],
+                           "seed": run.settings["seed"]} for label, run in self.trains.items()],
+            "validation": self.validation_spec(),
+            "sweep": self.sweep_spec(),
+            "stages": self.used_stages(),
+        }
 
 
 def prompt_limit(config: dict, spec: dict, benchmark: bool) -> int | None:

@@ -91,13 +91,14 @@ def pick(runs: list[dict]) -> dict:
 
     runs: {label, combo, dir} per grid run, each dir holding validation.parquet. Returns
     {picked: combo, label, runs: [{label, combo, final_accuracy, train_time_s}]}."""
-    from apo.job import read_stage_parquet
+    from apo.job import output_name, read_stage_parquet
 
     rows = []
     for r in runs:
-        v = read_stage_parquet(Path(r["dir"]) / "validation.parquet")
+        path = Path(r["dir"]) / output_name("train", "validation")
+        v = read_stage_parquet(path)
         if v.empty:
-            raise ValueError(f"{r['dir']}/validation.parquet has no validation: a sweep needs data.validation")
+            raise ValueError(f"{path} has no validation: a sweep needs data.validation")
         last = v.sort_values("step").iloc[-1]
         rows.append({"label": r["label"], "combo": r["combo"], "final_accuracy": float(last["accuracy"]),
                      "train_time_s": float(last["train_time_s"])})

@@ -36,7 +36,7 @@ from apo import methods, sharding, validate
 from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
-from apo.job import verify_if_stage
+from apo.job import output_name, verify_if_stage
 from apo.losses import aggregate, gae, logprob_gap, masked_whiten, ppo_token_rewards
 from apo.methods import MicroBatch
 from apo.monitor import CollapseMonitor, peak_memory_mb
@@ -106,30 +106,27 @@ def batch_indices(step: int, batch_size: int, n_prompts: int, seed: int) -> list
     return perm[pos * batch_size : (pos + 1) * batch_size].tolist()
 
 
-def with_epochs(s: dict, n_prompts: int) -> dict:
+def with_epochs(settings: dict, n_prompts: int) -> dict:
     """The settings with `steps` = train.epochs x the full batches of `n_prompts` when epochs is
     set (the authors' total_epochs x len(dataloader), drop_last: ZhaolinGao/A-PO
     verl/trainer/apo/ray_trainer.py:316-320), else as they are."""
-    if s.get("epochs") is None:
-        return s
-    return {**s, "steps": s["epochs"] * (n_prompts // s["batch_size"])}
+    if settings.get("epochs") is None:
+        return settings
+    return {**settings, "steps": settings["epochs"] * (n_prompts // settings["batch_size"])}
 
 
-def samples_per_prompt(s: dict) -> int:
-    return methods.get(s["method"]).samples(s)
-
-
-def batch_layout(s: dict, world: int) -> tuple[int, int]:
+def batch_layout(settings: dict, world: int) -> tuple[int, int]:
     """(mini-batches per generation batch, micro-batches per mini-batch on each process)."""
-    mini = s.get("mini_batch_size") or s["batch_size"]
-    if s["batch_size"] % mini:
-        raise ValueError(f"train.batch_size ({s['batch_size']}) must be a multiple of train.mini_batch_size ({mini})")
-    if mini % (s["micro_batch_size"] * world):
+    mini = settings.get("mini_batch_size") or settings["batch_size"]
+    if settings["batch_size"] % mini:
+        raise ValueError(f"train.batch_size ({settings['batch_size']}) must be a multiple of "
+                         f"train.mini_batch_size ({mini})")
+    if mini % (settings["micro_batch_size"] * world):
         raise ValueError(
             f"train.mini_batch_size ({mini}) must be a multiple of train.micro_batch_size "
-            f"({s['micro_batch_size']}) x {world} training processes"
+            f"({settings['micro_batch_size']}) x {world} training processes"
         )
-    return s["batch_size"] // mini, mini // (s["micro_batch_size"] * world)
+    return settings["batch_size"] // mini, mini // (settings["micro_batch_size"] * world)
 
 
 # --------------------------------------------------------------------------- setup
@@ -139,7 +136,7 @@ def batch_layout(s: dict, world: int) -> tuple[int, int]:
 class Trainer:
     """Everything the loop needs, built once by `setup`."""
 
-    s: dict
+    settings: dict
     method: methods.Method
     loss_fn: object
     accelerator: object
@@ -187,13 +184,13 @@ class Trainer:
         return nets
 
 
-def check_distributed(s: dict, distributed: str, world: int) -> None:
+def check_distributed(settings: dict, distributed: str, world: int) -> None:
     """FSDP over several processes needs an engine that holds its own full weights: the hf
     engine samples from the local module, which FSDP shards (one process shards nothing)."""
     if distributed not in sharding.MODES:
         raise ValueError(f"{sharding.DISTRIBUTED_KEY}: unknown mode {distributed!r} (expected one of "
                          f"{', '.join(sharding.MODES)})")
-    if distributed == "fsdp" and world > 1 and s["backend"] == "hf":  # resolved at planning
+    if distributed == "fsdp" and world > 1 and settings["backend"] == "hf":  # resolved at planning
         raise NotImplementedError(
             f"{sharding.DISTRIBUTED_KEY}: fsdp shards the policy, and generation.backend hf samples from "
             "the local module; use generation.backend vllm (it holds its own full weights, synced after "
@@ -201,7 +198,7 @@ def check_distributed(s: dict, distributed: str, world: int) -> None:
         )
 
 
-def make_accelerator(s: dict, accum: int):
+def make_accelerator(settings: dict, accum: int):
     """Accelerate with bf16 autocast when train.compute_dtype is bfloat16: the prepared models
     keep float32 parameters (the master weights) and AdamW keeps float32 state, as the
     authors' FSDP mixed precision does. Under FSDP the trainer shards the networks itself
@@ -210,7 +207,7 @@ def make_accelerator(s: dict, accum: int):
     from accelerate.utils import DistributedType
 
     accelerator = Accelerator(
-        gradient_accumulation_steps=accum, mixed_precision="bf16" if s["compute_dtype"] == "bfloat16" else "no"
+        gradient_accumulation_steps=accum, mixed_precision="bf16" if settings["compute_dtype"] == "bfloat16" else "no"
     )
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
@@ -218,28 +215,29 @@ def make_accelerator(s: dict, accum: int):
             "accelerate was launched with its own FSDP plugin; the trainer shards the networks itself: "
             f"launch with workflow/accelerate/fsdp.yaml and {sharding.DISTRIBUTED_KEY}: fsdp"
         )
-    if kind == DistributedType.DEEPSPEED and s["method"] == "ppo":
+    if kind == DistributedType.DEEPSPEED and settings["method"] == "ppo":
         raise NotImplementedError(
             "train.method ppo trains two networks (policy and critic), which accelerate's DeepSpeed "
             "integration needs one plugin each for; use resources.train.distributed: ddp or fsdp"
         )
     if kind == DistributedType.DEEPSPEED:  # no dataloader to read it from
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = s["micro_batch_size"]
+        deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        deepspeed_config["train_micro_batch_size_per_gpu"] = settings["micro_batch_size"]
     return accelerator
 
 
-def load_prompts(s: dict, prompts_path: str, vstar_path: str | None, tokenizer):
+def load_prompts(settings: dict, prompts_path: str, vstar_path: str | None, tokenizer):
     """The training prompts (joined to V* for A*-PO: the prompts of the filtered V* table, every
     other one accounted for by the V* stage) and their token ids."""
     data = training_data(prompts_path, vstar_path)
-    if len(data) < s["batch_size"]:
+    if len(data) < settings["batch_size"]:
         raise ValueError(
-            f"{len(data)} training prompts (after V* filtering), fewer than train.batch_size={s['batch_size']}"
+            f"{len(data)} training prompts (after V* filtering), fewer than train.batch_size={settings['batch_size']}"
         )
     return data, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in data["prompt"]]
 
 
-def optimize(accelerator, model, s: dict, lr: float, fsdp: bool = False):
+def optimize(accelerator, model, settings: dict, lr: float, fsdp: bool = False):
     """AdamW (betas 0.9/0.999, as verl) on float32 parameters, and the LR schedule, which steps
     once per generation step (as verl's actor does) and is saved with every checkpoint.
 
@@ -248,15 +246,15 @@ def optimize(accelerator, model, s: dict, lr: float, fsdp: bool = False):
     stepped at the end of each mini-batch and saved by `sharding.save_sharded`."""
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s["weight_decay"], betas=(0.9, 0.999))
-    scheduler = get_scheduler(s["lr_schedule"], optimizer, num_warmup_steps=s["warmup_steps"],
-                              num_training_steps=s["steps"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings["weight_decay"], betas=(0.9, 0.999))
+    scheduler = get_scheduler(settings["lr_schedule"], optimizer, num_warmup_steps=settings["warmup_steps"],
+                              num_training_steps=settings["steps"])
     if not fsdp:
         model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, scheduler
 
 
-def load_models(s: dict, model_path: str, accelerator, gradient_checkpointing: bool, fsdp: bool = False):
+def load_models(settings: dict, model_path: str, accelerator, gradient_checkpointing: bool, fsdp: bool = False):
     """Policy (float32 master weights), frozen reference (train.reference_dtype) and, for PPO,
     the critic: the reference architecture with a fresh scalar head (a one-label token
     classifier), trained by its own optimizer at its own rate.
@@ -265,17 +263,17 @@ def load_models(s: dict, model_path: str, accelerator, gradient_checkpointing: b
     process then holds one whole network in host memory at a time, not all of them."""
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    compute = getattr(torch, s["compute_dtype"])
+    compute = getattr(torch, settings["compute_dtype"])
 
     def placed(model):
         return sharding.shard(model, compute, accelerator.device.type) if fsdp else model
 
     policy = placed(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
-    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, s["reference_dtype"]))
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, settings["reference_dtype"]))
     reference.requires_grad_(False).eval()
     reference = placed(reference) if fsdp else reference.to(accelerator.device)  # sharded: on its device
     critic = None
-    if methods.get(s["method"]).critic:
+    if methods.get(settings["method"]).critic:
         # No dropout in the critic, as verl (ZhaolinGao/A-PO, verl/workers/fsdp_workers.py:587-588):
         # transformers gives the fresh head 0.1 when the config names none.
         critic = placed(AutoModelForTokenClassification.from_pretrained(
@@ -300,17 +298,17 @@ def critic_config(model_path: str):
     return config
 
 
-def engine_length(tokenizer, prompt_ids: list, s: dict, vs: validate.ValidationSet | None) -> int:
+def engine_length(tokenizer, prompt_ids: list, settings: dict, vs: validate.ValidationSet | None) -> int:
     """The engine's context: the longest training prompt plus the response length, or the
     longest validation prompt plus its response length where that is longer."""
-    length = max(map(len, prompt_ids)) + s["max_new_tokens"]
+    length = max(map(len, prompt_ids)) + settings["max_new_tokens"]
     if vs is not None and len(vs.prompts):
         ids = tokenizer(list(vs.prompts["prompt"]), add_special_tokens=False)["input_ids"]
         length = max(length, max(map(len, ids)) + vs.sampling.max_new_tokens)
     return length
 
 
-def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path, generation: dict,
+def setup(settings: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path, generation: dict,
           gradient_checkpointing: bool, validation_path: str | None = None, distributed: str = "ddp") -> Trainer:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
@@ -319,36 +317,37 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     # on its 1/N of every batch with its own generation engine on its own device; under FSDP
     # the networks are sharded over the processes and the engines get the gathered weights.
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by the launcher (before any process group)
-    check_distributed(s, distributed, world)
+    check_distributed(settings, distributed, world)
     claim_local_device()
     fsdp = distributed == "fsdp" and world > 1
-    n_minis, accum = batch_layout(s, world)
-    accelerator = make_accelerator(s, accum)
-    set_seed(s["seed"], device_specific=True)  # seed + process index
+    n_minis, accum = batch_layout(settings, world)
+    accelerator = make_accelerator(settings, accum)
+    set_seed(settings["seed"], device_specific=True)  # seed + process index
     verify_if_stage(model_path)  # the demo's model is a stage output
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    data, prompt_ids = load_prompts(s, prompts_path, vstar_path, tokenizer)
-    s = with_epochs(s, len(data))
-    vs = validate.load(s, validation_path, accelerator.process_index, world, data) if validation_path else None
-    policy, reference, critic = load_models(s, model_path, accelerator, gradient_checkpointing, fsdp)
-    policy, optimizer, scheduler = optimize(accelerator, policy, s, s["lr"], fsdp)
+    data, prompt_ids = load_prompts(settings, prompts_path, vstar_path, tokenizer)
+    settings = with_epochs(settings, len(data))
+    vs = (validate.load(settings, validation_path, accelerator.process_index, world, data)
+          if validation_path else None)
+    policy, reference, critic = load_models(settings, model_path, accelerator, gradient_checkpointing, fsdp)
+    policy, optimizer, scheduler = optimize(accelerator, policy, settings, settings["lr"], fsdp)
     critic_opt = critic_sched = None
     if critic is not None:
-        critic, critic_opt, critic_sched = optimize(accelerator, critic, s, s["ppo"]["critic_lr"], fsdp)
+        critic, critic_opt, critic_sched = optimize(accelerator, critic, settings, settings["ppo"]["critic_lr"], fsdp)
         critic.eval()
     # Colocated engine: vLLM lives in this process and gets the new weights after every step.
     generator = make_generator(
-        s["backend"], tokenizer, model=accelerator.unwrap_model(policy), model_path=model_path,
-        batch_size=generation["batch_size"], seed=s["seed"],
-        max_model_len=engine_length(tokenizer, prompt_ids, s, vs),
-        vllm=VLLMSettings.from_runtime(generation), dtype=s["compute_dtype"],
+        settings["backend"], tokenizer, model=accelerator.unwrap_model(policy), model_path=model_path,
+        batch_size=generation["batch_size"], seed=settings["seed"],
+        max_model_len=engine_length(tokenizer, prompt_ids, settings, vs),
+        vllm=VLLMSettings.from_runtime(generation), dtype=settings["compute_dtype"],
     )
-    method = methods.get(s["method"])
-    sampling = SamplingSettings(n=method.samples(s), temperature=s["temperature"], top_p=s["top_p"],
-                                max_new_tokens=s["max_new_tokens"])
-    return Trainer(s, method, method.bind(s), accelerator, world, n_minis, accum, tokenizer, policy, reference,
-                   optimizer, scheduler, critic, critic_opt, critic_sched, generator, data, prompt_ids, sampling,
-                   out_dir / "checkpoints", gradient_checkpointing, vs, fsdp)
+    method = methods.get(settings["method"])
+    sampling = SamplingSettings(n=method.samples(settings), temperature=settings["temperature"],
+                                top_p=settings["top_p"], max_new_tokens=settings["max_new_tokens"])
+    return Trainer(settings, method, method.bind(settings), accelerator, world, n_minis, accum, tokenizer, policy,
+                   reference, optimizer, scheduler, critic, critic_opt, critic_sched, generator, data, prompt_ids,
+                   sampling, out_dir / "checkpoints", gradient_checkpointing, vs, fsdp)
 
 
 # --------------------------------------------------------------------------- one step
@@ -376,18 +375,18 @@ class Rollout:
     returns: torch.Tensor | None = None
 
 
-def rollout(t: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
+def roll_out(trainer: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
     """Sample this process's share of the step's prompts and grade the responses. The sampler
     is seeded per step and process, so a resumed run draws what the uninterrupted run drew.
     Under dynamic sampling (`dynamic_sampling`) groups with all-equal rewards are dropped and
     further prompts drawn until the share is full."""
-    s, n, acc = t.s, t.sampling.n, t.accelerator
-    batch = batch_indices(step, s["batch_size"], len(t.data), s["seed"])
-    idx = batch[acc.process_index :: t.world]
-    seed = s["seed"] * 1_000_003 + step + 7_919 * acc.process_index
+    settings, n, acc = trainer.settings, trainer.sampling.n, trainer.accelerator
+    batch = batch_indices(step, settings["batch_size"], len(trainer.data), settings["seed"])
+    idx = batch[acc.process_index :: trainer.world]
+    seed = settings["seed"] * 1_000_003 + step + 7_919 * acc.process_index
     times["generate"] = times["grade"] = 0.0
-    groups = sample_groups(t, grader, idx, seed, times)
-    block = s.get(t.method.name, {}) if t.method.group_filter else {}
+    groups = sample_groups(trainer, grader, idx, seed, times)
+    block = settings.get(trainer.method.name, {}) if trainer.method.group_filter else {}
     draws, dropped, taken = 1, 0, set(batch)  # every process's prompts: each draw is split alike
     if block.get("dynamic_sampling"):
         want, groups = len(idx), [g for g in groups if informative(g)]
@@ -395,29 +394,29 @@ def rollout(t: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
         while len(groups) < want:
             if draws >= block["max_draws"]:
                 raise RuntimeError(
-                    f"train.{t.method.name}.dynamic_sampling: {len(groups)} of {want} groups with unequal rewards "
-                    f"after {draws} draws at step {step + 1} (train.{t.method.name}.max_draws); the prompts are "
-                    "too easy or too hard for the policy, or the group too small")
-            drawn = extra_prompts(step, draws, s, len(t.data), taken)
+                    f"train.{trainer.method.name}.dynamic_sampling: {len(groups)} of {want} groups with unequal "
+                    f"rewards after {draws} draws at step {step + 1} (train.{trainer.method.name}.max_draws); "
+                    "the prompts are too easy or too hard for the policy, or the group too small")
+            drawn = extra_prompts(step, draws, settings, len(trainer.data), taken)
             taken.update(drawn)
-            more = drawn[acc.process_index :: t.world]
-            fresh = sample_groups(t, grader, more, seed + 104_729 * draws, times)
+            more = drawn[acc.process_index :: trainer.world]
+            fresh = sample_groups(trainer, grader, more, seed + 104_729 * draws, times)
             kept = [g for g in fresh if informative(g)]
             dropped += len(fresh) - len(kept)
             groups += kept
             draws += 1
         groups = groups[:want]
-    tick = clock(t.accelerator.device)
-    t.generator.sleep()  # GPU: hand the engine's memory to the update
-    times["generate"] += clock(t.accelerator.device) - tick
+    tick = clock(trainer.accelerator.device)
+    trainer.generator.sleep()  # GPU: hand the engine's memory to the update
+    times["generate"] += clock(trainer.accelerator.device) - tick
     completions = [c for g in groups for c in g["completions"]]
     finished = [c.finished for c in completions]
     return Rollout(
         idx=[g["prompt"] for g in groups],
-        p_ids=[t.prompt_ids[g["prompt"]] for g in groups for _ in range(n)],
-        r_ids=[c.token_ids or [t.tokenizer.eos_token_id] for c in completions],
+        p_ids=[trainer.prompt_ids[g["prompt"]] for g in groups for _ in range(n)],
+        r_ids=[c.token_ids or [trainer.tokenizer.eos_token_id] for c in completions],
         rewards=torch.cat([g["rewards"] for g in groups]),
-        vstars=torch.tensor(t.data["vstar"].iloc[[g["prompt"] for g in groups]].repeat(n).to_numpy(),
+        vstars=torch.tensor(trainer.data["vstar"].iloc[[g["prompt"] for g in groups]].repeat(n).to_numpy(),
                             dtype=torch.float32, device=acc.device),
         finished=finished,
         engine_logp=engine_logprobs(completions, acc.device),
@@ -426,20 +425,20 @@ def rollout(t: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
     )
 
 
-def sample_groups(t: Trainer, grader: Grader, idx: list[int], seed: int, times: dict) -> list[dict]:
+def sample_groups(trainer: Trainer, grader: Grader, idx: list[int], seed: int, times: dict) -> list[dict]:
     """Sample n responses to each prompt of `idx` with their log-probs and grade them: one
     dict per prompt (its row, completions, rewards [n]); adds to the phase times."""
-    s, n, acc = t.s, t.sampling.n, t.accelerator
-    tick = clock(t.accelerator.device)
-    batch = t.data.iloc[idx]
-    outs = t.generator.generate(list(batch["prompt"]), t.sampling, progress=False, seed=seed, logprobs=True)
-    times["generate"] += clock(t.accelerator.device) - tick
-    tick = clock(t.accelerator.device)
+    settings, n, acc = trainer.settings, trainer.sampling.n, trainer.accelerator
+    tick = clock(trainer.accelerator.device)
+    batch = trainer.data.iloc[idx]
+    outs = trainer.generator.generate(list(batch["prompt"]), trainer.sampling, progress=False, seed=seed, logprobs=True)
+    times["generate"] += clock(trainer.accelerator.device) - tick
+    tick = clock(trainer.accelerator.device)
     completions = [c for cs in outs for c in cs]
     grades = grader.grade(list(batch["answer"].repeat(n)), [c.text for c in completions])
-    times["grade"] += clock(t.accelerator.device) - tick
+    times["grade"] += clock(trainer.accelerator.device) - tick
     rewards = torch.tensor(grades.rewards, device=acc.device)
-    if s["require_eos"]:  # the authors' reward: 0 for a response cut at the length limit
+    if settings["require_eos"]:  # the authors' reward: 0 for a response cut at the length limit
         rewards = rewards * torch.tensor([c.finished for c in completions], dtype=rewards.dtype, device=acc.device)
     return [{"prompt": i, "completions": outs[k], "rewards": rewards[k * n : (k + 1) * n]} for k, i in enumerate(idx)]
 
@@ -449,11 +448,11 @@ def informative(group: dict) -> bool:
     return bool((group["rewards"] != group["rewards"][0]).any())
 
 
-def extra_prompts(step: int, draw: int, s: dict, n_prompts: int, taken: set) -> list[int]:
+def extra_prompts(step: int, draw: int, settings: dict, n_prompts: int, taken: set) -> list[int]:
     """The prompts of dynamic sampling's extra draw `draw` of a step: `batch_size` prompts not
     yet drawn in this step, from a permutation seeded by the run's seed, the step and the draw."""
-    g = torch.Generator().manual_seed(s["seed"] * 100_003 + 7_919 * step + 104_729 * draw + 1)
-    return [i for i in torch.randperm(n_prompts, generator=g).tolist() if i not in taken][: s["batch_size"]]
+    g = torch.Generator().manual_seed(settings["seed"] * 100_003 + 7_919 * step + 104_729 * draw + 1)
+    return [i for i in torch.randperm(n_prompts, generator=g).tolist() if i not in taken][: settings["batch_size"]]
 
 
 def engine_logprobs(completions: list, device) -> torch.Tensor | None:
@@ -468,88 +467,94 @@ def engine_logprobs(completions: list, device) -> torch.Tensor | None:
     return out.to(device)
 
 
-def micro_slices(t: Trainer) -> list[list[slice]]:
+def micro_slices(trainer: Trainer) -> list[list[slice]]:
     """Response rows of each micro-batch, grouped by mini-batch; micro-batches hold whole
     prompts (GRPO's groups, REBEL's pairs)."""
-    rows = t.s["micro_batch_size"] * t.sampling.n
-    return [[slice((m * t.accum + k) * rows, (m * t.accum + k + 1) * rows) for k in range(t.accum)]
-            for m in range(t.n_minis)]
+    rows = trainer.settings["micro_batch_size"] * trainer.sampling.n
+    return [[slice((m * trainer.accum + k) * rows, (m * trainer.accum + k + 1) * rows) for k in range(trainer.accum)]
+            for m in range(trainer.n_minis)]
 
 
-def score(t: Trainer, r: Rollout, times: dict) -> None:
+def score(trainer: Trainer, rollout: Rollout, times: dict) -> None:
     """Everything the update needs from before it: reference log-probs; pi_old's log-probs
     when a method needs them and the batch has several mini-batches (with one, pi_old is the
     policy itself and the update reads them off its own forward pass); PPO's critic values,
     per-token rewards and GAE advantages, whitened over the whole batch."""
-    s, pad = t.s, t.tokenizer.pad_token_id
-    parts = [rows for mini in micro_slices(t) for rows in mini]
-    temp = s["temperature"]
+    settings, pad = trainer.settings, trainer.tokenizer.pad_token_id
+    parts = [rows for mini in micro_slices(trainer) for rows in mini]
+    temp = settings["temperature"]
 
     def logprobs(model, p, resp, pad_id):
         return token_logprobs(model, p, resp, pad_id, temp)
 
-    tick = clock(t.accelerator.device)
-    with t.accelerator.autocast():
-        r.ref_logp, r.mask = score_batch(logprobs, t.reference, r.p_ids, r.r_ids, parts, pad)
-        times["ref_logprobs"] = clock(t.accelerator.device) - tick
-        tick = clock(t.accelerator.device)
-        ppo_kl = t.critic is not None and s["ppo"]["kl_coef"] > 0
-        if t.method.needs_old_logp and (t.n_minis > 1 or ppo_kl):
-            r.old_logp, _ = score_batch(logprobs, t.policy, r.p_ids, r.r_ids, parts, pad)
-        times["old_logprobs"] = clock(t.accelerator.device) - tick
-        tick = clock(t.accelerator.device)
-        if t.critic is not None:
-            p = s["ppo"]
-            r.old_values, _ = score_batch(token_values, t.critic, r.p_ids, r.r_ids, parts, pad)
-            kl_logp = r.old_logp if ppo_kl else r.ref_logp  # kl_coef 0: the penalty vanishes
-            token_rewards = ppo_token_rewards(r.rewards, kl_logp, r.ref_logp, r.mask, p["kl_coef"])
-            advantages, r.returns = gae(token_rewards, r.old_values, r.mask, p["gamma"], p["lam"])
-            r.advantages = masked_whiten(advantages, r.mask, reduce=lambda x: t.accelerator.reduce(x, "sum"))
-        times["values"] = clock(t.accelerator.device) - tick
+    tick = clock(trainer.accelerator.device)
+    with trainer.accelerator.autocast():
+        rollout.ref_logp, rollout.mask = score_batch(logprobs, trainer.reference, rollout.p_ids, rollout.r_ids, parts,
+                                                     pad)
+        times["ref_logprobs"] = clock(trainer.accelerator.device) - tick
+        tick = clock(trainer.accelerator.device)
+        ppo_kl = trainer.critic is not None and settings["ppo"]["kl_coef"] > 0
+        if trainer.method.needs_old_logp and (trainer.n_minis > 1 or ppo_kl):
+            rollout.old_logp, _ = score_batch(logprobs, trainer.policy, rollout.p_ids, rollout.r_ids, parts, pad)
+        times["old_logprobs"] = clock(trainer.accelerator.device) - tick
+        tick = clock(trainer.accelerator.device)
+        if trainer.critic is not None:
+            p = settings["ppo"]
+            rollout.old_values, _ = score_batch(token_values, trainer.critic, rollout.p_ids, rollout.r_ids, parts, pad)
+            kl_logp = rollout.old_logp if ppo_kl else rollout.ref_logp  # kl_coef 0: the penalty vanishes
+            token_rewards = ppo_token_rewards(rollout.rewards, kl_logp, rollout.ref_logp, rollout.mask, p["kl_coef"])
+            advantages, rollout.returns = gae(token_rewards, rollout.old_values, rollout.mask, p["gamma"], p["lam"])
+            rollout.advantages = masked_whiten(advantages, rollout.mask,
+                                               reduce=lambda x: trainer.accelerator.reduce(x, "sum"))
+        times["values"] = clock(trainer.accelerator.device) - tick
 
 
-def mini_batch_tokens(t: Trainer, r: Rollout) -> list[float]:
+def mini_batch_tokens(trainer: Trainer, rollout: Rollout) -> list[float]:
     """token_mean denominators: each mini-batch's response tokens over all processes, divided
     by the micro-batch losses averaged into its gradient (accumulation x processes)."""
-    counts = torch.tensor([float(sum(r.mask[rows].sum() for rows in mini)) for mini in micro_slices(t)],
-                          device=t.accelerator.device)
-    if t.world > 1:
-        counts = t.accelerator.reduce(counts, "sum")
-    return (counts / (t.accum * t.world)).tolist()
+    counts = torch.tensor([float(sum(rollout.mask[rows].sum() for rows in mini)) for mini in micro_slices(trainer)],
+                          device=trainer.accelerator.device)
+    if trainer.world > 1:
+        counts = trainer.accelerator.reduce(counts, "sum")
+    return (counts / (trainer.accum * trainer.world)).tolist()
 
 
 GAP_KEYS = ("gap_sum", "gap_tokens", "gap_max")  # per micro-batch, combined by `gap_stats`
 
 
-def micro_loss(t: Trainer, r: Rollout, rows: slice, tokens: float, step: int, before_update: bool = True):
+def micro_loss(trainer: Trainer, rollout: Rollout, rows: slice, tokens: float, step: int, before_update: bool = True):
     """The loss of one micro-batch (with grad) and its detached statistics; with the engine's
     log-probs and `before_update` (no optimizer step yet in this batch, or pi_old scored
     before the update), their gap to the trainer's (`GAP_KEYS`)."""
-    s, pad = t.s, t.tokenizer.pad_token_id
-    with_entropy = s["entropy_coef"] > 0
-    logp, entropy, _ = token_logprobs_and_entropy(t.policy, r.p_ids[rows], r.r_ids[rows], pad, s["temperature"],
-                                                  entropy=with_entropy)
+    settings, pad = trainer.settings, trainer.tokenizer.pad_token_id
+    with_entropy = settings["entropy_coef"] > 0
+    logp, entropy, _ = token_logprobs_and_entropy(trainer.policy, rollout.p_ids[rows], rollout.r_ids[rows], pad,
+                                                  settings["temperature"], entropy=with_entropy)
     width = logp.shape[1]  # this micro-batch's longest response
-    cut = (lambda x: None if x is None else x[rows, :width])
-    mask = r.mask[rows, :width]
-    old_logp = cut(r.old_logp) if r.old_logp is not None else logp.detach()
-    batch = MicroBatch(logp=logp, old_logp=old_logp, ref_logp=cut(r.ref_logp), mask=mask, rewards=r.rewards[rows],
-                    vstar=r.vstars[rows], tokens=tokens, loss_agg=s["loss_agg"], old_values=cut(r.old_values),
-                    advantages=cut(r.advantages), returns=cut(r.returns), engine_logp=cut(r.engine_logp),
-                    max_len=s["max_new_tokens"])
-    if t.critic is not None:
-        batch.values, _ = token_values(t.critic, r.p_ids[rows], r.r_ids[rows], pad)
-    loss, stats = t.loss_fn(batch)
+
+    def cut(x):
+        return None if x is None else x[rows, :width]
+
+    mask = rollout.mask[rows, :width]
+    old_logp = cut(rollout.old_logp) if rollout.old_logp is not None else logp.detach()
+    batch = MicroBatch(logp=logp, old_logp=old_logp, ref_logp=cut(rollout.ref_logp), mask=mask,
+                       rewards=rollout.rewards[rows], vstar=rollout.vstars[rows], tokens=tokens,
+                       loss_agg=settings["loss_agg"], old_values=cut(rollout.old_values),
+                       advantages=cut(rollout.advantages), returns=cut(rollout.returns),
+                       engine_logp=cut(rollout.engine_logp), max_len=settings["max_new_tokens"])
+    if trainer.critic is not None:
+        batch.values, _ = token_values(trainer.critic, rollout.p_ids[rows], rollout.r_ids[rows], pad)
+    loss, stats = trainer.loss_fn(batch)
     if with_entropy:  # the authors' bonus: loss - entropy_coef * entropy (dp_actor_apo.py, line 257)
-        ent = aggregate(entropy, mask, s["loss_agg"], tokens)
-        loss = loss - s["entropy_coef"] * ent
+        ent = aggregate(entropy, mask, settings["loss_agg"], tokens)
+        loss = loss - settings["entropy_coef"] * ent
         stats["entropy"] = ent.item()
     if not torch.isfinite(loss):
         raise NonFiniteLossError(
             f"non-finite loss {loss.item()} at optimizer step {step + 1}; the last good checkpoint "
-            f"is {latest_checkpoint(t.ckpt_root)}"
+            f"is {latest_checkpoint(trainer.ckpt_root)}"
         )
-    if r.engine_logp is not None and (before_update or r.old_logp is not None):
+    if rollout.engine_logp is not None and (before_update or rollout.old_logp is not None):
         stats.update(zip(GAP_KEYS, logprob_gap(batch.engine_logp, old_logp, mask)))
     # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
     stats["kl"] = ((logp.detach() - batch.ref_logp) * mask).sum(-1).mean().item()
@@ -557,36 +562,36 @@ def micro_loss(t: Trainer, r: Rollout, rows: slice, tokens: float, step: int, be
     return loss, stats
 
 
-def update(t: Trainer, r: Rollout, step: int) -> dict:
+def update(trainer: Trainer, rollout: Rollout, step: int) -> dict:
     """One optimizer step per mini-batch, gradients accumulated over its micro-batches; the LR
     schedule steps once per generation step. Returns the mean of every micro-batch statistic
     and of the mini-batches' gradient norms."""
-    acc, stats, norms = t.accelerator, [], []
-    for model in t.trained:
-        model.train(t.gradient_checkpointing)  # unchanged (eval) without checkpointing
+    acc, stats, norms = trainer.accelerator, [], []
+    for model in trainer.trained:
+        model.train(trainer.gradient_checkpointing)  # unchanged (eval) without checkpointing
     # A sharded model is not wrapped by accelerate, whose wrapper casts the forward: the same
     # autocast as in `score`, so that pi_old and the policy are computed alike.
-    forward_context = acc.autocast if t.fsdp else contextlib.nullcontext
-    for m, (mini, tokens) in enumerate(zip(micro_slices(t), mini_batch_tokens(t, r))):
+    forward_context = acc.autocast if trainer.fsdp else contextlib.nullcontext
+    for m, (mini, tokens) in enumerate(zip(micro_slices(trainer), mini_batch_tokens(trainer, rollout))):
         for rows in mini:
-            with acc.accumulate(*t.trained):
+            with acc.accumulate(*trainer.trained):
                 with forward_context():
-                    loss, micro_stats = micro_loss(t, r, rows, tokens, step, before_update=m == 0)
+                    loss, micro_stats = micro_loss(trainer, rollout, rows, tokens, step, before_update=m == 0)
                 acc.backward(loss)
                 if acc.sync_gradients:  # the mini-batch's last micro-batch
-                    norm = acc.clip_grad_norm_(t.policy.parameters(), t.s["max_grad_norm"])
+                    norm = acc.clip_grad_norm_(trainer.policy.parameters(), trainer.settings["max_grad_norm"])
                     norms.append(grad_norm(norm))
-                    if t.critic is not None:
-                        acc.clip_grad_norm_(t.critic.parameters(), t.s["max_grad_norm"])
-                    for opt in (t.optimizer, t.critic_optimizer):
+                    if trainer.critic is not None:
+                        acc.clip_grad_norm_(trainer.critic.parameters(), trainer.settings["max_grad_norm"])
+                    for opt in (trainer.optimizer, trainer.critic_optimizer):
                         if opt is not None:
                             opt.step()
                             opt.zero_grad(set_to_none=True)
             stats.append(micro_stats)
-    for sched in (t.scheduler, t.critic_scheduler):
+    for sched in (trainer.scheduler, trainer.critic_scheduler):
         if sched is not None:
             sched.step()
-    for model in t.trained:
+    for model in trainer.trained:
         model.eval()
     gap = gap_stats(stats)
     means = {k: sum(x[k] for x in stats) / len(stats) for k in stats[0]}
@@ -612,53 +617,53 @@ def grad_norm(norm) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def step_row(t: Trainer, r: Rollout, step: int, update_stats: dict, times: dict) -> dict:
+def step_row(trainer: Trainer, rollout: Rollout, step: int, update_stats: dict, times: dict) -> dict:
     """The step's metrics (the whole batch's means when several processes train)."""
-    lengths = [len(ids) for ids in r.r_ids]
+    lengths = [len(ids) for ids in rollout.r_ids]
     row = {
         "step": step + 1,
-        "reward": float(r.rewards.mean()),
+        "reward": float(rollout.rewards.mean()),
         "response_length": sum(lengths) / len(lengths),
-        "truncated": sum(not f for f in r.finished) / len(r.finished),
-        "vstar": float(r.vstars.mean()),
-        "lr": t.scheduler.get_last_lr()[0],
+        "truncated": sum(not f for f in rollout.finished) / len(rollout.finished),
+        "vstar": float(rollout.vstars.mean()),
+        "lr": trainer.scheduler.get_last_lr()[0],
         **update_stats,  # loss, kl, grad_norm, optimizer_steps and the loss's own statistics
-        "tokens": sum(len(t.prompt_ids[i]) for i in r.idx) * t.sampling.n + sum(lengths),
+        "tokens": sum(len(trainer.prompt_ids[i]) for i in rollout.idx) * trainer.sampling.n + sum(lengths),
         **{f"time_{k}_s": v for k, v in times.items()},
-        "peak_memory_mb": peak_memory_mb(t.accelerator.device),
+        "peak_memory_mb": peak_memory_mb(trainer.accelerator.device),
     }
-    if t.method.group_filter and t.s.get(t.method.name, {}).get("dynamic_sampling"):
-        row.update(sampling_draws=r.draws, groups_dropped=r.dropped)
-    if t.world > 1:  # every process has an equal share
+    if trainer.method.group_filter and trainer.settings.get(trainer.method.name, {}).get("dynamic_sampling"):
+        row.update(sampling_draws=rollout.draws, groups_dropped=rollout.dropped)
+    if trainer.world > 1:  # every process has an equal share
         keys = [k for k in row if k != "step"]
-        values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=t.accelerator.device)
-        row.update(zip(keys, t.accelerator.reduce(values, "mean").tolist()))
-        row["tokens"] = round(row["tokens"] * t.world)
+        values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=trainer.accelerator.device)
+        row.update(zip(keys, trainer.accelerator.reduce(values, "mean").tolist()))
+        row["tokens"] = round(row["tokens"] * trainer.world)
         for key in ("logprob_gap_max",) if "logprob_gap_max" in row else ():  # the largest of all processes
-            peak = torch.tensor([row[key]], dtype=torch.float64, device=t.accelerator.device)
+            peak = torch.tensor([row[key]], dtype=torch.float64, device=trainer.accelerator.device)
             torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
             row[key] = float(peak)
     return row
 
 
-def train_step(t: Trainer, grader: Grader, step: int) -> dict:
+def train_step(trainer: Trainer, grader: Grader, step: int) -> dict:
     """Rollout, score, update, weight sync: one generation step, timed by phase. Time spent
     here is training time; the phases add up to `time_step_s`."""
     times = {}
-    t0 = clock(t.accelerator.device)
-    r = rollout(t, grader, step, times)
-    score(t, r, times)
-    tick = clock(t.accelerator.device)
-    stats = update(t, r, step)
-    times["update"] = clock(t.accelerator.device) - tick
-    tick = clock(t.accelerator.device)
-    t.generator.sync_weights(t.accelerator.unwrap_model(t.policy))
-    times["sync"] = clock(t.accelerator.device) - tick
-    times["step"] = clock(t.accelerator.device) - t0
-    return step_row(t, r, step, stats, times)
+    t0 = clock(trainer.accelerator.device)
+    rollout = roll_out(trainer, grader, step, times)
+    score(trainer, rollout, times)
+    tick = clock(trainer.accelerator.device)
+    stats = update(trainer, rollout, step)
+    times["update"] = clock(trainer.accelerator.device) - tick
+    tick = clock(trainer.accelerator.device)
+    trainer.generator.sync_weights(trainer.accelerator.unwrap_model(trainer.policy))
+    times["sync"] = clock(trainer.accelerator.device) - tick
+    times["step"] = clock(trainer.accelerator.device) - t0
+    return step_row(trainer, rollout, step, stats, times)
 
 
-def after_step(t: Trainer, row: dict, history: list, monitor: CollapseMonitor, tracker) -> None:
+def after_step(trainer: Trainer, row: dict, history: list, monitor: CollapseMonitor, tracker) -> None:
     """Log the step, watch for a collapse."""
     step = row["step"]
     history.append(row)
@@ -669,17 +674,18 @@ def after_step(t: Trainer, row: dict, history: list, monitor: CollapseMonitor, t
         log.warning("COLLAPSE: %s", collapse)
         if tracker is not None:
             tracker.set_tags({"collapse": collapse})
-        if t.s["stop_on_collapse"]:
+        if trainer.settings["stop_on_collapse"]:
             raise RuntimeError(f"training stopped: {collapse} (train.stop_on_collapse is true)")
 
 
-def validate_if_due(t: Trainer, grader: Grader, history: list, validations: list, tracker) -> None:
+def validate_if_due(trainer: Trainer, grader: Grader, history: list, validations: list, tracker) -> None:
     """Score the policy on the validation set when the step count calls for it; the training
     time it records is the sum of the steps' `time_step_s` (validation excluded)."""
     step = len(history)
-    if t.validation is None or not validate.due(step, t.s["steps"], t.validation.every, validations):
+    if trainer.validation is None or not validate.due(step, trainer.settings["steps"], trainer.validation.every,
+                                                      validations):
         return
-    row = validate.run(t, grader, t.validation, step, sum(h["time_step_s"] for h in history))
+    row = validate.run(trainer, grader, trainer.validation, step, sum(h["time_step_s"] for h in history))
     validations.append(row)
     log.info("validation at step %d: accuracy %.4f (%.1f s)", step, row["accuracy"], row["time_validate_s"])
     if tracker is not None:
@@ -688,31 +694,32 @@ def validate_if_due(t: Trainer, grader: Grader, history: list, validations: list
                              "time_validate_s": row["time_validate_s"]}, step=step)
 
 
-def checkpoint_if_due(t: Trainer, history: list, validations: list, monitor: CollapseMonitor,
+def checkpoint_if_due(trainer: Trainer, history: list, validations: list, monitor: CollapseMonitor,
                       force: bool = False) -> None:
     """A checkpoint holds the metric and validation histories, so a resumed run's outputs
     are those of the uninterrupted run."""
     step = len(history)
-    if force or step % t.s["checkpoint_every"] == 0 or step == t.s["steps"]:
+    if force or step % trainer.settings["checkpoint_every"] == 0 or step == trainer.settings["steps"]:
         state = {"step": step, "history": history, "validation": validations, "collapse": monitor.message}
-        save_checkpoint(t.accelerator, t.ckpt_root, step, state, t.s["keep_checkpoints"], t.parts, t.sharded)
+        save_checkpoint(trainer.accelerator, trainer.ckpt_root, step, state, trainer.settings["keep_checkpoints"],
+                        trainer.parts, trainer.sharded)
 
 
-def stop_if_out_of_time(t: Trainer, deadline: float | None, history: list, validations: list,
+def stop_if_out_of_time(trainer: Trainer, deadline: float | None, history: list, validations: list,
                         monitor: CollapseMonitor) -> None:
     """Before the scheduler's limit: checkpoint now and stop, so that the next job (Snakemake's
     retry) resumes here instead of redoing what a killed job would lose. Every process stops
     at the same step (the main process's clock decides)."""
-    if deadline is None or len(history) == t.s["steps"]:
+    if deadline is None or len(history) == trainer.settings["steps"]:
         return
     late = out_of_time(deadline, [h["time_step_s"] for h in history], time.time())
-    flag = torch.tensor([float(late and t.accelerator.is_main_process)], device=t.accelerator.device)
-    if t.accelerator.reduce(flag, "sum").item() == 0:
+    flag = torch.tensor([float(late and trainer.accelerator.is_main_process)], device=trainer.accelerator.device)
+    if trainer.accelerator.reduce(flag, "sum").item() == 0:
         return
-    if len(history) % t.s["checkpoint_every"]:  # not just written by checkpoint_if_due
-        checkpoint_if_due(t, history, validations, monitor, force=True)
+    if len(history) % trainer.settings["checkpoint_every"]:  # not just written by checkpoint_if_due
+        checkpoint_if_due(trainer, history, validations, monitor, force=True)
     raise TimeLimitReached(
-        f"stopped after step {len(history)} of {t.s['steps']} to end before the job's time limit "
+        f"stopped after step {len(history)} of {trainer.settings['steps']} to end before the job's time limit "
         "(resources.train.runtime); the next attempt resumes from this step's checkpoint "
         "(resources.train.pieces: how many jobs a run may take)")
 
@@ -737,47 +744,47 @@ def train(
     (`time_limit_min`) with a checkpoint, raising TimeLimitReached."""
     out_dir = Path(out_dir)
     deadline = job_deadline(time_limit_min)
-    t = setup(settings, model_path, prompts_path, vstar_path, out_dir, generation, gradient_checkpointing,
+    trainer = setup(settings, model_path, prompts_path, vstar_path, out_dir, generation, gradient_checkpointing,
               validation_path, distributed)
     monitor = CollapseMonitor(**settings["collapse"])
     history, validations = [], []
-    state = resume(t.accelerator, t.ckpt_root, t.parts, t.sharded)
+    state = resume(trainer.accelerator, trainer.ckpt_root, trainer.parts, trainer.sharded)
     if state is not None:
         history, validations = state["history"], state.get("validation", [])
         for h in history:
             monitor.update(h["reward"], h["response_length"])
-        t.generator.sync_weights(t.accelerator.unwrap_model(t.policy))  # the engine loaded step 0's
+        trainer.generator.sync_weights(trainer.accelerator.unwrap_model(trainer.policy))  # the engine loaded step 0's
     start = len(history)
-    steps = t.s["steps"]  # train.epochs resolved against the prompts (`with_epochs`)
+    steps = trainer.settings["steps"]  # train.epochs resolved against the prompts (`with_epochs`)
     bar = tqdm(range(start, steps), desc="train", initial=start, total=steps,
-               mininterval=2, disable=not t.accelerator.is_main_process)
+               mininterval=2, disable=not trainer.accelerator.is_main_process)
     # time bound and method from the stage's address; the worker count is a runtime knob
     with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"],
                 extract=settings["grading_extract"]) as grader:
-        validate_if_due(t, grader, history, validations, tracker)  # step 0
+        validate_if_due(trainer, grader, history, validations, tracker)  # step 0
         for step in bar:
-            row = train_step(t, grader, step)
-            after_step(t, row, history, monitor, tracker)
-            validate_if_due(t, grader, history, validations, tracker)
-            checkpoint_if_due(t, history, validations, monitor)
-            stop_if_out_of_time(t, deadline, history, validations, monitor)
+            row = train_step(trainer, grader, step)
+            after_step(trainer, row, history, monitor, tracker)
+            validate_if_due(trainer, grader, history, validations, tracker)
+            checkpoint_if_due(trainer, history, validations, monitor)
+            stop_if_out_of_time(trainer, deadline, history, validations, monitor)
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}", len=f"{row['response_length']:.1f}")
-    save_model(t, out_dir)
+    save_model(trainer, out_dir)
     return {"history": _metrics_frame(history), "validation": validate.frame(validations),
-            "summary": summarize(t, history, monitor, validations)}
+            "summary": summarize(trainer, history, monitor, validations)}
 
 
-def save_model(t: Trainer, out_dir: Path) -> None:
+def save_model(trainer: Trainer, out_dir: Path) -> None:
     """The trained policy in the compute dtype (what the evaluation engines run), atomically."""
-    final = t.accelerator.unwrap_model(t.policy)
-    dtype = getattr(torch, t.s["compute_dtype"])
-    if t.fsdp:  # gathered on every process (collectives), kept by the main one
-        final = unsharded_copy(final, dtype, keep=t.accelerator.is_main_process)
-    t.accelerator.wait_for_everyone()
-    if t.accelerator.is_main_process:
-        with atomic_path(out_dir / "model", is_dir=True) as tmp:
+    final = trainer.accelerator.unwrap_model(trainer.policy)
+    dtype = getattr(torch, trainer.settings["compute_dtype"])
+    if trainer.fsdp:  # gathered on every process (collectives), kept by the main one
+        final = unsharded_copy(final, dtype, keep=trainer.accelerator.is_main_process)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        with atomic_path(out_dir / output_name("train", "model"), is_dir=True) as tmp:
             final.to(dtype).save_pretrained(tmp)
-            t.tokenizer.save_pretrained(tmp)
+            trainer.tokenizer.save_pretrained(tmp)
 
 
 def unsharded_copy(model, dtype: torch.dtype, keep: bool):
@@ -806,12 +813,12 @@ def _metrics_frame(history: list) -> pd.DataFrame:
     return metrics[["step", *sorted(c for c in metrics.columns if c != "step")]]
 
 
-def summarize(t: Trainer, history: list, monitor: CollapseMonitor, validations: list) -> dict:
+def summarize(trainer: Trainer, history: list, monitor: CollapseMonitor, validations: list) -> dict:
     metrics = _metrics_frame(history)
     first = metrics.head(min(len(metrics), monitor.window))
     last_window = metrics.tail(min(len(metrics), monitor.window))
     return {
-        "steps": int(t.s["steps"]),
+        "steps": int(trainer.settings["steps"]),
         "optimizer_steps": int(metrics["optimizer_steps"].sum()),
         "reward_first": float(first["reward"].mean()),
         "reward_last": float(last_window["reward"].mean()),
@@ -824,8 +831,8 @@ def summarize(t: Trainer, history: list, monitor: CollapseMonitor, validations: 
         # engine vs trainer log-probs of the sampled tokens, over all steps (None: not measured)
         "logprob_gap_mean": float(metrics["logprob_gap_mean"].mean()) if "logprob_gap_mean" in metrics else None,
         "logprob_gap_max": float(metrics["logprob_gap_max"].max()) if "logprob_gap_max" in metrics else None,
-        "compute_dtype": t.s["compute_dtype"],
-        "gradient_checkpointing": bool(t.gradient_checkpointing),
+        "compute_dtype": trainer.settings["compute_dtype"],
+        "gradient_checkpointing": bool(trainer.gradient_checkpointing),
         # validation: accuracy after the last step and the time it cost (not in train_time_s)
         "val_accuracy_final": validations[-1]["accuracy"] if validations else None,
         "val_accuracy_best": max(v["accuracy"] for v in validations) if validations else None,
@@ -847,7 +854,7 @@ def run(settings: dict, model_path: str, prompts_path: str, vstar_path: str | No
     if tracker is not None:
         out_dir = Path(out_dir)
         tracker.log_metrics({f"final.{k}": v for k, v in result["summary"].items() if isinstance(v, (int, float))})
-        write_json(out_dir / "summary.json", result["summary"])
-        write_parquet(out_dir / "validation.parquet", result["validation"])
-        write_parquet(out_dir / "metrics.parquet", result["history"])
+        write_json(out_dir / output_name("train", "summary"), result["summary"])
+        write_parquet(out_dir / output_name("train", "validation"), result["validation"])
+        write_parquet(out_dir / output_name("train", "metrics"), result["history"])
     return result

@@ -239,13 +239,13 @@ def training_data(prompts_path: str, vstar_path: str | None) -> pd.DataFrame:
     Every prepared prompt must have a V* row unless the V* stage counted it out (dropped by
     `vstar.filter`, or not in a published table): anything else is a CoverageError. Reads are
     checked against the checksums their jobs recorded."""
-    from apo.job import read_stage_json, read_stage_parquet
+    from apo.job import output_name, read_stage_json, read_stage_parquet
 
     prompts = read_stage_parquet(prompts_path)
     if vstar_path is None:
         return prompts.assign(vstar=float("nan"))
     table = read_stage_parquet(vstar_path)
-    counts_file = Path(vstar_path).parent / "counts.json"
+    counts_file = Path(vstar_path).with_name(output_name("vstar", "counts"))
     counts = read_stage_json(counts_file)
     left_out = counts["dropped_by_filter"] + counts.get("prompts_unmatched", 0)
     missing = prompts["id"][~prompts["id"].isin(table["id"])]

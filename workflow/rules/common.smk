@@ -3,7 +3,14 @@ import sys
 from pathlib import Path
 
 from apo.config import SCHEMA_PATH, load_yaml, refuse_template_files, validate_config
-from apo.job import read_stage_json
+from apo.job import (
+    DIRECTORY_OUTPUTS,
+    SHARD_RULE,
+    STAGE_OUTPUTS,
+    lock_file,
+    output_name,
+    read_stage_json,
+)
 from apo.memory import workflow_plan
 from apo.report import FILES as REPORT_FILES
 from apo.prefetch import artefacts as hub_artefacts
@@ -52,6 +59,12 @@ if workflow.is_main_process:
         print(PLAN.epoch_steps(), file=sys.stderr)
 
 
+def output_file(stage_, role):
+    """A planned stage's output of `role`, named by the rule that writes it
+    (`apo.job.STAGE_OUTPUTS`): results/<kind>/<hash>/<name>."""
+    return f"{stage_.dir}/{output_name(stage_.kind, role)}"
+
+
 def picked_combo(pick_file):
     """A sweep's pick, checked against the checksum its job recorded."""
     return read_stage_json(pick_file)["picked"]
@@ -60,8 +73,8 @@ def picked_combo(pick_file):
 # A sweep's pick made in an earlier run (or by the checkpoint before this job was started)
 # plans its runs on the other seeds and the evaluations; `resolve_picks` waits for the rest.
 for _method, _sweep in PLAN.sweeps.items():
-    if Path(f"{_sweep.dir}/pick.json").exists():
-        PLAN.add_pick(_method, picked_combo(f"{_sweep.dir}/pick.json"))
+    if Path(output_file(_sweep, "pick")).exists():
+        PLAN.add_pick(_method, picked_combo(output_file(_sweep, "pick")))
 
 
 def resolve_picks():
@@ -70,7 +83,7 @@ def resolve_picks():
     for method, sweep in PLAN.sweeps.items():
         if method not in PLAN.picked:
             PLAN.add_pick(
-                method, picked_combo(checkpoints.sweep.get(h=sweep.hash).output[0])
+                method, picked_combo(checkpoints.sweep.get(h=sweep.hash).output.pick)
             )
 
 
@@ -134,9 +147,17 @@ def stage_params(kind=None, **extra):
     }
 
 
-def stage_file(kind, name):
-    """An output path in a stage's directory, results/<kind>/{h}/<name>."""
-    return f"{RESULTS}/{kind}/{{h}}/{name}"
+def rule_outputs(rule, kind=None):
+    """output: every file the rule's job writes (`apo.job.STAGE_OUTPUTS`), by role, in
+    results/<kind>/{h}/ (`kind`: the stage's, the rule's own unless given), each `addressed`.
+    """
+    outputs = {}
+    for role, name in STAGE_OUTPUTS[rule].items():
+        path = f"{RESULTS}/{kind or rule}/{{h}}/{name}"
+        outputs[role] = addressed(
+            directory(path) if name in DIRECTORY_OUTPUTS else path
+        )
+    return outputs
 
 
 def stage_log(kind, name):
@@ -151,7 +172,7 @@ def addressed(path):
     """A content-addressed output. Snakemake would otherwise delete a job's existing outputs
     when it starts the job: a second run that planned the job while the first was still
     writing them would delete them under the first run's readers. Kept instead, the job takes
-    the stage's lock, finds the outputs complete and does nothing (`apo.cli.outputs_done`).
+    the stage's lock, finds the outputs complete and does nothing (`apo.job.Job.run`).
     """
     return update(path)
 
@@ -172,7 +193,8 @@ def model_input(model):
 def shard_files(sharded):
     """A sharded stage's (sampling, evaluation) per-job outputs."""
     return [
-        f"{sharded.dir}/shard-{i}.parquet" for i in range(sharded.settings["shards"])
+        f"{sharded.dir}/{output_name(SHARD_RULE, 'shard', i)}"
+        for i in range(sharded.settings["shards"])
     ]
 
 
@@ -187,18 +209,19 @@ def vstar_prompts(w):
     table is joined to."""
     v = stage("vstar", w)
     source = v.inputs.get("samples", v)
-    return f"{source.inputs['prompts'].dir}/prompts.parquet"
+    return output_file(source.inputs["prompts"], "prompts")
 
 
-def upstream(kind, role, filename=None):
-    """Input function: a file of the stage that `kind`'s stage reads as `role`."""
+def upstream(kind, role, output=None):
+    """Input function: the `output` (a role of its rule's outputs; none: the directory) of the
+    stage that `kind`'s stage reads as `role`."""
 
     def files(w):
         up = stage(kind, w).inputs.get(role)
         if up is None:
             return []
         if isinstance(up, Stage):
-            return f"{up.dir}/{filename}" if filename else up.dir
+            return output_file(up, output) if output else up.dir
         return external_input(up)  # nothing for a hub id
 
     return files
@@ -235,12 +258,12 @@ def demo_dir(kind):
     return args
 
 
-def report_inputs(filename):
-    """Input function: a file of every evaluated training run (after the sweeps' picks)."""
+def report_inputs(output):
+    """Input function: an output of every evaluated training run (after the sweeps' picks)."""
 
     def files(w):
         resolve_picks()
-        return [f"{run.dir}/{filename}" for run in PLAN.trains.values()]
+        return [output_file(run, output) for run in PLAN.trains.values()]
 
     return files
 
@@ -253,7 +276,7 @@ def swept(label):
 def fixed_scores():
     """The evaluations planned before any pick: the reference's and those of unswept methods."""
     return [
-        f"{evaluation.dir}/scores.json"
+        output_file(evaluation, "scores")
         for (label, _), evaluation in PLAN.evals.items()
         if not swept(label)
     ]
@@ -263,81 +286,16 @@ def picked_scores(w):
     """Input function: the evaluations of the sweeps' picks (after the picks)."""
     resolve_picks()
     return [
-        f"{evaluation.dir}/scores.json"
+        output_file(evaluation, "scores")
         for (label, _), evaluation in PLAN.evals.items()
         if swept(label)
     ]
 
 
-def sweep_spec():
-    """Every run of every sweep, its combination and whether it is the method's pick."""
-    return [
-        {
-            "method": method,
-            "label": f"{method}-{label}",
-            "combo": combo,
-            "dir": run.dir,
-            "picked": combo == PLAN.picked.get(method),
-        }
-        for method, runs in PLAN.grids.items()
-        for (label, run), combo in zip(
-            runs.items(), PLAN.sweeps[method].settings["grid"]
-        )
-    ]
-
-
 def report_spec(w=None):
-    """What the report reads: every evaluation and training run of this experiment."""
+    """params: what the report reads (`apo.settings.Plan.report_spec`), as JSON."""
     resolve_picks()
-    return json.dumps(
-        {
-            "experiment": PLAN.experiment,
-            "evals": [
-                {"model": label, "benchmark": bench, "dir": evaluation.dir}
-                for (label, bench), evaluation in PLAN.evals.items()
-            ],
-            "trainings": [
-                {
-                    "label": label,
-                    "dir": run.dir,
-                    "method": run.settings["method"],
-                    "seed": run.settings["seed"],
-                }
-                for label, run in PLAN.trains.items()
-            ],
-            "validation": validation_spec(),
-            "sweep": sweep_spec(),
-            "stages": {
-                name: used.dir
-                for name, used in [
-                    ("demo", PLAN.demo),
-                    ("data_train", PLAN.train_data),
-                    *[(f"data_{b}", d) for b, d in PLAN.benchmarks.items()],
-                    ("data_validation", PLAN.validation),
-                    ("sample", PLAN.sample),
-                    ("vstar", PLAN.vstar),
-                    *[(f"train_{label}", run) for label, run in PLAN.trains.items()],
-                    *[(f"sweep_{m}", sweep) for m, sweep in PLAN.sweeps.items()],
-                ]
-                if used is not None
-            },
-        }
-    )
-
-
-def validation_spec():
-    """What the report says of the validation set: which it is, and whether the config
-    declares it a test benchmark's (data.validation_on_benchmark)."""
-    spec = config["data"]["validation"]
-    if spec is None:
-        return None
-    sampling = config["train"]["validation"]
-    return {
-        "dataset": f"{spec['path']} split {spec['split']}",
-        "on_benchmark": config["data"]["validation_on_benchmark"],
-        "k": sampling["k"],
-        "temperature": sampling["temperature"],
-    }
+    return json.dumps(PLAN.report_spec())
 
 
 def job_resources(kind=None):

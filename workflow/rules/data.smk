@@ -3,9 +3,9 @@ rule data:
     input:
         prefetched=prefetched,
         tokenizer=upstream_model("data", role="tokenizer"),
-        source=upstream("data", "source", "train.jsonl"),
+        source=upstream("data", "source", "train"),
     output:
-        addressed(stage_file("data", "prompts.parquet")),
+        **rule_outputs("data"),
     log:
         stage_log("data", "data"),
     benchmark:
@@ -23,4 +23,4 @@ rule data:
         ),
     shell:
         f"apo data {STAGE_ARGS} --tokenizer {{params.tokenizer:q}} {{params.revision:q}} "
-        "{params.demo:q} --out {output:q} 2>> {log:q}"
+        "{params.demo:q} 2>> {log:q}"

@@ -1,10 +1,7 @@
 rule demo:
     """The embedded demo: synthetic word problems and a tiny warm-started Qwen2 model."""
     output:
-        model=addressed(directory(stage_file("demo", "model"))),
-        train=addressed(stage_file("demo", "train.jsonl")),
-        test=addressed(stage_file("demo", "test.jsonl")),
-        valid=addressed(stage_file("demo", "valid.jsonl")),
+        **rule_outputs("demo"),
     log:
         stage_log("demo", "demo"),
     benchmark:

@@ -2,11 +2,10 @@ rule evaluate:
     """A benchmark's pass@1 (avg@k) from its shards (rule `sample`, kind `evaluate`), and the
     per-problem samples in one table."""
     input:
-        prompts=upstream("evaluate", "prompts", "prompts.parquet"),
+        prompts=upstream("evaluate", "prompts", "prompts"),
         shards=lambda w: shard_files(stage("evaluate", w)),
     output:
-        scores=addressed(stage_file("evaluate", "scores.json")),
-        samples=addressed(stage_file("evaluate", "samples.parquet")),
+        **rule_outputs("evaluate"),
     log:
         stage_log("evaluate", "evaluate"),
     benchmark:

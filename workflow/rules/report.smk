@@ -5,11 +5,15 @@ rule report:
     input:
         # known before any pick (the reference, methods without a sweep), then the picks'
         scores=fixed_scores(),
-        picks=[f"{sweep.dir}/pick.json" for sweep in PLAN.sweeps.values()],
+        picks=[output_file(sweep, "pick") for sweep in PLAN.sweeps.values()],
         picked_scores=picked_scores,
-        metrics=report_inputs("metrics.parquet"),
-        validation=report_inputs("validation.parquet"),
-        sweep=lambda w: [f"{s['dir']}/validation.parquet" for s in sweep_spec()],
+        metrics=report_inputs("metrics"),
+        validation=report_inputs("validation"),
+        sweep=lambda w: [
+            output_file(run, "validation")
+            for runs in PLAN.grids.values()
+            for run in runs.values()
+        ],
     output:
         md=report(
             f"{EXPERIMENT_DIR}/report.md",

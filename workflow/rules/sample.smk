@@ -6,9 +6,9 @@ rule sample:
     input:
         prefetched=prefetched,
         model=upstream_model(),
-        prompts=upstream(None, "prompts", "prompts.parquet"),
+        prompts=upstream(None, "prompts", "prompts"),
     output:
-        addressed(stage_file("{kind}", "shard-{shard}.parquet")),
+        **rule_outputs("sample", kind="{kind}"),
     log:
         stage_log("{kind}", "shard-{shard}"),
     benchmark:
@@ -26,4 +26,4 @@ rule sample:
         **stage_params(model=upstream_model_path(), revision=upstream_model_revision()),
     shell:
         f"apo sample {STAGE_ARGS} --model {{params.model:q}} {{params.revision:q}} "
-        "--prompts {input.prompts:q} --shard {wildcards.shard} --out {output:q} 2>> {log:q}"
+        "--prompts {input.prompts:q} --shard {wildcards.shard} 2>> {log:q}"

@@ -4,11 +4,10 @@ checkpoint sweep:
     """
     input:
         lambda w: [
-            f"{run.dir}/validation.parquet"
-            for run in stage("sweep", w).inputs.values()
+            output_file(run, "validation") for run in stage("sweep", w).inputs.values()
         ],
     output:
-        addressed(stage_file("sweep", "pick.json")),
+        **rule_outputs("sweep"),
     log:
         stage_log("sweep", "sweep"),
     benchmark:
@@ -18,4 +17,4 @@ checkpoint sweep:
     params:
         **stage_params("sweep", runs=lambda w: sweep_runs(stage("sweep", w))),
     shell:
-        f"apo sweep {STAGE_ARGS} --runs {{params.runs:q}} --out {{output:q}} 2>> {{log:q}}"
+        f"apo sweep {STAGE_ARGS} --runs {{params.runs:q}} 2>> {{log:q}}"

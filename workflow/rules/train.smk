@@ -3,14 +3,11 @@ rule train:
     input:
         prefetched=prefetched,
         model=upstream_model("train"),
-        prompts=upstream("train", "prompts", "prompts.parquet"),
-        vstar=upstream("train", "vstar", "vstar.parquet"),
-        validation=upstream("train", "validation", "prompts.parquet"),
+        prompts=upstream("train", "prompts", "prompts"),
+        vstar=upstream("train", "vstar", "vstar"),
+        validation=upstream("train", "validation", "prompts"),
     output:
-        model=addressed(directory(stage_file("train", "model"))),
-        metrics=addressed(stage_file("train", "metrics.parquet")),
-        summary=addressed(stage_file("train", "summary.json")),
-        validation=addressed(stage_file("train", "validation.parquet")),
+        **rule_outputs("train"),
     log:
         stage_log("train", "train"),
     benchmark:
@@ -33,10 +30,11 @@ rule train:
             ),
             launch=accelerate_args,
             port=accelerate_port,
+            lock=lambda w: lock_file(stage("train", w).dir, "train"),
             lock_wait_s=config["lock_wait_s"],
         ),
     shell:
-        "apo lock --wait-s {params.lock_wait_s} {params.dir:q}/.train.lock -- "
+        "apo lock --wait-s {params.lock_wait_s} {params.lock:q} -- "
         "accelerate launch {params.launch:q} {params.port} --module apo.cli train "
         f"{STAGE_ARGS} --model {{params.model:q}} {{params.revision:q}} --prompts {{input.prompts:q}} "
         "{params.vstar:q} {params.validation:q} 2>> {log:q}"

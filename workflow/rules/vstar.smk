@@ -7,7 +7,7 @@ rule vstar:
         prompts=vstar_prompts,
         table=upstream("vstar", "table"),
     output:
-        addressed(stage_file("vstar", "vstar.parquet")),
+        **rule_outputs("vstar"),
     log:
         stage_log("vstar", "vstar"),
     benchmark:
@@ -25,4 +25,4 @@ rule vstar:
         ),
     shell:
         f"apo vstar {STAGE_ARGS} {{params.samples:q}} --prompts {{input.prompts:q}} "
-        "--out {output:q} 2>> {log:q}"
+        "2>> {log:q}"
