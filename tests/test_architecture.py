@@ -20,6 +20,6 @@ def test_the_architecture_page_covers_every_stage_and_module():
     text = (ROOT / "docs" / "architecture.md").read_text()
     for kind in STAGES:
         assert f"`workflow/rules/{kind}.smk`" in text, kind
-    unnamed = [p.name for p in sorted((ROOT / "src" / "apo").glob("*.py"))
-               if p.name != "__init__.py" and f"src/apo/{p.name}" not in text]
+    unnamed = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "src" / "apo").rglob("*.py"))
+               if p.name != "__init__.py" and f"`{p.relative_to(ROOT)}`" not in text]
     assert not unnamed, f"modules docs/architecture.md does not place: {unnamed}"

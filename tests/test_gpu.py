@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo import gpu_check as G
+from apo.tools import gpu_check as G
 from apo import train as T
 from apo.reward import Grader
 
@@ -141,7 +141,7 @@ def test_the_check_runs_on_the_gpu(tmp_path):
     """The check's own machinery (a process per method, the synchronizing phase clock, the
     reserved peak) at the tiny size on the GPU: a quick stand-in for the full run."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "apo.gpu_check", "--tiny", "--device", "cuda", "--methods",
+    proc = subprocess.run([sys.executable, "-m", "apo.tools.gpu_check", "--tiny", "--device", "cuda", "--methods",
                            "apo,ppo", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())

@@ -1,4 +1,4 @@
-"""The GPU check (scripts/gpu-check.sh, apo.gpu_check): its --tiny run on the CPU, the model
+"""The GPU check (scripts/gpu-check.sh, apo.tools.gpu_check): its --tiny run on the CPU, the model
 and tokenizer it builds, the settings it trains with, and how it turns steps into a table."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from apo import gpu_check as G
+from apo.tools import gpu_check as G
 from apo import methods
 from apo import train as T
 from apo.config import validate_config

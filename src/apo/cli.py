@@ -224,7 +224,7 @@ def cmd_verify(args):
 
 
 def cmd_bench_generation(args):
-    from apo import bench
+    from apo.tools import bench
 
     if (args.hidden_size is None) != (args.num_layers is None):
         raise SystemExit("apo bench-generation: give --hidden-size and --num-layers together")
@@ -290,19 +290,19 @@ def cmd_prefetch(args):
 
 
 def cmd_bench_steps(args):
-    from apo import bench_steps
+    from apo.tools import bench_steps
 
     bench_steps.run(args.runs, args.config, args.steps, args.rounds)
 
 
 def cmd_bench_peers(args):
-    from apo import bench_peers
+    from apo.tools import bench_peers
 
     bench_peers.run(args.config, args.steps, args.rounds, args.methods.split(","), args.engines.split(","), args.batch)
 
 
 def cmd_bench_grading(args):
-    from apo import bench_grading
+    from apo.tools import bench_grading
 
     bench_grading.run(args.responses, args.workers, args.repeats, args.seed, args.timeout_s)
 

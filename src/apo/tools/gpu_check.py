@@ -36,7 +36,7 @@ from pathlib import Path
 
 from apo.memory import KNOWN_MODELS
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PAPER_CONFIG = ROOT / "config" / "paper" / "qwen2.5-1.5b.yaml"
 METHODS = ("apo", "grpo", "rebel", "ppo")  # A*-PO first: every ratio is to it
 GB = 1024  # MiB per GiB: the trainer reports MiB, the table GiB (called GB, as in the report)
@@ -312,7 +312,7 @@ def run_method(job: dict, workdir: Path, timeout_s: float) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if job["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # --tiny on a GPU machine still measures the CPU
-    cmd = [sys.executable, "-m", "apo.gpu_check", "--worker", str(job_path)]
+    cmd = [sys.executable, "-m", "apo.tools.gpu_check", "--worker", str(job_path)]
     clock = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)
     try:
@@ -457,7 +457,7 @@ def parse_args(argv):
     ap.add_argument("--device", choices=["cpu", "cuda"], help="override the profile's device")
     ap.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all of them; "
                     "with --gpus: apo)")
-    ap.add_argument("--gpus", metavar="N", help="the multi-GPU mode (apo.gpu_check_multi): N >= 2 training "
+    ap.add_argument("--gpus", metavar="N", help="the multi-GPU mode (apo.tools.gpu_check_multi): N >= 2 training "
                     "processes, one per GPU, under FSDP with a vLLM engine each; auto: every visible GPU")
     ap.add_argument("--config", default=str(PAPER_CONFIG), help="the config whose train settings are used")
     ap.add_argument("--prompts", type=int, help="prompts per step (train.batch_size; with --gpus: per GPU)")
@@ -599,7 +599,7 @@ def main(argv=None) -> int:
     # A terminated check unwinds (and stops the method it is running) instead of dying mid-way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.gpus:
-        from apo import gpu_check_multi
+        from apo.tools import gpu_check_multi
 
         return gpu_check_multi.check(args)
     return check(args)

@@ -338,7 +338,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def worker_command(job: dict) -> list[str]:
-    return [sys.executable, "-m", "apo.bench_peers", json.dumps(job)]
+    return [sys.executable, "-m", "apo.tools.bench_peers", json.dumps(job)]
 
 
 def run_worker(job: dict) -> dict:
