@@ -1,7 +1,7 @@
 """`apo bench-grading`: realistic MATH-style responses, both ways timed on the same items."""
 
-from apo.tools import bench_grading
 from apo.reward import grade_one
+from apo.tools import bench_grading
 
 
 def test_responses_are_math_style_and_reproducible():

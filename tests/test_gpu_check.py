@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from apo.tools import gpu_check as G
 from apo import methods
 from apo import train as T
 from apo.config import validate_config
+from apo.tools import gpu_check as G
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Mia has 7 marbles. She finds 5 more. How many marbles does Mia have now? Think step by step.",

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from apo.tools import gpu_check as G
-from apo.tools import gpu_check_multi as M
 from apo import memory
 from apo import train as T
 from apo.config import vllm_available
+from apo.tools import gpu_check as G
+from apo.tools import gpu_check_multi as M
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -752,8 +752,7 @@ def train(
     bar = tqdm(range(start, steps), desc="train", initial=start, total=steps,
                mininterval=2, disable=not t.accelerator.is_main_process)
     # time bound and method from the stage's address; the worker count is a runtime knob
-    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"],
-                extract=settings["grading_extract"]) as grader:
+    with Grader.from_settings(settings, grading["workers"]) as grader:
         validate_if_due(t, grader, history, validations, tracker)  # step 0
         for step in bar:
             row = train_step(t, grader, step)

@@ -159,7 +159,7 @@ def time_project(job: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="apo-bench-peers-") as tmp:
         t = train.setup(s, job["model"], job["prompts"], job["vstar"] if s["method"] == "apo" else None, Path(tmp),
                         runtime["generation"], gradient_checkpointing=False)
-        with Grader(s["grading_timeout_s"], runtime["grading"]["workers"], s["grading_method"]) as grader:
+        with Grader.from_settings(s, runtime["grading"]["workers"]) as grader:
             for step in range(job["steps"]):
                 w0, c0 = time.perf_counter(), cpu_seconds()
                 row = train.train_step(t, grader, step)
@@ -224,7 +224,7 @@ def time_trl(job: dict) -> dict:
             cpu.append(cpu_seconds() - self.c0)
 
     with tempfile.TemporaryDirectory(prefix="apo-bench-peers-") as tmp, \
-            Grader(s["grading_timeout_s"], runtime["grading"]["workers"], s["grading_method"]) as grader:
+            Grader.from_settings(s, runtime["grading"]["workers"]) as grader:
         trainer = trl_trainer(job, tmp, grader)
         trainer.add_callback(StepClock())
         trainer.train()
@@ -301,7 +301,7 @@ def check_agreement(job: dict) -> dict:
     s, runtime = job["settings"], job["runtime"]
     torch.manual_seed(s["seed"])
     with tempfile.TemporaryDirectory(prefix="apo-bench-peers-") as tmp, \
-            Grader(s["grading_timeout_s"], runtime["grading"]["workers"], s["grading_method"]) as grader:
+            Grader.from_settings(s, runtime["grading"]["workers"]) as grader:
         trainer = trl_trainer({**job, "method": "apo", "steps": 1}, tmp, grader)
         examples = [trainer.train_dataset[i] for i in range(job["batch"])]
         return a2po_loss_agreement(trainer, examples, s["temperature"])

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from apo.memory import KNOWN_MODELS
+from apo.memory import KNOWN_MODELS, ModelShape
 
 ROOT = Path(__file__).resolve().parents[3]
 PAPER_CONFIG = ROOT / "config" / "paper" / "qwen2.5-1.5b.yaml"
@@ -42,23 +42,9 @@ METHODS = ("apo", "grpo", "rebel", "ppo")  # A*-PO first: every ratio is to it
 GB = 1024  # MiB per GiB: the trainer reports MiB, the table GiB (called GB, as in the report)
 
 
-@dataclass(frozen=True)
-class Architecture:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-    vocab_size: int
-
-
-def _architecture(shape) -> Architecture:
-    return Architecture(**{f: getattr(shape, f) for f in Architecture.__dataclass_fields__})
-
-
 # Qwen/Qwen2.5-1.5B as the memory plan knows it (its config.json); with tied embeddings it
 # has this many parameters.
-QWEN25_1_5B = _architecture(KNOWN_MODELS["Qwen/Qwen2.5-1.5B"])
+QWEN25_1_5B = KNOWN_MODELS["Qwen/Qwen2.5-1.5B"]
 QWEN25_1_5B_PARAMETERS = 1_543_714_304
 
 
@@ -69,7 +55,7 @@ class Profile:
 
     name: str
     device: str
-    arch: Architecture
+    arch: ModelShape
     prompts: int
     mini_batch_size: int
     micro_batch_size: int
@@ -85,9 +71,9 @@ class Profile:
 FULL = Profile("full", "cuda", QWEN25_1_5B, prompts=16, mini_batch_size=8, micro_batch_size=1,
                response_tokens=512, steps=3, warmup=1, generation_batch=128, grading_workers=8,
                budget_s=420)
-TINY = Profile("tiny", "cpu", Architecture(64, 2, 4, 2, 128, 1024), prompts=2, mini_batch_size=1,
-               micro_batch_size=1, response_tokens=8, steps=2, warmup=1, generation_batch=32,
-               grading_workers=1, budget_s=600)
+TINY = Profile("tiny", "cpu", ModelShape(64, 2, 4, 2, 128, 1024, tie_word_embeddings=True), prompts=2,
+               mini_batch_size=1, micro_batch_size=1, response_tokens=8, steps=2, warmup=1,
+               generation_batch=32, grading_workers=1, budget_s=600)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -130,20 +116,25 @@ def make_tokenizer(texts: list[str], vocab_size: int, bpe_vocab: int):
     )
 
 
-def model_config(arch: Architecture, tokenizer):
-    """Qwen2 with `arch`'s sizes, tied embeddings, and the tokenizer's EOS and padding."""
+# What Qwen2Config reads of a ModelShape (Qwen2 has q/k/v biases and head_dim hidden / heads).
+CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size", "tie_word_embeddings")
+
+
+def model_config(arch: ModelShape, tokenizer):
+    """Qwen2 with `arch`'s sizes and the tokenizer's EOS and padding."""
     from transformers import Qwen2Config
 
     from apo import demo
 
     eos = tokenizer.convert_tokens_to_ids(demo.EOS)
     return Qwen2Config(
-        **asdict(arch), tie_word_embeddings=True, max_position_embeddings=32_768, rms_norm_eps=1e-6,
+        **{f: getattr(arch, f) for f in CONFIG_FIELDS}, max_position_embeddings=32_768, rms_norm_eps=1e-6,
         eos_token_id=eos, bos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )
 
 
-def build_model(arch: Architecture, tokenizer, device: str, out: Path) -> int:
+def build_model(arch: ModelShape, tokenizer, device: str, out: Path) -> int:
     """Randomly initialise the model on `device` (seconds on a GPU, minutes on a CPU at full
     size), save it in bfloat16 beside the tokenizer, and return its parameter count."""
     import torch
@@ -261,7 +252,7 @@ def measure(job: dict) -> dict:
                 job["generation"], job["gradient_checkpointing"])
     setup_s = time.perf_counter() - clock
     rows = []
-    with Grader(**job["grading"]) as grader:
+    with Grader.from_settings(job["settings"], job["grading"]["workers"]) as grader:
         for step in range(job["settings"]["steps"]):
             row = T.train_step(t, grader, step)
             row["peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20 if cuda else None
@@ -571,7 +562,7 @@ def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir:
         "vstar": inputs["vstar"] if methods.get(method).reads_vstar else None,
         "out_dir": str(workdir / f"run-{method}"),
         "generation": {"batch_size": config["generation"]["batch_size"]},
-        "grading": {"timeout_s": config["grading"]["timeout_s"], "workers": config["grading"]["workers"]},
+        "grading": {"workers": config["grading"]["workers"]},  # the runtime knob; the rest is in settings
         "gradient_checkpointing": checkpointing, "result": str(workdir / f"result-{method}.json"),
     }
 

@@ -40,7 +40,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from apo.tools.gpu_check import GB, QWEN25_1_5B, ROOT, Architecture, Profile
+from apo.memory import ModelShape
+from apo.tools.gpu_check import GB, QWEN25_1_5B, ROOT, Profile
 
 ACCELERATE_CONFIGS = ROOT / "workflow" / "accelerate"
 DEFAULT_METHODS = ("apo",)
@@ -49,9 +50,9 @@ FSDP = Profile("multi-gpu", "cuda", QWEN25_1_5B, prompts=8, mini_batch_size=4, m
                response_tokens=512, steps=2, warmup=0, generation_batch=128, grading_workers=4,
                budget_s=540)
 # The demo model's shape (config/config.yaml, demo.model), on the CPU.
-FSDP_TINY = Profile("multi-gpu-tiny", "cpu", Architecture(64, 4, 2, 2, 192, 512), prompts=2, mini_batch_size=1,
-                    micro_batch_size=1, response_tokens=8, steps=2, warmup=0, generation_batch=32,
-                    grading_workers=1, budget_s=300, bpe_vocab=300)
+FSDP_TINY = Profile("multi-gpu-tiny", "cpu", ModelShape(64, 4, 2, 2, 192, 512, tie_word_embeddings=True),
+                    prompts=2, mini_batch_size=1, micro_batch_size=1, response_tokens=8, steps=2, warmup=0,
+                    generation_batch=32, grading_workers=1, budget_s=300, bpe_vocab=300)
 # On the CPU the engine gets a small KV cache and no compilation (as tests/test_fsdp.py runs it).
 CPU_ENGINE = {"enforce_eager": True, "cpu_kvcache_gib": 1}
 
@@ -295,7 +296,7 @@ def measure_ranks(job: dict) -> dict | None:
     memory = PhaseMemory(device)
     memory.watch(t.generator)
     steps = []
-    with Grader(**job["grading"]) as grader:
+    with Grader.from_settings(job["settings"], job["grading"]["workers"]) as grader:
         for step in range(job["settings"]["steps"]):
             row = T.train_step(t, grader, step)
             steps.append({k: row[k] for k in ("time_step_s", "time_generate_s", "time_update_s", "time_sync_s",
@@ -428,7 +429,7 @@ def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir:
         "prompts": inputs["prompts"], "vstar": inputs["vstar"] if methods.get(method).reads_vstar else None,
         "max_prompt_tokens": inputs["prompt_tokens_max"], "out_dir": str(workdir / f"run-{method}"),
         "generation": generation,
-        "grading": {"timeout_s": config["grading"]["timeout_s"], "workers": config["grading"]["workers"]},
+        "grading": {"workers": config["grading"]["workers"]},  # the runtime knob; the rest is in settings
         "gradient_checkpointing": checkpointing, "result": str(workdir / f"result-{method}.json"),
     }
 
