@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -37,7 +37,7 @@ from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
 from apo.job import verify_if_stage
-from apo.losses import aggregate, gae, logprob_gap, masked_whiten, ppo_token_rewards
+from apo.losses import aggregate, logprob_gap
 from apo.methods import MicroBatch
 from apo.monitor import CollapseMonitor, peak_memory_mb
 from apo.reward import Grader
@@ -218,9 +218,9 @@ def make_accelerator(s: dict, accum: int):
             "accelerate was launched with its own FSDP plugin; the trainer shards the networks itself: "
             f"launch with workflow/accelerate/fsdp.yaml and {sharding.DISTRIBUTED_KEY}: fsdp"
         )
-    if kind == DistributedType.DEEPSPEED and s["method"] == "ppo":
+    if kind == DistributedType.DEEPSPEED and methods.get(s["method"]).critic:
         raise NotImplementedError(
-            "train.method ppo trains two networks (policy and critic), which accelerate's DeepSpeed "
+            f"train.method {s['method']} trains two networks (policy and critic), which accelerate's DeepSpeed "
             "integration needs one plugin each for; use resources.train.distributed: ddp or fsdp"
         )
     if kind == DistributedType.DEEPSPEED:  # no dataloader to read it from
@@ -330,11 +330,12 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     data, prompt_ids = load_prompts(s, prompts_path, vstar_path, tokenizer)
     s = with_epochs(s, len(data))
     vs = validate.load(s, validation_path, accelerator.process_index, world) if validation_path else None
+    method = methods.get(s["method"])
     policy, reference, critic = load_models(s, model_path, accelerator, gradient_checkpointing, fsdp)
     policy, optimizer, scheduler = optimize(accelerator, policy, s, s["lr"], fsdp)
     critic_opt = critic_sched = None
     if critic is not None:
-        critic, critic_opt, critic_sched = optimize(accelerator, critic, s, s["ppo"]["critic_lr"], fsdp)
+        critic, critic_opt, critic_sched = optimize(accelerator, critic, s, method.critic_lr(s), fsdp)
         critic.eval()
     # Colocated engine: vLLM lives in this process and gets the new weights after every step.
     generator = make_generator(
@@ -343,7 +344,6 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
         max_model_len=engine_length(tokenizer, prompt_ids, s, vs),
         vllm=VLLMSettings.from_runtime(generation), dtype=s["compute_dtype"],
     )
-    method = methods.get(s["method"])
     sampling = SamplingSettings(n=method.samples(s), temperature=s["temperature"], top_p=s["top_p"],
                                 max_new_tokens=s["max_new_tokens"])
     return Trainer(s, method, method.bind(s), accelerator, world, n_minis, accum, tokenizer, policy, reference,
@@ -372,8 +372,7 @@ class Rollout:
     mask: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
+    prepared: dict = field(default_factory=dict)  # the method's own [B, T] inputs (Method.prepare)
 
 
 def rollout(t: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
@@ -479,8 +478,8 @@ def micro_slices(t: Trainer) -> list[list[slice]]:
 def score(t: Trainer, r: Rollout, times: dict) -> None:
     """Everything the update needs from before it: reference log-probs; pi_old's log-probs
     when a method needs them and the batch has several mini-batches (with one, pi_old is the
-    policy itself and the update reads them off its own forward pass); PPO's critic values,
-    per-token rewards and GAE advantages, whitened over the whole batch."""
+    policy itself and the update reads them off its own forward pass) or it reads them first;
+    the critic's values; what the method computes over the whole batch (`Method.prepare`)."""
     s, pad = t.s, t.tokenizer.pad_token_id
     parts = [rows for mini in micro_slices(t) for rows in mini]
     temp = s["temperature"]
@@ -493,18 +492,14 @@ def score(t: Trainer, r: Rollout, times: dict) -> None:
         r.ref_logp, r.mask = score_batch(logprobs, t.reference, r.p_ids, r.r_ids, parts, pad)
         times["ref_logprobs"] = clock(t.accelerator.device) - tick
         tick = clock(t.accelerator.device)
-        ppo_kl = t.critic is not None and s["ppo"]["kl_coef"] > 0
-        if t.method.needs_old_logp and (t.n_minis > 1 or ppo_kl):
+        if t.method.needs_old_logp and (t.n_minis > 1 or t.method.old_logp_first(s)):
             r.old_logp, _ = score_batch(logprobs, t.policy, r.p_ids, r.r_ids, parts, pad)
         times["old_logprobs"] = clock(t.accelerator.device) - tick
         tick = clock(t.accelerator.device)
         if t.critic is not None:
-            p = s["ppo"]
             r.old_values, _ = score_batch(token_values, t.critic, r.p_ids, r.r_ids, parts, pad)
-            kl_logp = r.old_logp if ppo_kl else r.ref_logp  # kl_coef 0: the penalty vanishes
-            token_rewards = ppo_token_rewards(r.rewards, kl_logp, r.ref_logp, r.mask, p["kl_coef"])
-            advantages, r.returns = gae(token_rewards, r.old_values, r.mask, p["gamma"], p["lam"])
-            r.advantages = masked_whiten(advantages, r.mask, reduce=lambda x: t.accelerator.reduce(x, "sum"))
+        if t.method.prepare is not None:
+            r.prepared = t.method.prepare(r, s, lambda x: t.accelerator.reduce(x, "sum"))
         times["values"] = clock(t.accelerator.device) - tick
 
 
@@ -535,8 +530,8 @@ def micro_loss(t: Trainer, r: Rollout, rows: slice, tokens: float, step: int, be
     old_logp = cut(r.old_logp) if r.old_logp is not None else logp.detach()
     batch = MicroBatch(logp=logp, old_logp=old_logp, ref_logp=cut(r.ref_logp), mask=mask, rewards=r.rewards[rows],
                     vstar=r.vstars[rows], tokens=tokens, loss_agg=s["loss_agg"], old_values=cut(r.old_values),
-                    advantages=cut(r.advantages), returns=cut(r.returns), engine_logp=cut(r.engine_logp),
-                    max_len=s["max_new_tokens"])
+                    engine_logp=cut(r.engine_logp), max_len=s["max_new_tokens"],
+                    **{k: cut(v) for k, v in r.prepared.items()})
     if t.critic is not None:
         batch.values, _ = token_values(t.critic, r.p_ids[rows], r.r_ids[rows], pad)
     loss, stats = t.loss_fn(batch)

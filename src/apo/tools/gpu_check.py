@@ -34,11 +34,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from apo import methods
 from apo.memory import KNOWN_MODELS, ModelShape
 
 ROOT = Path(__file__).resolve().parents[3]
 PAPER_CONFIG = ROOT / "config" / "paper" / "qwen2.5-1.5b.yaml"
-METHODS = ("apo", "grpo", "rebel", "ppo")  # A*-PO first: every ratio is to it
+# One method of each family, in the registry's order: A*-PO first, every ratio is to it.
+METHODS = tuple(methods.timed_by_default())
+REFERENCE = methods.get(methods.REFERENCE)
 GB = 1024  # MiB per GiB: the trainer reports MiB, the table GiB (called GB, as in the report)
 
 
@@ -345,14 +348,14 @@ def summarize(result: dict, warmup: int, responses: int) -> dict:
 
 
 def add_ratios(rows: dict) -> None:
-    """Each method's step time and peaks as multiples of A*-PO's."""
-    base = rows.get("apo", {})
+    """Each method's step time and peaks as multiples of the reference method's (A*-PO's)."""
+    base = rows.get(REFERENCE.name, {})
     for row in rows.values():
         if row.get("status") != "ok":
             continue
         for key in ("step_s", "peak_allocated_gb", "peak_reserved_gb"):
             ok = base.get("status") == "ok" and row.get(key) is not None and base.get(key)
-            row[f"{key}_vs_apo"] = row[key] / base[key] if ok else None
+            row[f"{key}_vs_{REFERENCE.name}"] = row[key] / base[key] if ok else None
 
 
 def phase_key(column: str) -> str:
@@ -364,14 +367,18 @@ def _num(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _ratio(row: dict, key: str) -> str:
+    return _num(row[f"{key}_vs_{REFERENCE.name}"], ".2f")
+
+
 def markdown_table(rows: dict, order: list[str]) -> str:
     """One row per method: seconds per step by phase (median of the timed steps), the step,
     peak memory, and ratios to A*-PO."""
-    from apo import methods
     from apo.report import PHASES
 
+    times = f"× {REFERENCE.display}"
     head = (["method", "responses / step"] + [f"{label} (s)" for _, label in PHASES]
-            + ["step (s)", "× A*-PO", "peak allocated (GB)", "× A*-PO", "peak reserved (GB)", "× A*-PO"])
+            + ["step (s)", times, "peak allocated (GB)", times, "peak reserved (GB)", times])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for method in order:
         row, name = rows[method], methods.get(method).display
@@ -380,9 +387,8 @@ def markdown_table(rows: dict, order: list[str]) -> str:
             continue
         cells = [name, str(row["responses_per_step"])]
         cells += [f"{row['phases_s'][phase_key(col)]:.2f}" for col, _ in PHASES]
-        cells += [f"{row['step_s']:.2f}", _num(row["step_s_vs_apo"], ".2f"),
-                  f"{row['peak_allocated_gb']:.2f}", _num(row["peak_allocated_gb_vs_apo"], ".2f"),
-                  _num(row["peak_reserved_gb"], ".2f"), _num(row["peak_reserved_gb_vs_apo"], ".2f")]
+        cells += [f"{row['step_s']:.2f}", _ratio(row, "step_s"), f"{row['peak_allocated_gb']:.2f}",
+                  _ratio(row, "peak_allocated_gb"), _num(row["peak_reserved_gb"], ".2f"), _ratio(row, "peak_reserved_gb")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -422,12 +428,13 @@ def describe(report: dict) -> str:
 
 
 def occupancy(report: dict) -> str:
-    """"N sequences per call against GRPO's M", from the rows that ran."""
-    rows = report["methods"]
-    n = {m: rows[m].get("responses_per_step") for m in ("apo", "grpo") if m in rows}
-    if n.get("apo") and n.get("grpo"):
-        return f"{n['apo']} sequences per call against GRPO's {n['grpo']}"
-    return "one sequence per prompt against GRPO's group"
+    """"N sequences per call against GRPO's M" (the method that samples the most), from the
+    rows that ran."""
+    n = {m: row.get("responses_per_step") for m, row in report["methods"].items() if row.get("responses_per_step")}
+    most = max(n, key=n.get, default=None)
+    if REFERENCE.name in n and most != REFERENCE.name:
+        return f"{n[REFERENCE.name]} sequences per call against {methods.get(most).display}'s {n[most]}"
+    return "one sequence per prompt against a group"
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -447,7 +454,7 @@ def parse_args(argv):
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (seconds; what CI runs)")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="override the profile's device")
     ap.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all of them; "
-                    "with --gpus: apo)")
+                    f"with --gpus: {methods.REFERENCE})")
     ap.add_argument("--gpus", metavar="N", help="the multi-GPU mode (apo.tools.gpu_check_multi): N >= 2 training "
                     "processes, one per GPU, under FSDP with a vLLM engine each; auto: every visible GPU")
     ap.add_argument("--config", default=str(PAPER_CONFIG), help="the config whose train settings are used")
@@ -525,7 +532,6 @@ def check(args) -> int:
     profile = choose_profile(args)
     names = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
     preflight(profile)
-    from apo import methods
 
     for name in names:
         methods.get(name)  # an unknown name fails here, naming the known ones
@@ -554,7 +560,6 @@ def check(args) -> int:
 def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir: Path,
              checkpointing: bool) -> dict:
     """What a worker needs to train `method`: the pipeline's settings for it and the inputs."""
-    from apo import methods
 
     return {
         "method": method, "device": profile.device, "settings": method_settings(config, method),
@@ -569,7 +574,6 @@ def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir:
 
 def measure_one(job: dict, profile: Profile, workdir: Path, remaining: float) -> dict:
     """One method's row of the table (or its status, when it did not finish)."""
-    from apo import methods
 
     if remaining < 20:
         return {"status": "skipped (the check's time budget is spent)"}

@@ -40,11 +40,12 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from apo import methods
 from apo.memory import ModelShape
 from apo.tools.gpu_check import GB, QWEN25_1_5B, ROOT, Profile
 
 ACCELERATE_CONFIGS = ROOT / "workflow" / "accelerate"
-DEFAULT_METHODS = ("apo",)
+DEFAULT_METHODS = (methods.REFERENCE,)
 # Sizes per GPU: each rank trains on its own 8 prompts per step in two mini-batches.
 FSDP = Profile("multi-gpu", "cuda", QWEN25_1_5B, prompts=8, mini_batch_size=4, micro_batch_size=1,
                response_tokens=512, steps=2, warmup=0, generation_batch=128, grading_workers=4,
@@ -416,7 +417,6 @@ def run_ranks(job: dict, workdir: Path, n: int, timeout_s: float) -> dict:
 
 def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir: Path, mode: dict,
              checkpointing: bool) -> dict:
-    from apo import methods
     from apo.tools.gpu_check import method_settings
     from apo.settings import runtime_knobs
 
@@ -462,7 +462,6 @@ def check(args) -> int:
     gpu-check-multi.json and .md after each. Returns the exit code."""
     import torch
 
-    from apo import methods
     from apo.config import vllm_available
     from apo.tools.gpu_check import PAPER_CONFIG, check_config, out_dir, preflight, quiet_progress_bars, shown_path
 
