@@ -101,3 +101,18 @@ def test_the_scan_finds_a_method_named_in_each_way():
     # the package's name in a module path or a command, prose in a docstring: no method
     assert method_names_in('"""GRPO and apo train."""\ncmd = ["-m", "apo.cli"]\nmsg = "apo bench-peers: x"\np = "src/apo/x.py"',
                            names, blocks) == set()
+
+
+def test_no_stage_imports_the_tools():
+    """apo.tools sits beside the pipeline: only the command line reaches into it."""
+    importers = []
+    for path in sorted((ROOT / "src" / "apo").glob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n == "apo.tools" or n.startswith("apo.tools.") for n in names) or (
+                    isinstance(node, ast.ImportFrom) and node.module == "apo" and any(a.name == "tools" for a in node.names)):
+                importers.append(path.name)
+    assert not importers, f"pipeline modules importing apo.tools: {importers}"
