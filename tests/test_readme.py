@@ -1,7 +1,7 @@
-"""Every shell command the README shows runs as written, in its cheapest form.
+"""Every shell command the README and the pages of docs/ show runs as written, in its cheapest form.
 
-The commands are the lines of the README's ```bash blocks and its inline code spans that
-start with `make`, `snakemake` or `apo`. Each runs in a copy of the workflow's files under a
+The commands are the lines of their ```bash blocks and their inline code spans that start
+with `make`, `snakemake` or `apo`. Each runs in a copy of the workflow's files under a
 temporary directory, so nothing is written to the repository:
 
 - `snakemake ...` as a dry run (`-n` added); one that plans nothing but reads or writes
@@ -10,12 +10,12 @@ temporary directory, so nothing is written to the repository:
 - `make X` as `make -n X`, and every `snakemake` command in the recipe it prints as above
   (its other recipe lines are not run: they install the environment, run the test suite or
   resolve packages over the network);
-- `apo SUB ...`: `apo SUB --help` must name every option the README gives it, and the
+- `apo SUB ...`: `apo SUB --help` must name every option the page gives it, and the
   sub-commands in CHEAP_APO run for real;
 - everything else is in SKIP, with the reason it does not run here.
 
-A command the README adds either runs here or has to be named in SKIP (or APO_HELP_ONLY);
-a SKIP entry the README no longer shows fails too.
+A command a page adds either runs here or has to be named in SKIP (or APO_HELP_ONLY);
+a SKIP entry no page shows any longer fails too.
 """
 
 import os
@@ -32,12 +32,14 @@ from apo.settings import STAGES
 from conftest import ROOT
 
 README = ROOT / "README.md"
+# The pages whose commands are checked: the README first, then every page of docs/.
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 # What the commands read from the repository: copied for each one.
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "slurm", "Makefile", "envs", "pyproject.toml",
                   "scripts", "tests/smoke_config.yaml")
 
-# Placeholders the README uses for a file of the reader's: what stands in for them here.
+# Placeholders the pages use for a file of the reader's: what stands in for them here.
 PLACEHOLDERS = {
     "config/my_experiment.yaml": "config/config.yaml",  # any config; the demo's is one
     "config/paper/<name>.yaml": "config/paper/qwen2.5-1.5b.yaml",
@@ -61,7 +63,7 @@ SKIP = {
     "scripts/gpu-check.sh --gpus 4 --methods apo,grpo,rebel,ppo --budget-s 1800 results/gpu-check":
         "needs a node with 4 GPUs; its CPU form (--tiny --gpus 2) runs in tests/test_gpu_check_multi.py",
     ".venv/bin/pytest ": "runs the test suite itself",
-    "apo <stage> ": "a pattern for the stage commands, not a command",
+    "apo <stage>": "a pattern for the stage commands, not a command",
     ".venv/bin/pip install --no-deps trl": "installs TRL into the shared environment (the optional `bench` extra); "
                                            "tests/test_bench_peers.py runs with or without it",
 }
@@ -76,8 +78,8 @@ APO_HELP_ONLY = {
                 "runs it against stand-ins for the hub",
     "import-model": "converts a GGUF file (minutes); tests/test_import_model.py runs it on SmolLM2's",
     "verify": "checks the stage directories of a finished run; tests/test_job.py runs it on damaged ones",
-    # the stage commands the rules call with a stage's manifest (the README names them in its
-    # stage table); the end-to-end tests run every one of them
+    # the stage commands the rules call with a stage's manifest (the pages name them); the
+    # end-to-end tests run every one of them
     **{name: "a stage command, run by its rule with a manifest (tests/test_pipeline.py)"
        for name in STAGES},
     "report": "run by the report rule with the experiment's spec (tests/test_pipeline.py)",
@@ -100,13 +102,13 @@ def join_continuations(lines: list[str]) -> list[str]:
 
 
 def split_command_line(line: str) -> list[str]:
-    """One README line to its commands: the `# comment` dropped, `&&` chains split."""
+    """One line of a page to its commands: the `# comment` dropped, `&&` chains split."""
     line = re.sub(r"\s+#\s.*$", "", line).strip()
     return [part.strip() for part in line.split("&&") if part.strip()]
 
 
-def readme_commands(text: str) -> list[str]:
-    """The README's commands, in order, duplicates removed."""
+def page_commands(text: str) -> list[str]:
+    """A page's commands, in order, duplicates removed."""
     commands = []
     for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.M | re.S):
         for line in join_continuations(block.splitlines()):
@@ -117,7 +119,9 @@ def readme_commands(text: str) -> list[str]:
     return list(dict.fromkeys(c for c in commands if c))
 
 
-COMMANDS = readme_commands(README.read_text())
+README_COMMANDS = page_commands(README.read_text())
+# Every command of every page, each once (a command two pages show runs once).
+COMMANDS = list(dict.fromkeys(c for page in PAGES for c in page_commands(page.read_text())))
 
 
 def skip_reason(command: str) -> str | None:
@@ -195,6 +199,8 @@ def run_apo(command: str, repo: Path) -> None:
     help_text = check(run(f"apo {sub} --help", repo), f"apo {sub} --help")
     unknown = [o for o in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", f"{plain} {optional}") if o not in help_text]
     assert not unknown, f"{command}: apo {sub} has no option {unknown}"
+    if plain == f"apo {sub}":
+        return  # the sub-command named in prose (`apo plan`), not a command line: its --help is the check
     if sub in CHEAP_APO:
         check(run(plain, repo), plain)
     else:
@@ -202,13 +208,21 @@ def run_apo(command: str, repo: Path) -> None:
 
 
 def test_the_readme_shows_commands():
-    assert len(COMMANDS) >= 15, COMMANDS
-    assert any(c.startswith("make ") for c in COMMANDS) and any(c.startswith("snakemake ") for c in COMMANDS)
+    assert len(README_COMMANDS) >= 8, README_COMMANDS
+    assert "make demo" in README_COMMANDS and "make test" in README_COMMANDS, README_COMMANDS
+    assert any(c.startswith("snakemake ") for c in README_COMMANDS), README_COMMANDS
 
 
-def test_every_skip_entry_is_a_readme_command():
+def test_the_docs_pages_show_commands():
+    """The pages' commands are collected too: a page that lost its blocks would check nothing."""
+    for name in ("cluster.md", "gpu-check.md", "development.md", "measurements.md"):
+        assert page_commands((ROOT / "docs" / name).read_text()), f"docs/{name} shows no command"
+    assert len(COMMANDS) >= 30, COMMANDS
+
+
+def test_every_skip_entry_is_a_command_of_a_page():
     stale = [p for p in SKIP if not any(c.startswith(p) for c in COMMANDS)]
-    assert not stale, f"SKIP names commands the README no longer shows: {stale}"
+    assert not stale, f"SKIP names commands no page shows any longer: {stale}"
 
 
 @pytest.mark.parametrize("command", COMMANDS)

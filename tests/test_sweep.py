@@ -38,6 +38,18 @@ def test_values_that_differ_past_the_labels_precision_are_each_trained(demo_conf
         sweep.labelled([{"lr": 1}, {"lr": 1.0}])
 
 
+@pytest.mark.parametrize("key, values", [("lr", [1.0e-4, 0.0001]), ("beta2", [0.1, 0.1]),
+                                         ("grpo.group_size", [4, 4])])
+def test_a_value_listed_twice_is_refused_with_its_key(demo_config, key, values):
+    """The sweep rule pairs its runs with the grid's combinations by position: a repeated value
+    would shift them, so the config refuses it."""
+    cfg = {**demo_config, "methods": ["apo", "grpo"]}
+    head, _, last = key.rpartition(".")
+    (cfg["train"].setdefault(head, {}) if head else cfg["train"])[last] = values
+    with pytest.raises(ConfigError, match=rf"config key 'train.{key}': .* has non-unique elements"):
+        validate_config(cfg, SCHEMA)
+
+
 def test_only_the_method_that_reads_a_listed_key_sweeps_it(demo_config):
     p = plan(demo_config, methods=["apo", "grpo"], train__beta2=[0.1, 0.5])
     assert list(p.grids) == ["apo"] and list(p.grids["apo"]) == ["beta20.1", "beta20.5"]

@@ -619,3 +619,22 @@ def test_logprob_gap_is_near_zero_in_float32_and_larger_in_bfloat16(backend, tra
     assert gaps["float32"][0] < fp32_mean and gaps["float32"][1] < fp32_max
     assert gaps["bfloat16"][0] > bf16_mean and gaps["bfloat16"][1] > bf16_max
     assert gaps["bfloat16"][0] > 5 * gaps["float32"][0] and gaps["bfloat16"][1] > 10 * gaps["float32"][1]
+
+
+def test_validation_rows_copied_from_the_training_set_are_caught_by_their_text(train_inputs, tmp_path, caplog):
+    """A validation file that copies the training rows under another name (another path,
+    other ids, other spacing) passes the config's source check; training compares problems."""
+    from apo import validate
+
+    train = pd.read_parquet(train_inputs[1])
+    copy = train.assign(id=[f"other-{i}" for i in range(len(train))], question=train["question"] + "  ")
+    copy.to_parquet(tmp_path / "copy.parquet")
+    with pytest.raises(validate.OverlapError, match=r"copy.parquet: 16 of the 16 validation problems are training"):
+        T.train({**SETTINGS, "steps": 1}, *train_inputs, tmp_path / "run", *RUNTIME,
+                validation_path=str(tmp_path / "copy.parquet"))
+    held_out = pd.read_parquet(tmp_path / "valid.parquet")
+    assert validate.check_held_out(held_out, train, "valid.parquet") == 0
+    mixed = pd.concat([held_out.head(6), copy.head(2)])
+    with caplog.at_level("WARNING"):
+        assert validate.check_held_out(mixed, train, "mixed.parquet") == 2
+    assert "2 of the 8 validation problems are also training problems" in caplog.text

@@ -203,13 +203,37 @@ class VLLMSettings:
     """Engine knobs that change speed and memory, never what is sampled."""
 
     gpu_memory_utilization: float = 0.3  # GPU: fraction of memory for weights + KV cache
-    cpu_kvcache_gib: int = 1  # CPU: KV cache size (vLLM's VLLM_CPU_KVCACHE_SPACE)
+    cpu_kvcache_gib: float | None = None  # CPU: KV cache size; None: what the batch needs, at most 1 GiB
     sleep: bool = True  # GPU, training: free the KV cache during the update (sleep mode)
     enforce_eager: bool = False
 
     @classmethod
     def from_runtime(cls, generation: dict) -> "VLLMSettings":
         return cls(**generation.get("vllm", {}))
+
+
+CPU_MAX_NUM_SEQS = 256  # vLLM's default on a CPU for the LLM class (engine/arg_utils.py)
+CPU_KV_BLOCK = 256  # tokens per KV block: the largest a CPU attention backend uses
+CPU_KV_CAP = 1 << 30  # the most the cache takes unless generation.vllm.cpu_kvcache_gib says more
+
+
+def cpu_kv_cache_bytes(model_path: str, max_model_len: int, settings: VLLMSettings) -> int:
+    """The CPU engine's KV cache: the configured GiB, or else room for vLLM's most concurrent
+    sequences (256) at the full context, in float32, capped at 1 GiB. vLLM allocates and
+    touches the whole cache, so a fixed 1 GiB was most of a small model's training job's
+    memory; a cache that holds every sequence the engine would schedule at once schedules
+    the same batches as a larger one, so what is sampled does not change."""
+    if settings.cpu_kvcache_gib is not None:
+        return int(settings.cpu_kvcache_gib * (1 << 30))
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_path)
+    c = getattr(c, "text_config", c)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * 4  # keys and values, float32
+    blocks = -(-max_model_len // CPU_KV_BLOCK) + 1  # a partly filled block at each end
+    return min(CPU_MAX_NUM_SEQS * blocks * CPU_KV_BLOCK * per_token, CPU_KV_CAP)
 
 
 class VLLMGenerator:
@@ -228,8 +252,8 @@ class VLLMGenerator:
         dtype: str = "auto", settings: VLLMSettings = VLLMSettings(), device: str | None = None,
     ):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        # The config's value, not one left in the environment (vLLM reads it at engine start)
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_gib)
+        # vLLM's legacy variable would override the size passed below (whole GiB only)
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         if (cache_root := engine_cache_root(os.environ)) is not None:
             os.environ["VLLM_CACHE_ROOT"] = cache_root
         from vllm import LLM
@@ -249,6 +273,7 @@ class VLLMGenerator:
             max_model_len=max_model_len,
             enable_prefix_caching=True,
             gpu_memory_utilization=settings.gpu_memory_utilization,
+            kv_cache_memory_bytes=None if self.on_gpu else cpu_kv_cache_bytes(model_path, max_model_len, settings),
             enable_sleep_mode=self.on_gpu and settings.sleep,
             enforce_eager=settings.enforce_eager,
             **process_engine_args(os.environ),

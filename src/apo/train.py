@@ -329,7 +329,7 @@ def setup(s: dict, model_path: str, prompts_path: str, vstar_path, out_dir: Path
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data, prompt_ids = load_prompts(s, prompts_path, vstar_path, tokenizer)
     s = with_epochs(s, len(data))
-    vs = validate.load(s, validation_path, accelerator.process_index, world) if validation_path else None
+    vs = validate.load(s, validation_path, accelerator.process_index, world, data) if validation_path else None
     method = methods.get(s["method"])
     policy, reference, critic = load_models(s, model_path, accelerator, gradient_checkpointing, fsdp)
     policy, optimizer, scheduler = optimize(accelerator, policy, s, s["lr"], fsdp)

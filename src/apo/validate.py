@@ -13,6 +13,7 @@ time, where validating on rank 0 alone would leave the other engines idle at a b
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ import pandas as pd
 import torch
 
 from apo.generation import SamplingSettings
+
+log = logging.getLogger(__name__)
 
 # validation.parquet columns, in order
 COLUMNS = ["step", "train_time_s", "accuracy", "n", "k", "response_length", "truncated", "time_validate_s"]
@@ -34,11 +37,37 @@ class ValidationSet:
     seed: int
 
 
-def load(s: dict, path: str, process_index: int, world: int) -> ValidationSet:
-    """This process's share of the validation prompts and the settings to sample them with."""
+class OverlapError(ValueError):
+    """The validation set is mostly training problems."""
+
+
+def _problem_key(question: str) -> str:
+    return " ".join(question.split())
+
+
+def check_held_out(validation: pd.DataFrame, training: pd.DataFrame, path: str) -> int:
+    """How many validation problems the policy also trains on, compared by the problem text
+    (the config check compares data sources by location and content; this one also sees a
+    file that copies another's rows). More than half: the validation set is the training set
+    under another name, an error; fewer: a warning naming some, and the count."""
+    trained = set(map(_problem_key, training["question"]))
+    shared = validation[[_problem_key(q) in trained for q in validation["question"]]]
+    if len(shared) * 2 > len(validation):
+        raise OverlapError(f"{path}: {len(shared)} of the {len(validation)} validation problems are training "
+                           f"problems (e.g. ids {list(shared['id'][:3])}); data.validation must be held out from data.train")
+    if len(shared):
+        log.warning("%s: %d of the %d validation problems are also training problems (e.g. ids %s); its accuracy "
+                    "is not fully held out", path, len(shared), len(validation), list(shared["id"][:3]))
+    return len(shared)
+
+
+def load(s: dict, path: str, process_index: int, world: int, training: pd.DataFrame) -> ValidationSet:
+    """This process's share of the validation prompts and the settings to sample them with;
+    `training` (the prompts the policy trains on) is checked not to be the same problems."""
     from apo.job import read_stage_parquet
 
     data = read_stage_parquet(path)
+    check_held_out(data, training, path)
     v = s["validation"]
     sampling = SamplingSettings(n=v["k"], temperature=v["temperature"], top_p=v["top_p"],
                                 max_new_tokens=v["max_new_tokens"])
