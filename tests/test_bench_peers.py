@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from apo.bench_peers import (PEERS, agreement, agrees, label, markdown, project_batch, run_specs, summarize,
-                             trl_a2po_args, trl_grpo_args)
+from apo.tools.bench_peers import (PEERS, agreement, agrees, label, markdown, project_batch, run_specs, summarize,
+                                   trl_a2po_args, trl_grpo_args)
 
 SETTINGS = {"lr": 3e-4, "batch_size": 64, "micro_batch_size": 32, "mini_batch_size": None, "warmup_steps": 10,
             "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 80, "compute_dtype": "float32",
@@ -36,7 +36,7 @@ def test_trls_a2po_arguments_are_the_projects_settings():
 
 
 def test_trls_grpo_batch_counts_completions():
-    args = trl_grpo_args(SETTINGS, 12, "/tmp/x", 256)
+    args = trl_grpo_args({**SETTINGS, "method": "grpo"}, 12, "/tmp/x", 256)
     assert args["per_device_train_batch_size"] == 32 * 8 and args["num_generations"] == 8
     assert args["gradient_accumulation_steps"] == 2 and args["loss_type"] == "dapo" and args["beta"] == 0.0
 
@@ -88,7 +88,7 @@ def test_the_a2po_losses_agree_on_a_tiny_batch(tiny_demo, tmp_path):
     from trl.experimental.a2po import A2POConfig, A2POTrainer
     from datasets import Dataset
 
-    from apo.bench_peers import a2po_loss_agreement
+    from apo.tools.bench_peers import a2po_loss_agreement
 
     tok = AutoTokenizer.from_pretrained(tiny_demo / "model", padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(tiny_demo / "model", dtype=torch.float32)

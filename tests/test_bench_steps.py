@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from apo.bench_steps import finished_runs, train_command
+from apo.tools.bench_steps import finished_runs, train_command
 
 
 def run_dir(root, name, method, done=True):

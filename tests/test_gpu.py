@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo import gpu_check as G
 from apo import train as T
+from apo.memory import ModelShape
 from apo.reward import Grader
+from apo.tools import gpu_check as G
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = G.Architecture(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=2048, vocab_size=2048)
+SMALL = ModelShape(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=2048, vocab_size=2048, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_ppo_critic_and_policy_fit_on_the_gpu_and_both_step(inputs, tmp_path):
     for model in (t.policy, t.critic):
         assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.float32, "cuda")}
     policy_before, critic_before = snapshot(t.policy), snapshot(t.critic)
-    with Grader(**job["grading"]) as grader:
+    with Grader.from_settings(job["settings"], job["grading"]["workers"]) as grader:
         rows = [T.train_step(t, grader, step) for step in range(2)]
     assert changed(t.policy, policy_before) and changed(t.critic, critic_before)
     for row in rows:
@@ -125,7 +126,7 @@ def test_trainer_reports_cudas_allocator_peak(inputs, tmp_path):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t = T.setup(s, job["model"], job["prompts"], job["vstar"], tmp_path / "steps", job["generation"], False)
-    with Grader(**job["grading"]) as grader:
+    with Grader.from_settings(job["settings"], job["grading"]["workers"]) as grader:
         row = T.train_step(t, grader, 0)
     assert row["peak_memory_mb"] == pytest.approx(torch.cuda.max_memory_allocated() / 2**20)
     weights = sum(p.numel() * p.element_size() for p in t.policy.parameters())
@@ -141,7 +142,7 @@ def test_the_check_runs_on_the_gpu(tmp_path):
     """The check's own machinery (a process per method, the synchronizing phase clock, the
     reserved peak) at the tiny size on the GPU: a quick stand-in for the full run."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "apo.gpu_check", "--tiny", "--device", "cuda", "--methods",
+    proc = subprocess.run([sys.executable, "-m", "apo.tools.gpu_check", "--tiny", "--device", "cuda", "--methods",
                            "apo,ppo", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())

@@ -1,4 +1,4 @@
-"""The GPU check (scripts/gpu-check.sh, apo.gpu_check): its --tiny run on the CPU, the model
+"""The GPU check (scripts/gpu-check.sh, apo.tools.gpu_check): its --tiny run on the CPU, the model
 and tokenizer it builds, the settings it trains with, and how it turns steps into a table."""
 
 import json
@@ -11,10 +11,9 @@ import pytest
 import torch
 import yaml
 
-from apo import gpu_check as G
 from apo import methods
-from apo import train as T
 from apo.config import validate_config
+from apo.tools import gpu_check as G
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Mia has 7 marbles. She finds 5 more. How many marbles does Mia have now? Think step by step.",

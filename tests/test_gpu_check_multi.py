@@ -1,4 +1,4 @@
-"""The GPU check's multi-GPU mode (apo.gpu_check_multi, `scripts/gpu-check.sh --gpus N`): how it
+"""The GPU check's multi-GPU mode (apo.tools.gpu_check_multi, `scripts/gpu-check.sh --gpus N`): how it
 launches its ranks, which training it picks with and without vLLM, the per-rank placement and
 engine-cycle checks, the table, and (slow) a two-process CPU run with a vLLM engine per rank."""
 
@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from apo import gpu_check as G
-from apo import gpu_check_multi as M
 from apo import memory
 from apo import train as T
 from apo.config import vllm_available
+from apo.tools import gpu_check as G
+from apo.tools import gpu_check_multi as M
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_gpu_ranks_are_launched_as_the_training_rule_launches_them():
     config = cmd[cmd.index("--config_file") + 1]
     assert Path(config) == ROOT / "workflow" / "accelerate" / "fsdp.yaml" and Path(config).is_file()
     assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--main_process_port") + 1] == "29500"
-    assert cmd[-3:] == ["--module", "apo.gpu_check_multi", "/tmp/job.json"]
+    assert cmd[-3:] == ["--module", "apo.tools.gpu_check_multi", "/tmp/job.json"]
     ddp = M.launch_command(2, 1, "cuda", "ddp", Path("j"), python="py")
     assert Path(ddp[ddp.index("--config_file") + 1]).name == "ddp.yaml"  # the fallback's own config
 
@@ -35,7 +35,7 @@ def test_gpu_ranks_are_launched_as_the_training_rule_launches_them():
 def test_cpu_ranks_are_launched_by_torchrun_without_gpus():
     cmd = M.launch_command(2, 29501, "cpu", "fsdp", Path("job.json"), python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29501",
-                   "--module", "apo.gpu_check_multi", "job.json"]
+                   "--module", "apo.tools.gpu_check_multi", "job.json"]
     env = M.launch_env("cpu", {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"})
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["ACCELERATE_USE_CPU"] == "true" and env["PATH"] == "/bin"
     assert M.launch_env("cuda", {"CUDA_VISIBLE_DEVICES": "0,1"})["CUDA_VISIBLE_DEVICES"] == "0,1"

@@ -129,6 +129,32 @@ def test_unknown_method_is_named():
         Grader(method="gsm8k_loose")
 
 
+def test_the_grader_a_stage_address_says():
+    """Grader.from_settings reads the time bound, method and extraction of a stage's settings;
+    a stage without grading_extract (data) reads answers as `any`."""
+    train = {"grading_timeout_s": 3, "grading_method": "math_verify", "grading_extract": "boxed", "lr": 1e-6}
+    g = Grader.from_settings(train, workers=4)
+    assert (g.timeout_s, g.workers, g.method, g.grade_fn) == (3, 4, "math_verify", "apo.reward:grade_math_verify_boxed")
+    data = Grader.from_settings({"grading_timeout_s": 5, "grading_method": "gsm8k_strict"}, workers=1)
+    assert (data.method, data.grade_fn) == ("gsm8k_strict", "apo.reward:grade_gsm8k_strict")
+
+
+def test_every_grading_method_is_one_registry_entry_the_schema_lists():
+    """The schema's enums of grading methods are the registry's names; a GSM8K match finds its
+    number itself, so any extraction grades it with its one function."""
+    import yaml
+
+    from apo.config import SCHEMA_PATH
+
+    grading = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]["grading"]["properties"]
+    assert grading["method"]["enum"] == list(reward.METHODS) == list(reward.GRADING_METHODS)
+    assert [m for m in grading["sample_method"]["enum"] if m] == list(reward.METHODS)
+    assert reward.grade_function("gsm8k_flexible", "boxed") == reward.grade_function("gsm8k_flexible", "any")
+    assert reward.gold_problem("12", "gsm8k_strict") is None and reward.gold_problem("x", "gsm8k_strict")
+    with pytest.raises(ValueError, match="grading extract 'last'"):
+        reward.grade_function("gsm8k_strict", "last")
+
+
 # ---------------------------------------------------------------- property-based
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

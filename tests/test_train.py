@@ -225,8 +225,9 @@ class _FakeGrader:
 
     pattern = [1.0]
 
-    def __init__(self, *args, **kwargs):  # the real one's settings, unused
-        pass
+    @classmethod
+    def from_settings(cls, settings, workers):  # the real one's settings, unused
+        return cls()
 
     def __enter__(self):
         return self

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-log = logging.getLogger("apo")
+log = logging.getLogger(__name__)
 
 
 def _json(text: str):
@@ -205,7 +205,7 @@ def cmd_verify(args):
 
 
 def cmd_bench_generation(args):
-    from apo import bench
+    from apo.tools import bench
 
     if (args.hidden_size is None) != (args.num_layers is None):
         raise SystemExit("apo bench-generation: give --hidden-size and --num-layers together")
@@ -271,19 +271,19 @@ def cmd_prefetch(args):
 
 
 def cmd_bench_steps(args):
-    from apo import bench_steps
+    from apo.tools import bench_steps
 
     bench_steps.run(args.runs, args.config, args.steps, args.rounds)
 
 
 def cmd_bench_peers(args):
-    from apo import bench_peers
+    from apo.tools import bench_peers
 
     bench_peers.run(args.config, args.steps, args.rounds, args.methods.split(","), args.engines.split(","), args.batch)
 
 
 def cmd_bench_grading(args):
-    from apo import bench_grading
+    from apo.tools import bench_grading
 
     bench_grading.run(args.responses, args.workers, args.repeats, args.seed, args.timeout_s)
 
@@ -314,7 +314,7 @@ STAGE_COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="apo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=__package__, description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, help_, arguments in STAGE_COMMANDS:
         sp = sub.add_parser(name, help=help_)
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_tool_commands(sub) -> None:
     """Commands that are not stages: the training rule's lock, the report, `verify`, benchmarks,
     the plan, prefetching the hub's artefacts, importing a model."""
+    from apo.methods import METHODS  # the registry alone: no torch
+
     sp = sub.add_parser("lock", help="run a command holding a stage job's lock (the training rule's launcher)")
     sp.add_argument("--wait-s", type=float, default=None,
                     help="how long to wait for another holder of the lock before failing (lock_wait_s); before FILE")
@@ -391,7 +393,8 @@ def add_tool_commands(sub) -> None:
     sp.add_argument("--config", default="config/config.yaml", help="whose model, prompts, V* and settings")
     sp.add_argument("--steps", type=int, default=12, help="steps per timed run (the first 2 are not counted)")
     sp.add_argument("--rounds", type=int, default=3, help="runs per trainer, the trainers taking turns")
-    sp.add_argument("--methods", default="apo,grpo", help="comma-separated: apo, grpo")
+    peered = ",".join(m.name for m in METHODS.values() if m.peer)
+    sp.add_argument("--methods", default=peered, help=f"comma-separated, of those with a TRL peer: {peered}")
     sp.add_argument("--engines", default="vllm,hf", help="the project's generation engines to time")
     sp.add_argument("--batch", type=int, default=16, help="prompts of the batch the A*-PO losses are compared on")
     sp.set_defaults(fn=cmd_bench_peers)

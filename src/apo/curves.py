@@ -14,10 +14,14 @@ import pandas as pd
 
 from apo.io import atomic_path
 from apo.job import output_name, read_stage_parquet
-from apo.methods import METHODS
+from apo.methods import METHODS, REFERENCE
 
 FRACTIONS = (0.95, 1.0)
-NAMES = {m.name: m.display for m in METHODS.values()}
+
+
+def display_names() -> dict[str, str]:
+    """{method: display name}, in registry order (read when needed: a method registered late counts)."""
+    return {m.name: m.display for m in METHODS.values()}
 
 
 def load(trainings: list[dict]) -> pd.DataFrame:
@@ -75,10 +79,11 @@ def time_to_accuracy(curves: pd.DataFrame, fractions=FRACTIONS) -> pd.DataFrame:
     table = pd.DataFrame.from_dict(rows, orient="index")
     for x in fractions:
         col = f"time_to_{round(100 * x)}_s"
-        base = table[col].get("apo", float("nan"))
+        base = table[col].get(REFERENCE, float("nan"))
         # A*-PO there at step 0 (the reference already is): no ratio to divide by
         table[f"ratio_{round(100 * x)}"] = table[col] / base if base > 0 else float("nan")
-    order = [m for m in NAMES if m in table.index] + sorted(set(table.index) - set(NAMES))
+    names = display_names()
+    order = [m for m in names if m in table.index] + sorted(set(table.index) - set(names))
     table = table.loc[order]
     table.attrs["target_method"] = final.idxmax() if len(final) else None
     table.attrs["best_final"] = best_final
@@ -87,7 +92,8 @@ def time_to_accuracy(curves: pd.DataFrame, fractions=FRACTIONS) -> pd.DataFrame:
 
 def markdown(table: pd.DataFrame) -> str:
     """Accuracy in %, times in minutes, 'not reached' where a method never got there."""
-    shown = pd.DataFrame(index=[NAMES.get(m, m) for m in table.index])
+    names = display_names()
+    shown = pd.DataFrame(index=[names.get(m, m) for m in table.index])
     shown.index.name = "method"
     shown["final val. acc. (%)"] = [f"{100 * v:.2f}" for v in table["final_accuracy"]]
     shown["best val. acc. (%)"] = [f"{100 * v:.2f}" for v in table["best_accuracy"]]
@@ -118,7 +124,7 @@ def plot(curves: pd.DataFrame, x: str, path: Path, title: str) -> None:
     for method, c in means.groupby("method", sort=False):
         xs = c[x] / scale
         (line,) = ax.plot(xs, 100 * c["accuracy"], marker="o", markersize=4, linewidth=2,
-                          label=NAMES.get(method, method))
+                          label=display_names().get(method, method))
         if c["seeds"].max() > 1:
             ax.fill_between(xs, 100 * c["low"], 100 * c["high"], color=line.get_color(), alpha=0.2, linewidth=0)
     if not len(means):

@@ -400,5 +400,5 @@ def run(settings: dict, tokenizer_path: str, demo_dir: str | None, grading: dict
     verify_if_stage(tokenizer_path)  # the demo's model is a stage output
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     check_special_tokens(tokenizer, tokenizer_path)
-    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"]) as grader:
+    with Grader.from_settings(settings, grading["workers"]) as grader:
         return prepare(settings, settings["prompt"], tokenizer, demo_dir, grader)

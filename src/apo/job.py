@@ -41,7 +41,7 @@ import pandas as pd
 from apo.io import clean_dead_tmp, read_json, write_json
 from apo.settings import HASH_LEN, STAGES
 
-log = logging.getLogger("apo")
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # What a stage directory holds besides its outputs: the manifest, logs, training checkpoints

@@ -82,7 +82,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 
-from apo import methods
+from apo import methods, sweep
 
 GIB = 2**30
 LOGIT_BYTES = 16
@@ -265,11 +265,10 @@ class Job:
 
 
 def samples_per_prompt(train: dict, method: str) -> int:
-    """Responses per prompt; of a swept GRPO-family group size (a list), the largest: the peak."""
-    block = train.get(method)
-    if method in methods.GRPO_FAMILY and isinstance(block["group_size"], list):
-        train = {**train, method: {**block, "group_size": max(block["group_size"])}}
-    return methods.get(method).samples(train)
+    """Responses per prompt; of a sweep over what sets them (a GRPO-family group size), the
+    largest: the peak."""
+    m = methods.get(method)
+    return max(m.samples(sweep.apply(train, combo)) for combo in sweep.grid(train, set(m.settings)))
 
 
 def job_from_config(config: dict, label: str, method: str) -> Job:
@@ -449,7 +448,7 @@ def estimate(shape: ModelShape, job: Job) -> Estimate:
     ref = shape.params * job.reference_bytes / (job.shards if job.distributed == "fsdp" else 1)
     critic = critic_update_only = 0.0
     critic_act = (0.0, 0.0)
-    if job.method == "ppo":
+    if methods.get(job.method).critic:
         cw, cg, ckept, co = states(shape.critic_params, job)
         ccompute = compute_copies(shape, job, critic=True) - fsdp_overlap(shape, job)
         critic, critic_update_only = cw + cg + co + ccompute, cg - ckept + ccompute

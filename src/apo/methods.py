@@ -1,11 +1,13 @@
 """The training methods, one registry entry each (in the style of verl's policy-loss registry).
 
-An entry says what the trainer, the content addresses and the report need to know of a
-method: its display name, how many responses it samples per prompt, whether it reads V*,
-whether it needs the log-probs of the policy that sampled (pi_old) or a critic, which
-`train.*` settings only it reads, and its loss. Adding a method is one loss function in
-`apo.losses` and one `register_method` entry here, which reads the loss's inputs off a
-`MicroBatch`.
+An entry is everything outside its loss that the planner, the trainer, the memory plan, the
+report and the tools know of a method: its display name, how many responses it samples per
+prompt, which `train.*` settings only it reads and which of them a sweep may list, whether it
+reads V*, needs the log-probs of the policy that sampled (pi_old) or trains a critic, what it
+computes over the whole batch before its update, and its loss. Adding a method is one loss
+function in `apo.losses`, one `register_method` entry here, which reads the loss's inputs off
+a `MicroBatch`, and its block in the config schema; no other module names a method
+(tests/test_architecture.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class MicroBatch:
     max_len: int | None = None  # train.max_new_tokens (Dr. GRPO's constant, DAPO's overlong buffer)
 
 
+def _never(train_settings: dict) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -48,14 +54,30 @@ class Method:
     loss: Callable[..., tuple[torch.Tensor, dict]]  # (MicroBatch, **hyperparameters)
     samples: Callable[[dict], int]  # train settings -> responses per prompt
     settings: tuple[str, ...]  # train.* keys only this method reads
+    sweepable: tuple[str, ...] = ()  # of those, the dotted keys a sweep may list (lr: every method's)
     reads_vstar: bool = False
     needs_old_logp: bool = False
+    # train settings -> whether pi_old is scored before the update even with one mini-batch
+    # (where `prepare` reads it; otherwise the update reads it off its own forward pass)
+    old_logp_first: Callable[[dict], bool] = _never
+    # A critic trains beside the policy (its learning rate: train.<name>.critic_lr), scored
+    # before the update (MicroBatch.old_values) and in it (MicroBatch.values).
     critic: bool = False
+    # (rollout, train settings, reduce) -> {MicroBatch field: [B, T] tensor}: what the method
+    # computes over the whole batch before its update. The rollout holds the batch's rewards,
+    # mask, ref_logp, old_logp (where scored) and old_values (with a critic); `reduce(x)` sums
+    # x over the processes.
+    prepare: Callable[..., dict] | None = None
     group_filter: bool = False  # GRPO family: its block's dynamic_sampling may drop all-equal groups
+    variant_of: str | None = None  # one loss and another block's settings: the tools time the family once
+    peer: str | None = None  # TRL's trainer of this method (`apo bench-peers` times the two side by side)
 
     def bind(self, train_settings: dict) -> Callable[[MicroBatch], tuple[torch.Tensor, dict]]:
         """The loss with this method's hyperparameters read from the settings once."""
         return functools.partial(self.loss, **{k: train_settings[k] for k in self.settings})
+
+    def critic_lr(self, train_settings: dict) -> float:
+        return train_settings[self.name]["critic_lr"]
 
 
 METHODS: dict[str, Method] = {}
@@ -84,7 +106,23 @@ def method_only_keys() -> set[str]:
     return {k for m in METHODS.values() for k in m.settings}
 
 
-@register_method("apo", "A*-PO", samples=1, settings=("beta2",), reads_vstar=True)
+def sweepable_keys() -> tuple[str, ...]:
+    """The method-only keys a sweep may list, as dotted train.* paths, in registry order."""
+    return tuple(dict.fromkeys(k for m in METHODS.values() for k in m.sweepable))
+
+
+def timed_by_default() -> list[str]:
+    """The methods the tools time when not told which: the registry's order (the reference
+    first), one of each family."""
+    return [m.name for m in METHODS.values() if m.variant_of is None]
+
+
+# The paper's method, registered first: the tools' and the report's ratios are to it.
+REFERENCE = "apo"
+
+
+@register_method(REFERENCE, "A*-PO", samples=1, settings=("beta2",), sweepable=("beta2",), reads_vstar=True,
+                 peer="TRL A2POTrainer")
 def apo_micro_batch_loss(batch: MicroBatch, beta2: float):
     from apo.losses import apo_loss
 
@@ -126,17 +164,32 @@ def grpo_family_loss(batch: MicroBatch, **block: dict):
 
 for _name, _display in GRPO_FAMILY.items():
     register_method(_name, _display, samples=lambda s, _n=_name: s[_n]["group_size"], settings=(_name,),
-                    needs_old_logp=True, group_filter=True)(grpo_family_loss)
+                    sweepable=(f"{_name}.group_size",), needs_old_logp=True, group_filter=True,
+                    variant_of=None if _name == "grpo" else "grpo",
+                    peer="TRL GRPOTrainer" if _name == "grpo" else None)(grpo_family_loss)
 
 
-@register_method("rebel", "REBEL", samples=2, settings=("rebel",), needs_old_logp=True)
+@register_method("rebel", "REBEL", samples=2, settings=("rebel",), sweepable=("rebel.eta",), needs_old_logp=True)
 def rebel_micro_batch_loss(batch: MicroBatch, rebel: dict):
     from apo.losses import rebel_loss
 
     return rebel_loss(batch.logp, batch.old_logp, batch.mask, batch.rewards, rebel["eta"])
 
 
-@register_method("ppo", "PPO", samples=1, settings=("ppo",), needs_old_logp=True, critic=True)
+def ppo_prepare(rollout, train_settings: dict, reduce) -> dict:
+    """PPO's per-token rewards (the KL penalty to the reference where kl_coef > 0) and GAE over
+    the critic's values: the advantages, whitened over the whole batch, and the returns."""
+    from apo.losses import gae, masked_whiten, ppo_token_rewards
+
+    p, r = train_settings["ppo"], rollout
+    kl_logp = r.old_logp if p["kl_coef"] > 0 else r.ref_logp  # kl_coef 0: the penalty vanishes
+    token_rewards = ppo_token_rewards(r.rewards, kl_logp, r.ref_logp, r.mask, p["kl_coef"])
+    advantages, returns = gae(token_rewards, r.old_values, r.mask, p["gamma"], p["lam"])
+    return {"advantages": masked_whiten(advantages, r.mask, reduce=reduce), "returns": returns}
+
+
+@register_method("ppo", "PPO", samples=1, settings=("ppo",), needs_old_logp=True, critic=True, prepare=ppo_prepare,
+                 old_logp_first=lambda s: s["ppo"]["kl_coef"] > 0)
 def ppo_micro_batch_loss(batch: MicroBatch, ppo: dict):
     from apo.losses import ppo_loss
 

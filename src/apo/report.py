@@ -18,7 +18,7 @@ import pandas as pd
 from apo import curves, sweep
 from apo.io import atomic_path, write_text
 from apo.job import output_name, read_stage_json, read_stage_parquet
-from apo.methods import METHODS
+from apo.methods import REFERENCE
 
 CURVES = [
     ("reward", "mean reward (on-policy samples)"),
@@ -84,8 +84,10 @@ FILES = ["report.md", "summary.csv", "paper_table.csv", "paper_table.tex", "trai
          "training_phases.png", "validation_time.png", "validation_steps.png", "time_to_accuracy.csv"]
 
 
-# Row order and display names of the paper's table (Lee et al. 2025, Tables 1-2).
-METHOD_NAMES = {"reference": "reference", **{m.name: m.display for m in METHODS.values()}}
+def method_names() -> dict[str, str]:
+    """Row order and display names of the paper's table (Lee et al. 2025, Tables 1-2): the
+    reference model, then every registered method."""
+    return {"reference": "reference", **curves.display_names()}
 
 
 def paper_table(accuracy: pd.DataFrame, trainings: list[dict]) -> pd.DataFrame:
@@ -109,11 +111,12 @@ def paper_table(accuracy: pd.DataFrame, trainings: list[dict]) -> pd.DataFrame:
     table["seeds"] = cost["seeds"].reindex(table.index).astype("Int64")
     table["train_hours"] = cost["train_time_s"] / 3600
     table["peak_memory_gb"] = cost["peak_memory_mb"] / 1024
-    base = cost.loc["apo"] if "apo" in cost.index else pd.Series({"train_time_s": float("nan"), "peak_memory_mb": float("nan")})
+    base = cost.loc[REFERENCE] if REFERENCE in cost.index else pd.Series({"train_time_s": float("nan"), "peak_memory_mb": float("nan")})
     table["time_ratio"] = cost["train_time_s"] / base["train_time_s"]
     table["memory_ratio"] = cost["peak_memory_mb"] / base["peak_memory_mb"]
-    order = [m for m in METHOD_NAMES if m in table.index] + sorted(set(table.index) - set(METHOD_NAMES))
-    table = table.loc[order].rename(index=METHOD_NAMES)
+    names = method_names()
+    order = [m for m in names if m in table.index] + sorted(set(table.index) - set(names))
+    table = table.loc[order].rename(index=names)
     table.index.name = "method"
     table.columns.name = None
     return table
@@ -211,7 +214,7 @@ def validation_markdown(validation: dict | None, tta: pd.DataFrame | None) -> li
         lines += ["", "**The validation set is not held out from the test benchmarks** "
                   "(`data.validation_on_benchmark: true`, as the authors validate on the MATH test "
                   "set, which holds MATH500): a choice made by validation accuracy is made on test problems."]
-    best = curves.NAMES.get(tta.attrs.get("target_method"), tta.attrs.get("target_method"))
+    best = curves.display_names().get(tta.attrs.get("target_method"), tta.attrs.get("target_method"))
     lines += ["", "![validation accuracy against training time](validation_time.png)",
               "![validation accuracy against optimizer steps](validation_steps.png)", "",
               f"Training time until the mean validation accuracy (over seeds) first reaches X % of the "
@@ -229,7 +232,7 @@ def sweep_markdown(runs: list[dict]) -> list[str]:
     rows = []
     for r in runs:
         v = read_stage_parquet(Path(r["dir"]) / output_name("train", "validation")).sort_values("step").iloc[-1]
-        rows.append({"method": METHOD_NAMES.get(r["method"], r["method"]),
+        rows.append({"method": method_names().get(r["method"], r["method"]),
                      **{k: sweep.value_text(val) for k, val in r["combo"].items()},
                      "final val. acc. (%)": f"{100 * v['accuracy']:.2f}",
                      "training time (min)": f"{v['train_time_s'] / 60:.2f}",

@@ -47,9 +47,43 @@ log = logging.getLogger(__name__)
 
 # Status of one graded response (counted in every stage's outputs).
 OK, NO_ANSWER, BAD_GOLD, TIMEOUT, ERROR = "ok", "no_answer", "bad_gold", "timeout", "error"
-METHODS = ("math_verify", "gsm8k_strict", "gsm8k_flexible")
 # Where math_verify finds a response's answer (config `grading.extract`, `evaluate.extract`).
 EXTRACTS = ("any", "boxed")
+
+
+@dataclass(frozen=True)
+class GradingMethod:
+    """One grading method (config `grading.method`): what a worker calls for each extraction
+    (`EXTRACTS`), as "module:function" (workers import functions by name), and whether its
+    gold must be a number. A method with a function for `any` alone finds its answer itself and
+    reads every extraction so."""
+
+    name: str
+    functions: dict[str, str]
+    numeric_gold: bool = False
+
+    def function(self, extract: str = "any") -> str:
+        if extract not in EXTRACTS:
+            raise ValueError(f"grading extract {extract!r}: use one of {EXTRACTS}")
+        return self.functions.get(extract, self.functions["any"])
+
+
+GRADING_METHODS = {m.name: m for m in (
+    GradingMethod("math_verify", {"any": "apo.reward:grade_math_verify", "boxed": "apo.reward:grade_math_verify_boxed"}),
+    GradingMethod("gsm8k_strict", {"any": "apo.reward:grade_gsm8k_strict"}, numeric_gold=True),
+    GradingMethod("gsm8k_flexible", {"any": "apo.reward:grade_gsm8k_flexible"}, numeric_gold=True),
+)}
+METHODS = tuple(GRADING_METHODS)
+DEFAULT_METHOD = METHODS[0]
+
+
+def grading_method(name: str) -> GradingMethod:
+    try:
+        return GRADING_METHODS[name]
+    except KeyError:
+        raise ValueError(f"grading method {name!r}: use one of {METHODS}") from None
+
+
 # Two numbers of which one is written as a float match when they agree to this relative
 # tolerance, the one the Qwen2.5-Math evaluation harness uses (QwenLM/Qwen2.5-Math,
 # evaluation/grader.py:266-273, `numeric_equal`). Exact numbers (integers, fractions, roots)
@@ -115,10 +149,10 @@ _PROSE = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}")
 _NUMBER = re.compile(r"-?[0-9.]+")
 
 
-def gold_problem(gold: str, method: str = "math_verify") -> str | None:
+def gold_problem(gold: str, method: str = DEFAULT_METHOD) -> str | None:
     """Why a gold answer cannot be graded against (dropped when data is prepared), or None."""
     gold = str(gold).strip()
-    if method in ("gsm8k_strict", "gsm8k_flexible"):
+    if grading_method(method).numeric_gold:
         if not _NUMBER.fullmatch(gold.replace(",", "")):
             return "not a number, which the strict '#### N' match needs"
         return None
@@ -242,23 +276,10 @@ def grade_gsm8k_flexible(gold: str, response: str) -> tuple[float, str, str]:
     return (1.0 if answer == gold.strip().replace(",", "") else 0.0), OK, answer[:200]
 
 
-# What a worker calls for each method and extraction (workers import functions by name).
-GRADE_FUNCTIONS = {
-    ("math_verify", "any"): "apo.reward:grade_math_verify",
-    ("math_verify", "boxed"): "apo.reward:grade_math_verify_boxed",
-    ("gsm8k_strict", "any"): "apo.reward:grade_gsm8k_strict",
-    ("gsm8k_flexible", "any"): "apo.reward:grade_gsm8k_flexible",
-}
-
-
 def grade_function(method: str, extract: str = "any") -> str:
     """The worker function for a method; `extract` is math_verify's alone (the GSM8K matches
     find their number themselves)."""
-    if method not in METHODS:
-        raise ValueError(f"grading method {method!r}: use one of {METHODS}")
-    if extract not in EXTRACTS:
-        raise ValueError(f"grading extract {extract!r}: use one of {EXTRACTS}")
-    return GRADE_FUNCTIONS[method, extract if method == "math_verify" else "any"]
+    return grading_method(method).function(extract)
 
 
 GOLD_FUNCTION = "apo.reward:gold_problem"
@@ -368,7 +389,7 @@ class _Worker:
 class Grader:
     """Grades responses in `workers` processes, each response within `timeout_s` seconds."""
 
-    def __init__(self, timeout_s: float = 5.0, workers: int = 2, method: str = "math_verify",
+    def __init__(self, timeout_s: float = 5.0, workers: int = 2, method: str = DEFAULT_METHOD,
                  grade_fn: str | None = None, max_start_failures: int = 3, extract: str = "any"):
         self.timeout_s, self.workers, self.method = timeout_s, workers, method
         # "module:function" called as fn(gold, response) -> (reward, status, extracted)
@@ -377,6 +398,14 @@ class Grader:
         # Responses take milliseconds; one still running after this is likely to hang.
         self.spare_after_s = min(1.0, timeout_s / 2)
         self._pool: list[_Worker] = []
+
+    @classmethod
+    def from_settings(cls, settings: dict, workers: int) -> Grader:
+        """The grader a stage's address says: `settings` holds grading_timeout_s, grading_method
+        and, where the stage reads it, grading_extract (apo.settings); the worker count is a
+        runtime knob (runtime_knobs: grading.workers), speed only."""
+        return cls(settings["grading_timeout_s"], workers, settings["grading_method"],
+                   extract=settings.get("grading_extract", "any"))
 
     def __enter__(self):
         return self

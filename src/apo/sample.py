@@ -93,8 +93,7 @@ def run_shard(
     seed = settings["seed"] * 10_007 + shard
     verify_if_stage(model_path)  # a trained model is a stage output
     generator = open_generator(settings["backend"], model_path, generation, prompts, sampling.max_new_tokens, seed)
-    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"],
-                extract=settings["grading_extract"]) as grader:
+    with Grader.from_settings(settings, grading["workers"]) as grader:
         samples = sample_and_grade(generator, grader, prompts, sampling, seed=seed)
     metrics = {"mean_reward": samples["reward"].mean(), "responses": len(samples),
                "ungraded": int((samples["status"] != "ok").sum()), "mean_tokens": samples["num_tokens"].mean()}

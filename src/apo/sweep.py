@@ -1,7 +1,7 @@
 """Hyperparameter sweeps: each method at its own best setting.
 
-`train.lr`, `train.beta2`, `train.rebel.eta` and the `group_size` of the GRPO family
-(`train.grpo`, `train.dr_grpo`, `train.dapo`, `train.gspo`) may be lists. A
+`train.lr` and the keys each method's registry entry calls sweepable (`Method.sweepable`: A*-PO's
+beta2, REBEL's eta, the group size of each of the GRPO family) may be lists. A
 method is then trained once per combination of the listed values it reads (on the first of
 `seeds`); its pick is the combination with the best final validation accuracy (the policy
 after the last step, scored on data.validation: never a test benchmark), which alone is
@@ -20,8 +20,13 @@ import itertools
 import json
 from pathlib import Path
 
-# The keys a sweep may list, as dotted train.* paths.
-SWEEPABLE = ("lr", "beta2", "rebel.eta", "grpo.group_size", "dr_grpo.group_size", "dapo.group_size", "gspo.group_size")
+from apo import methods
+
+
+def sweepable() -> tuple[str, ...]:
+    """The keys a sweep may list, as dotted train.* paths: every method's learning rate, then
+    the method-only keys the registry calls sweepable."""
+    return ("lr", *methods.sweepable_keys())
 
 
 def _get(train: dict, dotted: str):
@@ -33,12 +38,12 @@ def _get(train: dict, dotted: str):
 
 def swept_keys(train: dict, reads: set[str]) -> list[str]:
     """The listed keys among those a method reads (`reads`: its top-level train.* keys)."""
-    return [k for k in SWEEPABLE if k.split(".")[0] in reads and isinstance(_get(train, k), list)]
+    return [k for k in sweepable() if k.split(".")[0] in reads and isinstance(_get(train, k), list)]
 
 
 def listed_keys(train: dict) -> list[str]:
     """The sweepable keys the config lists several values for (any method's)."""
-    return [k for k in SWEEPABLE if isinstance(_get(train, k), list)]
+    return [k for k in sweepable() if isinstance(_get(train, k), list)]
 
 
 def grid(train: dict, reads: set[str]) -> list[dict]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT = "apo"
+EXPERIMENT = __package__  # one MLflow experiment, named after the package
 
 
 class TrackingError(RuntimeError):

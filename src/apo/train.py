@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -37,7 +37,7 @@ from apo.checkpoint import latest_checkpoint, resume, save_checkpoint
 from apo.generation import SamplingSettings, VLLMSettings, make_generator
 from apo.io import atomic_path
 from apo.job import output_name, verify_if_stage
-from apo.losses import aggregate, gae, logprob_gap, masked_whiten, ppo_token_rewards
+from apo.losses import aggregate, logprob_gap
 from apo.methods import MicroBatch
 from apo.monitor import CollapseMonitor, peak_memory_mb
 from apo.reward import Grader
@@ -215,9 +215,9 @@ def make_accelerator(settings: dict, accum: int):
             "accelerate was launched with its own FSDP plugin; the trainer shards the networks itself: "
             f"launch with workflow/accelerate/fsdp.yaml and {sharding.DISTRIBUTED_KEY}: fsdp"
         )
-    if kind == DistributedType.DEEPSPEED and settings["method"] == "ppo":
+    if kind == DistributedType.DEEPSPEED and methods.get(settings["method"]).critic:
         raise NotImplementedError(
-            "train.method ppo trains two networks (policy and critic), which accelerate's DeepSpeed "
+            f"train.method {settings['method']} trains two networks (policy and critic), which accelerate's DeepSpeed "
             "integration needs one plugin each for; use resources.train.distributed: ddp or fsdp"
         )
     if kind == DistributedType.DEEPSPEED:  # no dataloader to read it from
@@ -329,11 +329,12 @@ def setup(settings: dict, model_path: str, prompts_path: str, vstar_path, out_di
     settings = with_epochs(settings, len(data))
     vs = (validate.load(settings, validation_path, accelerator.process_index, world, data)
           if validation_path else None)
+    method = methods.get(settings["method"])
     policy, reference, critic = load_models(settings, model_path, accelerator, gradient_checkpointing, fsdp)
     policy, optimizer, scheduler = optimize(accelerator, policy, settings, settings["lr"], fsdp)
     critic_opt = critic_sched = None
     if critic is not None:
-        critic, critic_opt, critic_sched = optimize(accelerator, critic, settings, settings["ppo"]["critic_lr"], fsdp)
+        critic, critic_opt, critic_sched = optimize(accelerator, critic, settings, method.critic_lr(settings), fsdp)
         critic.eval()
     # Colocated engine: vLLM lives in this process and gets the new weights after every step.
     generator = make_generator(
@@ -342,7 +343,6 @@ def setup(settings: dict, model_path: str, prompts_path: str, vstar_path, out_di
         max_model_len=engine_length(tokenizer, prompt_ids, settings, vs),
         vllm=VLLMSettings.from_runtime(generation), dtype=settings["compute_dtype"],
     )
-    method = methods.get(settings["method"])
     sampling = SamplingSettings(n=method.samples(settings), temperature=settings["temperature"],
                                 top_p=settings["top_p"], max_new_tokens=settings["max_new_tokens"])
     return Trainer(settings, method, method.bind(settings), accelerator, world, n_minis, accum, tokenizer, policy,
@@ -371,8 +371,7 @@ class Rollout:
     mask: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
+    prepared: dict = field(default_factory=dict)  # the method's own [B, T] inputs (Method.prepare)
 
 
 def roll_out(trainer: Trainer, grader: Grader, step: int, times: dict) -> Rollout:
@@ -478,8 +477,8 @@ def micro_slices(trainer: Trainer) -> list[list[slice]]:
 def score(trainer: Trainer, rollout: Rollout, times: dict) -> None:
     """Everything the update needs from before it: reference log-probs; pi_old's log-probs
     when a method needs them and the batch has several mini-batches (with one, pi_old is the
-    policy itself and the update reads them off its own forward pass); PPO's critic values,
-    per-token rewards and GAE advantages, whitened over the whole batch."""
+    policy itself and the update reads them off its own forward pass) or it reads them first;
+    the critic's values; what the method computes over the whole batch (`Method.prepare`)."""
     settings, pad = trainer.settings, trainer.tokenizer.pad_token_id
     parts = [rows for mini in micro_slices(trainer) for rows in mini]
     temp = settings["temperature"]
@@ -493,19 +492,14 @@ def score(trainer: Trainer, rollout: Rollout, times: dict) -> None:
                                                      pad)
         times["ref_logprobs"] = clock(trainer.accelerator.device) - tick
         tick = clock(trainer.accelerator.device)
-        ppo_kl = trainer.critic is not None and settings["ppo"]["kl_coef"] > 0
-        if trainer.method.needs_old_logp and (trainer.n_minis > 1 or ppo_kl):
+        if trainer.method.needs_old_logp and (trainer.n_minis > 1 or trainer.method.old_logp_first(settings)):
             rollout.old_logp, _ = score_batch(logprobs, trainer.policy, rollout.p_ids, rollout.r_ids, parts, pad)
         times["old_logprobs"] = clock(trainer.accelerator.device) - tick
         tick = clock(trainer.accelerator.device)
         if trainer.critic is not None:
-            p = settings["ppo"]
             rollout.old_values, _ = score_batch(token_values, trainer.critic, rollout.p_ids, rollout.r_ids, parts, pad)
-            kl_logp = rollout.old_logp if ppo_kl else rollout.ref_logp  # kl_coef 0: the penalty vanishes
-            token_rewards = ppo_token_rewards(rollout.rewards, kl_logp, rollout.ref_logp, rollout.mask, p["kl_coef"])
-            advantages, rollout.returns = gae(token_rewards, rollout.old_values, rollout.mask, p["gamma"], p["lam"])
-            rollout.advantages = masked_whiten(advantages, rollout.mask,
-                                               reduce=lambda x: trainer.accelerator.reduce(x, "sum"))
+        if trainer.method.prepare is not None:
+            rollout.prepared = trainer.method.prepare(rollout, settings, lambda x: trainer.accelerator.reduce(x, "sum"))
         times["values"] = clock(trainer.accelerator.device) - tick
 
 
@@ -540,8 +534,8 @@ def micro_loss(trainer: Trainer, rollout: Rollout, rows: slice, tokens: float, s
     batch = MicroBatch(logp=logp, old_logp=old_logp, ref_logp=cut(rollout.ref_logp), mask=mask,
                        rewards=rollout.rewards[rows], vstar=rollout.vstars[rows], tokens=tokens,
                        loss_agg=settings["loss_agg"], old_values=cut(rollout.old_values),
-                       advantages=cut(rollout.advantages), returns=cut(rollout.returns),
-                       engine_logp=cut(rollout.engine_logp), max_len=settings["max_new_tokens"])
+                       engine_logp=cut(rollout.engine_logp), max_len=settings["max_new_tokens"],
+                       **{k: cut(v) for k, v in rollout.prepared.items()})
     if trainer.critic is not None:
         batch.values, _ = token_values(trainer.critic, rollout.p_ids[rows], rollout.r_ids[rows], pad)
     loss, stats = trainer.loss_fn(batch)
@@ -759,8 +753,7 @@ def train(
     bar = tqdm(range(start, steps), desc="train", initial=start, total=steps,
                mininterval=2, disable=not trainer.accelerator.is_main_process)
     # time bound and method from the stage's address; the worker count is a runtime knob
-    with Grader(settings["grading_timeout_s"], grading["workers"], settings["grading_method"],
-                extract=settings["grading_extract"]) as grader:
+    with Grader.from_settings(settings, grading["workers"]) as grader:
         validate_if_due(trainer, grader, history, validations, tracker)  # step 0
         for step in bar:
             row = train_step(trainer, grader, step)

@@ -103,7 +103,7 @@ def run(config_path: str, n_prompts: int, repeats: int, model: str | None = None
             job = json.dumps({"backend": name, "model_dir": model_dir, "prompts_path": prompts_path,
                               "n_prompts": n_prompts, "sampling": dataclasses.asdict(sampling),
                               "generation": generation, "seed": r})
-            proc = subprocess.run([sys.executable, "-m", "apo.bench", job], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-m", "apo.tools.bench", job], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"bench run {r + 1} ({name}) failed:\n{proc.stderr[-3000:]}")
             res = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -34,31 +34,20 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from apo.memory import KNOWN_MODELS
+from apo import methods
+from apo.memory import KNOWN_MODELS, ModelShape
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PAPER_CONFIG = ROOT / "config" / "paper" / "qwen2.5-1.5b.yaml"
-METHODS = ("apo", "grpo", "rebel", "ppo")  # A*-PO first: every ratio is to it
+# One method of each family, in the registry's order: A*-PO first, every ratio is to it.
+METHODS = tuple(methods.timed_by_default())
+REFERENCE = methods.get(methods.REFERENCE)
 GB = 1024  # MiB per GiB: the trainer reports MiB, the table GiB (called GB, as in the report)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-    vocab_size: int
-
-
-def _architecture(shape) -> Architecture:
-    return Architecture(**{f: getattr(shape, f) for f in Architecture.__dataclass_fields__})
 
 
 # Qwen/Qwen2.5-1.5B as the memory plan knows it (its config.json); with tied embeddings it
 # has this many parameters.
-QWEN25_1_5B = _architecture(KNOWN_MODELS["Qwen/Qwen2.5-1.5B"])
+QWEN25_1_5B = KNOWN_MODELS["Qwen/Qwen2.5-1.5B"]
 QWEN25_1_5B_PARAMETERS = 1_543_714_304
 
 
@@ -69,7 +58,7 @@ class Profile:
 
     name: str
     device: str
-    arch: Architecture
+    arch: ModelShape
     prompts: int
     mini_batch_size: int
     micro_batch_size: int
@@ -85,9 +74,9 @@ class Profile:
 FULL = Profile("full", "cuda", QWEN25_1_5B, prompts=16, mini_batch_size=8, micro_batch_size=1,
                response_tokens=512, steps=3, warmup=1, generation_batch=128, grading_workers=8,
                budget_s=420)
-TINY = Profile("tiny", "cpu", Architecture(64, 2, 4, 2, 128, 1024), prompts=2, mini_batch_size=1,
-               micro_batch_size=1, response_tokens=8, steps=2, warmup=1, generation_batch=32,
-               grading_workers=1, budget_s=600)
+TINY = Profile("tiny", "cpu", ModelShape(64, 2, 4, 2, 128, 1024, tie_word_embeddings=True), prompts=2,
+               mini_batch_size=1, micro_batch_size=1, response_tokens=8, steps=2, warmup=1,
+               generation_batch=32, grading_workers=1, budget_s=600)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -130,20 +119,25 @@ def make_tokenizer(texts: list[str], vocab_size: int, bpe_vocab: int):
     )
 
 
-def model_config(arch: Architecture, tokenizer):
-    """Qwen2 with `arch`'s sizes, tied embeddings, and the tokenizer's EOS and padding."""
+# What Qwen2Config reads of a ModelShape (Qwen2 has q/k/v biases and head_dim hidden / heads).
+CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size", "tie_word_embeddings")
+
+
+def model_config(arch: ModelShape, tokenizer):
+    """Qwen2 with `arch`'s sizes and the tokenizer's EOS and padding."""
     from transformers import Qwen2Config
 
     from apo import demo
 
     eos = tokenizer.convert_tokens_to_ids(demo.EOS)
     return Qwen2Config(
-        **asdict(arch), tie_word_embeddings=True, max_position_embeddings=32_768, rms_norm_eps=1e-6,
+        **{f: getattr(arch, f) for f in CONFIG_FIELDS}, max_position_embeddings=32_768, rms_norm_eps=1e-6,
         eos_token_id=eos, bos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )
 
 
-def build_model(arch: Architecture, tokenizer, device: str, out: Path) -> int:
+def build_model(arch: ModelShape, tokenizer, device: str, out: Path) -> int:
     """Randomly initialise the model on `device` (seconds on a GPU, minutes on a CPU at full
     size), save it in bfloat16 beside the tokenizer, and return its parameter count."""
     import torch
@@ -261,7 +255,7 @@ def measure(job: dict) -> dict:
                 job["generation"], job["gradient_checkpointing"])
     setup_s = time.perf_counter() - clock
     rows = []
-    with Grader(**job["grading"]) as grader:
+    with Grader.from_settings(job["settings"], job["grading"]["workers"]) as grader:
         for step in range(job["settings"]["steps"]):
             row = T.train_step(t, grader, step)
             row["peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20 if cuda else None
@@ -292,7 +286,6 @@ def _device_name(device) -> str:
 
 
 def worker_main(job_path: str) -> None:
-    import torch
 
     quiet_progress_bars()
     job = json.loads(Path(job_path).read_text())
@@ -312,7 +305,7 @@ def run_method(job: dict, workdir: Path, timeout_s: float) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if job["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # --tiny on a GPU machine still measures the CPU
-    cmd = [sys.executable, "-m", "apo.gpu_check", "--worker", str(job_path)]
+    cmd = [sys.executable, "-m", "apo.tools.gpu_check", "--worker", str(job_path)]
     clock = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)
     try:
@@ -354,14 +347,14 @@ def summarize(result: dict, warmup: int, responses: int) -> dict:
 
 
 def add_ratios(rows: dict) -> None:
-    """Each method's step time and peaks as multiples of A*-PO's."""
-    base = rows.get("apo", {})
+    """Each method's step time and peaks as multiples of the reference method's (A*-PO's)."""
+    base = rows.get(REFERENCE.name, {})
     for row in rows.values():
         if row.get("status") != "ok":
             continue
         for key in ("step_s", "peak_allocated_gb", "peak_reserved_gb"):
             ok = base.get("status") == "ok" and row.get(key) is not None and base.get(key)
-            row[f"{key}_vs_apo"] = row[key] / base[key] if ok else None
+            row[f"{key}_vs_{REFERENCE.name}"] = row[key] / base[key] if ok else None
 
 
 def phase_key(column: str) -> str:
@@ -373,14 +366,18 @@ def _num(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _ratio(row: dict, key: str) -> str:
+    return _num(row[f"{key}_vs_{REFERENCE.name}"], ".2f")
+
+
 def markdown_table(rows: dict, order: list[str]) -> str:
     """One row per method: seconds per step by phase (median of the timed steps), the step,
     peak memory, and ratios to A*-PO."""
-    from apo import methods
     from apo.report import PHASES
 
+    times = f"× {REFERENCE.display}"
     head = (["method", "responses / step"] + [f"{label} (s)" for _, label in PHASES]
-            + ["step (s)", "× A*-PO", "peak allocated (GB)", "× A*-PO", "peak reserved (GB)", "× A*-PO"])
+            + ["step (s)", times, "peak allocated (GB)", times, "peak reserved (GB)", times])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for method in order:
         row, name = rows[method], methods.get(method).display
@@ -389,9 +386,8 @@ def markdown_table(rows: dict, order: list[str]) -> str:
             continue
         cells = [name, str(row["responses_per_step"])]
         cells += [f"{row['phases_s'][phase_key(col)]:.2f}" for col, _ in PHASES]
-        cells += [f"{row['step_s']:.2f}", _num(row["step_s_vs_apo"], ".2f"),
-                  f"{row['peak_allocated_gb']:.2f}", _num(row["peak_allocated_gb_vs_apo"], ".2f"),
-                  _num(row["peak_reserved_gb"], ".2f"), _num(row["peak_reserved_gb_vs_apo"], ".2f")]
+        cells += [f"{row['step_s']:.2f}", _ratio(row, "step_s"), f"{row['peak_allocated_gb']:.2f}",
+                  _ratio(row, "peak_allocated_gb"), _num(row["peak_reserved_gb"], ".2f"), _ratio(row, "peak_reserved_gb")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -431,12 +427,13 @@ def describe(report: dict) -> str:
 
 
 def occupancy(report: dict) -> str:
-    """"N sequences per call against GRPO's M", from the rows that ran."""
-    rows = report["methods"]
-    n = {m: rows[m].get("responses_per_step") for m in ("apo", "grpo") if m in rows}
-    if n.get("apo") and n.get("grpo"):
-        return f"{n['apo']} sequences per call against GRPO's {n['grpo']}"
-    return "one sequence per prompt against GRPO's group"
+    """"N sequences per call against GRPO's M" (the method that samples the most), from the
+    rows that ran."""
+    n = {m: row.get("responses_per_step") for m, row in report["methods"].items() if row.get("responses_per_step")}
+    most = max(n, key=n.get, default=None)
+    if REFERENCE.name in n and most != REFERENCE.name:
+        return f"{n[REFERENCE.name]} sequences per call against {methods.get(most).display}'s {n[most]}"
+    return "one sequence per prompt against a group"
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -456,8 +453,8 @@ def parse_args(argv):
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (seconds; what CI runs)")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="override the profile's device")
     ap.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all of them; "
-                    "with --gpus: apo)")
-    ap.add_argument("--gpus", metavar="N", help="the multi-GPU mode (apo.gpu_check_multi): N >= 2 training "
+                    f"with --gpus: {methods.REFERENCE})")
+    ap.add_argument("--gpus", metavar="N", help="the multi-GPU mode (apo.tools.gpu_check_multi): N >= 2 training "
                     "processes, one per GPU, under FSDP with a vLLM engine each; auto: every visible GPU")
     ap.add_argument("--config", default=str(PAPER_CONFIG), help="the config whose train settings are used")
     ap.add_argument("--prompts", type=int, help="prompts per step (train.batch_size; with --gpus: per GPU)")
@@ -534,7 +531,6 @@ def check(args) -> int:
     profile = choose_profile(args)
     names = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
     preflight(profile)
-    from apo import methods
 
     for name in names:
         methods.get(name)  # an unknown name fails here, naming the known ones
@@ -563,7 +559,6 @@ def check(args) -> int:
 def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir: Path,
              checkpointing: bool) -> dict:
     """What a worker needs to train `method`: the pipeline's settings for it and the inputs."""
-    from apo import methods
 
     return {
         "method": method, "device": profile.device, "settings": method_settings(config, method),
@@ -571,14 +566,13 @@ def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir:
         "vstar": inputs["vstar"] if methods.get(method).reads_vstar else None,
         "out_dir": str(workdir / f"run-{method}"),
         "generation": {"batch_size": config["generation"]["batch_size"]},
-        "grading": {"timeout_s": config["grading"]["timeout_s"], "workers": config["grading"]["workers"]},
+        "grading": {"workers": config["grading"]["workers"]},  # the runtime knob; the rest is in settings
         "gradient_checkpointing": checkpointing, "result": str(workdir / f"result-{method}.json"),
     }
 
 
 def measure_one(job: dict, profile: Profile, workdir: Path, remaining: float) -> dict:
     """One method's row of the table (or its status, when it did not finish)."""
-    from apo import methods
 
     if remaining < 20:
         return {"status": "skipped (the check's time budget is spent)"}
@@ -599,7 +593,7 @@ def main(argv=None) -> int:
     # A terminated check unwinds (and stops the method it is running) instead of dying mid-way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.gpus:
-        from apo import gpu_check_multi
+        from apo.tools import gpu_check_multi
 
         return gpu_check_multi.check(args)
     return check(args)

@@ -1,6 +1,6 @@
 """The GPU check on a node of several GPUs: `scripts/gpu-check.sh --gpus N` (or `--gpus auto`).
 
-Where the single-GPU check (apo.gpu_check) trains each method in one process on the
+Where the single-GPU check (apo.tools.gpu_check) trains each method in one process on the
 transformers engine, this mode runs the paper's multi-GPU job shape: N training processes,
 one per GPU, launched as the pipeline's training rule launches them (`accelerate launch
 --config_file workflow/accelerate/fsdp.yaml --num_processes N`), each building the trainer with
@@ -40,18 +40,20 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from apo.gpu_check import GB, QWEN25_1_5B, ROOT, Architecture, Profile
+from apo import methods
+from apo.memory import ModelShape
+from apo.tools.gpu_check import GB, QWEN25_1_5B, ROOT, Profile
 
 ACCELERATE_CONFIGS = ROOT / "workflow" / "accelerate"
-DEFAULT_METHODS = ("apo",)
+DEFAULT_METHODS = (methods.REFERENCE,)
 # Sizes per GPU: each rank trains on its own 8 prompts per step in two mini-batches.
 FSDP = Profile("multi-gpu", "cuda", QWEN25_1_5B, prompts=8, mini_batch_size=4, micro_batch_size=1,
                response_tokens=512, steps=2, warmup=0, generation_batch=128, grading_workers=4,
                budget_s=540)
 # The demo model's shape (config/config.yaml, demo.model), on the CPU.
-FSDP_TINY = Profile("multi-gpu-tiny", "cpu", Architecture(64, 4, 2, 2, 192, 512), prompts=2, mini_batch_size=1,
-                    micro_batch_size=1, response_tokens=8, steps=2, warmup=0, generation_batch=32,
-                    grading_workers=1, budget_s=300, bpe_vocab=300)
+FSDP_TINY = Profile("multi-gpu-tiny", "cpu", ModelShape(64, 4, 2, 2, 192, 512, tie_word_embeddings=True),
+                    prompts=2, mini_batch_size=1, micro_batch_size=1, response_tokens=8, steps=2, warmup=0,
+                    generation_batch=32, grading_workers=1, budget_s=300, bpe_vocab=300)
 # On the CPU the engine gets a small KV cache and no compilation (as tests/test_fsdp.py runs it).
 CPU_ENGINE = {"enforce_eager": True, "cpu_kvcache_gib": 1}
 
@@ -100,11 +102,11 @@ def for_gpus(profile: Profile, n: int) -> Profile:
 
 def launch_command(n: int, port: int | str, device: str, distributed: str, job_path: Path,
                    python: str = sys.executable) -> list[str]:
-    """N rank processes of `python -m apo.gpu_check_multi JOB`. On GPUs as the pipeline's
+    """N rank processes of `python -m apo.tools.gpu_check_multi JOB`. On GPUs as the pipeline's
     training rule starts them (workflow/rules/train.smk: `accelerate launch` with the mode's
     config, one process per GPU, a port of the job's own); on the CPU with torchrun, as
     tests/test_fsdp.py does (accelerate's multi-GPU config wants devices)."""
-    worker = ["apo.gpu_check_multi", str(job_path)]
+    worker = ["apo.tools.gpu_check_multi", str(job_path)]
     if device == "cuda":
         return [python, "-m", "accelerate.commands.launch", "--config_file",
                 str(ACCELERATE_CONFIGS / f"{distributed}.yaml"), "--num_processes", str(n),
@@ -295,7 +297,7 @@ def measure_ranks(job: dict) -> dict | None:
     memory = PhaseMemory(device)
     memory.watch(t.generator)
     steps = []
-    with Grader(**job["grading"]) as grader:
+    with Grader.from_settings(job["settings"], job["grading"]["workers"]) as grader:
         for step in range(job["settings"]["steps"]):
             row = T.train_step(t, grader, step)
             steps.append({k: row[k] for k in ("time_step_s", "time_generate_s", "time_update_s", "time_sync_s",
@@ -314,7 +316,7 @@ def measure_ranks(job: dict) -> dict | None:
 
 
 def rank_main(job_path: str) -> None:
-    from apo.gpu_check import quiet_progress_bars
+    from apo.tools.gpu_check import quiet_progress_bars
 
     quiet_progress_bars()
     job = json.loads(Path(job_path).read_text())
@@ -415,8 +417,7 @@ def run_ranks(job: dict, workdir: Path, n: int, timeout_s: float) -> dict:
 
 def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir: Path, mode: dict,
              checkpointing: bool) -> dict:
-    from apo import methods
-    from apo.gpu_check import method_settings
+    from apo.tools.gpu_check import method_settings
     from apo.settings import runtime_knobs
 
     generation = runtime_knobs(config)["generation"]
@@ -428,13 +429,13 @@ def make_job(method: str, profile: Profile, config: dict, inputs: dict, workdir:
         "prompts": inputs["prompts"], "vstar": inputs["vstar"] if methods.get(method).reads_vstar else None,
         "max_prompt_tokens": inputs["prompt_tokens_max"], "out_dir": str(workdir / f"run-{method}"),
         "generation": generation,
-        "grading": {"timeout_s": config["grading"]["timeout_s"], "workers": config["grading"]["workers"]},
+        "grading": {"workers": config["grading"]["workers"]},  # the runtime knob; the rest is in settings
         "gradient_checkpointing": checkpointing, "result": str(workdir / f"result-{method}.json"),
     }
 
 
 def build_inputs_elsewhere(profile: Profile, config: dict, workdir: Path) -> dict:
-    """apo.gpu_check.build_inputs, on a GPU in a child process: the CUDA context the model
+    """apo.tools.gpu_check.build_inputs, on a GPU in a child process: the CUDA context the model
     build opens is then gone before the ranks measure theirs (else GPU 0 holds it); and the
     longest prompt in tokens."""
     import multiprocessing
@@ -442,7 +443,7 @@ def build_inputs_elsewhere(profile: Profile, config: dict, workdir: Path) -> dic
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from apo.gpu_check import build_inputs
+    from apo.tools.gpu_check import build_inputs
 
     if profile.device == "cpu":
         inputs = build_inputs(profile, config, workdir)
@@ -461,9 +462,8 @@ def check(args) -> int:
     gpu-check-multi.json and .md after each. Returns the exit code."""
     import torch
 
-    from apo import methods
     from apo.config import vllm_available
-    from apo.gpu_check import PAPER_CONFIG, check_config, out_dir, preflight, quiet_progress_bars, shown_path
+    from apo.tools.gpu_check import PAPER_CONFIG, check_config, out_dir, preflight, quiet_progress_bars, shown_path
 
     start = time.perf_counter()
     base = FSDP_TINY if args.tiny else FSDP

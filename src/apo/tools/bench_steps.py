@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from apo.config import load_yaml, validate_config
-from apo.methods import METHODS
+from apo.methods import METHODS, REFERENCE
 from apo.settings import runtime_knobs
 
 WARMUP_STEPS = 2  # the first steps pay the engine's and the allocator's warm-up
@@ -86,8 +86,8 @@ def run(run_dirs: list[str], config_path: str, steps: int, rounds: int) -> pd.Da
                      "responses_per_step": manifest["settings"]["batch_size"] * METHODS[method].samples(manifest["settings"]),
                      "median_s_per_step": med, "q25": q25, "q75": q75})
     table = pd.DataFrame(rows).set_index("method")
-    if "apo" in table.index:
-        table["vs_apo"] = table["median_s_per_step"] / table.loc["apo", "median_s_per_step"]
+    if REFERENCE in table.index:
+        table[f"vs_{REFERENCE}"] = table["median_s_per_step"] / table.loc[REFERENCE, "median_s_per_step"]
     print(f"\n{steps} steps per run ({WARMUP_STEPS} warm-up steps dropped), {rounds} rounds, a fresh process each:")
     print(table.to_markdown(floatfmt=".3f"))
     return table

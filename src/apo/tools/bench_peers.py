@@ -48,9 +48,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from apo.methods import METHODS
+
 WARMUP_STEPS = 2  # the first steps pay the engine's and the allocator's warm-up
 RESULT = "bench-peers result: "  # the worker's last word on stdout, which the engines' logs share
-PEERS = {"apo": "TRL A2POTrainer", "grpo": "TRL GRPOTrainer"}
+PEERS = {m.name: m.peer for m in METHODS.values() if m.peer}  # {method: TRL's trainer of it}
+A2PO = "TRL A2POTrainer"  # the peer whose loss is also compared on one batch (`check_agreement`)
 
 
 # --------------------------------------------------------------------------- what runs
@@ -63,7 +66,7 @@ def run_specs(methods: list[str], engines: list[str]) -> list[dict]:
         if method not in PEERS:
             raise SystemExit(f"apo bench-peers: --methods: {method!r} has no TRL peer here (known: {', '.join(PEERS)})")
         specs.append({"impl": "trl", "method": method, "engine": "hf"})
-        specs += [{"impl": "apo", "method": method, "engine": e} for e in engines]
+        specs += [{"impl": "project", "method": method, "engine": e} for e in engines]
     return specs
 
 
@@ -118,7 +121,7 @@ def trl_a2po_args(s: dict, steps: int, out_dir: str, max_prompt_tokens: int) -> 
 
 def trl_grpo_args(s: dict, steps: int, out_dir: str, max_prompt_tokens: int) -> dict:
     """GRPOConfig keyword arguments for the project's GRPO settings `s`."""
-    g = s["grpo"]
+    g = s[s["method"]]  # the GRPO block of the method compared
     return {**_common_args(s, steps, out_dir, max_prompt_tokens),
             "per_device_train_batch_size": s["micro_batch_size"] * g["group_size"], "num_generations": g["group_size"],
             "beta": g["kl_coef"], "epsilon": g["clip_eps"], "loss_type": "dapo", "scale_rewards": "group"}
@@ -157,9 +160,10 @@ def time_project(job: dict) -> dict:
     runtime = job["runtime"]
     wall, cpu, update = [], [], []
     with tempfile.TemporaryDirectory(prefix="apo-bench-peers-") as tmp:
-        t = train.setup(s, job["model"], job["prompts"], job["vstar"] if s["method"] == "apo" else None, Path(tmp),
+        vstar = job["vstar"] if METHODS[s["method"]].reads_vstar else None
+        t = train.setup(s, job["model"], job["prompts"], vstar, Path(tmp),
                         runtime["generation"], gradient_checkpointing=False)
-        with Grader(s["grading_timeout_s"], runtime["grading"]["workers"], s["grading_method"]) as grader:
+        with Grader.from_settings(s, runtime["grading"]["workers"]) as grader:
             for step in range(job["steps"]):
                 w0, c0 = time.perf_counter(), cpu_seconds()
                 row = train.train_step(t, grader, step)
@@ -186,14 +190,14 @@ def trl_trainer(job: dict, out_dir: str, grader):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = job["settings"]
-    data, dataset = trl_dataset(job["prompts"], job["vstar"] if job["method"] == "apo" else None)
+    data, dataset = trl_dataset(job["prompts"], job["vstar"] if METHODS[job["method"]].reads_vstar else None)
 
     def reward(prompts, completions, answer, **_):
         return list(grader.grade(list(answer), list(completions)).rewards)
 
     tok = AutoTokenizer.from_pretrained(job["model"], padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="float32")
-    if job["method"] == "apo":
+    if PEERS[job["method"]] == A2PO:
         from trl.experimental.a2po import A2POConfig, A2POTrainer
 
         args = A2POConfig(**trl_a2po_args(s, job["steps"], out_dir, job["max_prompt_tokens"]))
@@ -224,7 +228,7 @@ def time_trl(job: dict) -> dict:
             cpu.append(cpu_seconds() - self.c0)
 
     with tempfile.TemporaryDirectory(prefix="apo-bench-peers-") as tmp, \
-            Grader(s["grading_timeout_s"], runtime["grading"]["workers"], s["grading_method"]) as grader:
+            Grader.from_settings(s, runtime["grading"]["workers"]) as grader:
         trainer = trl_trainer(job, tmp, grader)
         trainer.add_callback(StepClock())
         trainer.train()
@@ -301,8 +305,8 @@ def check_agreement(job: dict) -> dict:
     s, runtime = job["settings"], job["runtime"]
     torch.manual_seed(s["seed"])
     with tempfile.TemporaryDirectory(prefix="apo-bench-peers-") as tmp, \
-            Grader(s["grading_timeout_s"], runtime["grading"]["workers"], s["grading_method"]) as grader:
-        trainer = trl_trainer({**job, "method": "apo", "steps": 1}, tmp, grader)
+            Grader.from_settings(s, runtime["grading"]["workers"]) as grader:
+        trainer = trl_trainer({**job, "steps": 1}, tmp, grader)
         examples = [trainer.train_dataset[i] for i in range(job["batch"])]
         return a2po_loss_agreement(trainer, examples, s["temperature"])
 
@@ -338,7 +342,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def worker_command(job: dict) -> list[str]:
-    return [sys.executable, "-m", "apo.bench_peers", json.dumps(job)]
+    return [sys.executable, "-m", "apo.tools.bench_peers", json.dumps(job)]
 
 
 def run_worker(job: dict) -> dict:
@@ -372,8 +376,10 @@ def run(config_path: str, steps: int, rounds: int, methods: list[str], engines: 
                   flush=True)
     table = summarize(runs, specs)
     print(markdown(table))
-    if "apo" in methods:
-        job = {**base, "kind": "agree", "batch": batch, "settings": inputs["settings"]["apo"]}
+    agreeing = [m for m in methods if PEERS.get(m) == A2PO]
+    if agreeing:
+        job = {**base, "kind": "agree", "method": agreeing[0], "batch": batch,
+               "settings": inputs["settings"][agreeing[0]]}
         agree = run_worker(job)
         verdict = "agree" if agrees(agree) else "DISAGREE"
         print(f"A*-PO losses on one batch of {agree['responses']} TRL samples: TRL {agree['loss_a']:.8f}, project "
@@ -387,6 +393,6 @@ if __name__ == "__main__":  # one run in this process (see `run`)
     if job["kind"] == "agree":
         out = check_agreement(job)
     else:
-        out = time_project(job) if job["impl"] == "apo" else time_trl(job)
+        out = time_project(job) if job["impl"] == "project" else time_trl(job)
     print(RESULT + json.dumps(out), flush=True)
     os._exit(0)  # the result is out: skip the engine's finalizers and the interpreter's teardown
