@@ -156,9 +156,13 @@ def ensure(cache: Path) -> dict:
     return info
 
 
+def cache_root() -> Path:
+    """Where the test setup keeps what it builds or fetches once (also the GPU resolve's report)."""
+    return Path(os.environ.get("APO_TEST_ARTEFACTS") or Path.home() / ".cache" / "apo-test-artefacts").expanduser()
+
+
 def main() -> None:
-    cache = Path(os.environ.get("APO_TEST_ARTEFACTS") or Path.home() / ".cache" / "apo-test-artefacts")
-    print(json.dumps(ensure(cache.expanduser()), indent=2))
+    print(json.dumps(ensure(cache_root()), indent=2))
 
 
 if __name__ == "__main__":

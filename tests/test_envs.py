@@ -34,11 +34,11 @@ def _resolved_report_cache() -> Path:
     and the script. The resolve downloads about 1.5 GB of wheels; it reruns only when either
     changes (or the cache is cleared)."""
     import hashlib
-    import os
+
+    from real_artefacts import cache_root
 
     key = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in ("envs/gpu.txt", "scripts/resolve-gpu-env.sh")))
-    root = Path(os.environ.get("APO_TEST_ARTEFACTS") or Path.home() / ".cache" / "apo-test-artefacts")
-    return root / "gpu-resolve" / f"{key.hexdigest()[:16]}.json"
+    return cache_root() / "gpu-resolve" / f"{key.hexdigest()[:16]}.json"
 
 
 def check_resolved(report: dict) -> None:

@@ -329,10 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_tool_commands(sub) -> None:
-    """Commands that are not stages: the training rule's lock, the report, `verify`, benchmarks,
-    the plan, prefetching the hub's artefacts, importing a model."""
-    from apo.methods import METHODS  # the registry alone: no torch
+    """Commands that are not stages: the jobs' helpers and the benchmarks."""
+    add_job_commands(sub)
+    add_bench_commands(sub)
 
+
+def add_job_commands(sub) -> None:
+    """The training rule's lock, the report, `verify`, prefetching the hub's artefacts,
+    importing a model, the memory plan."""
     sp = sub.add_parser("lock", help="run a command holding a stage job's lock (the training rule's launcher)")
     sp.add_argument("--wait-s", type=float, default=None,
                     help="how long to wait for another holder of the lock before failing (lock_wait_s); before FILE")
@@ -350,6 +354,32 @@ def add_tool_commands(sub) -> None:
     sp.add_argument("dirs", nargs="*", help="stage directories, an experiment's directory (results/<experiment>: the "
                                             "stages it used) or a results directory (all of them); default results")
     sp.set_defaults(fn=cmd_verify)
+
+    sp = sub.add_parser("prefetch", help="download a config's hub models, datasets and tables into the HF cache")
+    sp.add_argument("configfile", nargs="*", default=["config/config.yaml"],
+                    help="config files, merged in order as snakemake --configfile does")
+    sp.add_argument("--artefacts", type=_json, default=None, help="what to fetch (JSON; the workflow's rule passes it)")
+    sp.add_argument("--out", default=None, help="where to record what was fetched (JSON)")
+    sp.set_defaults(fn=cmd_prefetch)
+
+    sp = sub.add_parser("import-model", help="a local GGUF file or checkpoint as a plain model directory")
+    sp.add_argument("source", help="a .gguf file, or a model directory transformers loads")
+    sp.add_argument("dest", help="the model directory to write (must not exist)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the weights' dtype in the written directory")
+    sp.set_defaults(fn=cmd_import_model)
+
+    sp = sub.add_parser("plan", help="per-GPU memory plan of each training job of a config")
+    sp.add_argument("configfile", nargs="+", help="config files, merged in order as snakemake --configfile does")
+    sp.add_argument("--results", default="results", help="where a built demo or local model is looked for")
+    sp.add_argument("--gpu-memory-gb", type=float, default=None,
+                    help="check against this GPU memory (GiB) instead of resources.train.gpu_memory_gb")
+    sp.set_defaults(fn=cmd_plan)
+
+
+def add_bench_commands(sub) -> None:
+    """Benchmarks that print figures side by side (apo.tools)."""
+    from apo.methods import METHODS  # the registry alone: no torch
 
     sp = sub.add_parser("bench-generation", help="tokens/s of the vllm and hf backends, side by side")
     sp.add_argument("--config", default="config/config.yaml")
@@ -375,20 +405,6 @@ def add_tool_commands(sub) -> None:
     sp.add_argument("--rounds", type=int, default=2, help="runs per method, the methods taking turns")
     sp.set_defaults(fn=cmd_bench_steps)
 
-    sp = sub.add_parser("prefetch", help="download a config's hub models, datasets and tables into the HF cache")
-    sp.add_argument("configfile", nargs="*", default=["config/config.yaml"],
-                    help="config files, merged in order as snakemake --configfile does")
-    sp.add_argument("--artefacts", type=_json, default=None, help="what to fetch (JSON; the workflow's rule passes it)")
-    sp.add_argument("--out", default=None, help="where to record what was fetched (JSON)")
-    sp.set_defaults(fn=cmd_prefetch)
-
-    sp = sub.add_parser("import-model", help="a local GGUF file or checkpoint as a plain model directory")
-    sp.add_argument("source", help="a .gguf file, or a model directory transformers loads")
-    sp.add_argument("dest", help="the model directory to write (must not exist)")
-    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="the weights' dtype in the written directory")
-    sp.set_defaults(fn=cmd_import_model)
-
     sp = sub.add_parser("bench-peers", help="the project's A*-PO and GRPO against TRL's trainers, side by side")
     sp.add_argument("--config", default="config/config.yaml", help="whose model, prompts, V* and settings")
     sp.add_argument("--steps", type=int, default=12, help="steps per timed run (the first 2 are not counted)")
@@ -398,13 +414,6 @@ def add_tool_commands(sub) -> None:
     sp.add_argument("--engines", default="vllm,hf", help="the project's generation engines to time")
     sp.add_argument("--batch", type=int, default=16, help="prompts of the batch the A*-PO losses are compared on")
     sp.set_defaults(fn=cmd_bench_peers)
-
-    sp = sub.add_parser("plan", help="per-GPU memory plan of each training job of a config")
-    sp.add_argument("configfile", nargs="+", help="config files, merged in order as snakemake --configfile does")
-    sp.add_argument("--results", default="results", help="where a built demo or local model is looked for")
-    sp.add_argument("--gpu-memory-gb", type=float, default=None,
-                    help="check against this GPU memory (GiB) instead of resources.train.gpu_memory_gb")
-    sp.set_defaults(fn=cmd_plan)
 
 
 def main(argv: list[str] | None = None) -> int:

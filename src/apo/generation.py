@@ -227,13 +227,11 @@ def cpu_kv_cache_bytes(model_path: str, max_model_len: int, settings: VLLMSettin
         return int(settings.cpu_kvcache_gib * (1 << 30))
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(model_path)
-    c = getattr(c, "text_config", c)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * 4  # keys and values, float32
+    from apo.memory import ModelShape, kv_bytes_per_token
+
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(model_path).to_dict(), model_path)
     blocks = -(-max_model_len // CPU_KV_BLOCK) + 1  # a partly filled block at each end
-    return min(CPU_MAX_NUM_SEQS * blocks * CPU_KV_BLOCK * per_token, CPU_KV_CAP)
+    return min(CPU_MAX_NUM_SEQS * blocks * CPU_KV_BLOCK * kv_bytes_per_token(shape, 4), CPU_KV_CAP)  # float32
 
 
 class VLLMGenerator:

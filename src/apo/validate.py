@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from apo.generation import SamplingSettings
+from apo.vstar import normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,13 @@ class OverlapError(ValueError):
     """The validation set is mostly training problems."""
 
 
-def _problem_key(question: str) -> str:
-    return " ".join(question.split())
-
-
 def check_held_out(validation: pd.DataFrame, training: pd.DataFrame, path: str) -> int:
     """How many validation problems the policy also trains on, compared by the problem text
     (the config check compares data sources by location and content; this one also sees a
     file that copies another's rows). More than half: the validation set is the training set
     under another name, an error; fewer: a warning naming some, and the count."""
-    trained = set(map(_problem_key, training["question"]))
-    shared = validation[[_problem_key(q) in trained for q in validation["question"]]]
+    trained = set(map(normalize_text, training["question"]))
+    shared = validation[[normalize_text(q) in trained for q in validation["question"]]]
     if len(shared) * 2 > len(validation):
         raise OverlapError(f"{path}: {len(shared)} of the {len(validation)} validation problems are training "
                            f"problems (e.g. ids {list(shared['id'][:3])}); data.validation must be held out from data.train")
