@@ -38,11 +38,12 @@ def grade_one(gold: str, response: str, method: str = "math_verify", extract: st
     return resolve(grade_function(method, extract))(gold, response)
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake on the repository's Snakefile with results under `workdir`."""
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run snakemake on the repository's Snakefile with results under `workdir` (`env`: more
+    environment variables for it and its jobs)."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
            "--directory", str(workdir), *args]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -68,7 +69,8 @@ def smoke_run(tmp_path_factory):
     Slurm test compares its own run with this one)."""
     workdir = tmp_path_factory.mktemp("smoke")
     shutil.copytree(ROOT / "config", workdir / "config")
-    proc = snakemake(workdir, "--cores", "2", "--configfile", str(SMOKE))
+    (workdir / "tmp").mkdir()  # the jobs' temp directory, checked for leftovers
+    proc = snakemake(workdir, "--cores", "2", "--configfile", str(SMOKE), env={"TMPDIR": str(workdir / "tmp")})
     return workdir, proc
 
 

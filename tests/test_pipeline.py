@@ -57,6 +57,8 @@ def test_smoke_config_runs_every_stage(smoke_run):
     assert (results / "mlflow.db").exists()
     links = results / "smoke" / "stages"
     assert (links / "train_apo").resolve() == train_dir.resolve()
+    # the vLLM jobs (sampling, training, evaluation) leave no rendezvous file in their temp dir
+    assert not list((workdir / "tmp").glob("vllm_dist_*"))
 
 
 @pytest.mark.slow

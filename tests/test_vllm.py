@@ -105,3 +105,21 @@ def test_the_engine_leaves_torchs_threads_as_they_were(engines):
     torch.set_num_threads(1)
     assert torch.get_num_threads() == 1
     torch.set_num_threads(n)
+
+
+def test_the_engines_rendezvous_file_is_known_and_removed_at_exit(engines):
+    """vLLM's one-rank process group meets through a file in the temp directory that torch
+    deletes only at teardown, which `apo.cli.run` skips: the generator finds the file and
+    `remove_rendezvous_files` (called by `apo.cli.run` before it leaves) deletes it."""
+    import tempfile
+    from pathlib import Path
+
+    from apo import generation
+
+    *_, vllm, _ = engines
+    store = generation.rendezvous_file(vllm.llm)
+    assert store is not None and store.exists() and store.parent == Path(tempfile.gettempdir())
+    assert store in generation._RENDEZVOUS_FILES
+    generation.remove_rendezvous_files()  # the engine's group is not used for generation again here
+    assert not store.exists() and not generation._RENDEZVOUS_FILES
+    assert vllm.generate(["1 + 2 ="], GREEDY, progress=False)[0][0].token_ids  # the engine still works

@@ -473,6 +473,8 @@ def run() -> None:
     teardown would still do is finalize vLLM's engine and unload thousands of modules, which took
     3.5 s per generation job here. Errors take the normal path (traceback, exit status 1)."""
     code = main()
+    if "apo.generation" in sys.modules:  # only a job that built an engine has files to remove
+        sys.modules["apo.generation"].remove_rendezvous_files()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
 import torch
@@ -234,6 +235,31 @@ def cpu_kv_cache_bytes(model_path: str, max_model_len: int, settings: VLLMSettin
     return min(CPU_MAX_NUM_SEQS * blocks * CPU_KV_BLOCK * kv_bytes_per_token(shape, 4), CPU_KV_CAP)  # float32
 
 
+# The rendezvous files of the engines this process started (`remove_rendezvous_files`).
+_RENDEZVOUS_FILES: list[Path] = []
+
+
+def rendezvous_file(llm) -> Path | None:
+    """The file an in-process engine's one-rank process group met through: vLLM's single-process
+    executor rendezvouses through a torch FileStore under the temp directory
+    (vllm/v1/executor/uniproc_executor.py, `_distributed_args`), which torch deletes only when
+    the store is destroyed. None where the engine did not use one."""
+    try:
+        method = llm.llm_engine.model_executor.driver_worker.worker.distributed_init_method
+    except AttributeError:
+        return None
+    return Path(method.removeprefix("file://")) if str(method).startswith("file://") else None
+
+
+def remove_rendezvous_files() -> None:
+    """Delete the rendezvous files of this process's engines. For a process that leaves without
+    the interpreter's teardown (`apo.cli.run`), which is when torch would delete them: else
+    every job leaves one in the node's temp directory. Only at exit: the store is read until
+    the process group goes away."""
+    while _RENDEZVOUS_FILES:
+        _RENDEZVOUS_FILES.pop().unlink(missing_ok=True)
+
+
 class VLLMGenerator:
     """A vLLM engine in this process, seeded, with prefix caching (the n samples of a prompt
     and the prompts of a batch share their chat-template prefix).
@@ -280,6 +306,8 @@ class VLLMGenerator:
             logprobs_mode="processed_logprobs",
         )
         self.restored = trainer_threads.restore()  # the process's threads as they were (apo.engine_threads)
+        if (store := rendezvous_file(self.llm)) is not None:
+            _RENDEZVOUS_FILES.append(store)
         self.asleep = False
 
     def generate(self, prompts, sampling: SamplingSettings, progress: bool = True, seed=None, logprobs=False):
