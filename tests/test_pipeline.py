@@ -411,8 +411,8 @@ def test_two_concurrent_runs_share_each_job(tmp_path):
     outs = [r.communicate(timeout=1800)[0] for r in runs]
     assert [r.returncode for r in runs] == [0, 0], "\n\n".join(o[-3000:] for o in outs)
     results = tmp_path / "results"
-    assert [p.parent.parent.name for p in results.glob("train/*/model/config.json")] == [
-        d.name for d in (results / "train").iterdir()]  # one training, finished
+    trained = list((results / "train").iterdir())
+    assert len(trained) == 1 and (trained[0] / "model" / "config.json").exists()  # one training, finished
     # both runs' jobs write the one log file of a job they share: where their writes meet, it need
     # not be valid UTF-8 (a progress bar's block character cut in two)
     logs = [f.read_text(errors="replace") for f in results.glob("*/*/log/*.log")]

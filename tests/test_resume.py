@@ -30,7 +30,7 @@ def config_file(tmp_path_factory) -> Path:
     cfg = yaml.safe_load((ROOT / "tests" / "smoke_config.yaml").read_text())
     cfg["experiment"] = "resume"
     cfg["sample"]["shards"] = 3  # a kill after the first shard leaves work for the rerun
-    cfg["evaluate"]["shards"] = 1  # evaluation is not killed here (tests/test_pipeline.py kills a shard)
+    cfg["evaluate"]["shards"] = 1  # evaluation is not killed here (tests/test_pipeline.py loses a shard)
     cfg["train"].update(steps=30, checkpoint_every=5)
     path = tmp_path_factory.mktemp("cfg") / "resume.yaml"
     path.write_text(yaml.safe_dump(cfg))

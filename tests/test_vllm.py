@@ -107,19 +107,40 @@ def test_the_engine_leaves_torchs_threads_as_they_were(engines):
     torch.set_num_threads(n)
 
 
-def test_the_engines_rendezvous_file_is_known_and_removed_at_exit(engines):
+RENDEZVOUS_SCRIPT = """
+import os, sys, tempfile
+from transformers import AutoTokenizer
+from apo import generation
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+gen = generation.VLLMGenerator(sys.argv[1], tok, seed=0, max_model_len=128, stop_ids=[tok.eos_token_id],
+                               dtype="float32", settings=generation.VLLMSettings(enforce_eager=True))
+store = generation.rendezvous_file(gen.llm)
+print("STORE", store, store is not None and store.exists(), store in generation._RENDEZVOUS_FILES)
+generation.remove_rendezvous_files()
+print("LEFT", sorted(p.name for p in store.parent.glob("vllm_dist_*")))
+out = gen.generate(["1 + 2 ="], generation.SamplingSettings(1, 0.0, 1.0, 4), progress=False)
+print("GENERATED", len(out[0][0].token_ids))
+os._exit(0)
+"""
+
+
+def test_the_engines_rendezvous_file_is_known_and_removed_at_exit(tiny_demo, tmp_path):
     """vLLM's one-rank process group meets through a file in the temp directory that torch
     deletes only at teardown, which `apo.cli.run` skips: the generator finds the file and
-    `remove_rendezvous_files` (called by `apo.cli.run` before it leaves) deletes it."""
-    import tempfile
-    from pathlib import Path
+    `remove_rendezvous_files` (called by `apo.cli.run` before it leaves) deletes it. In a fresh
+    process, as a job is: an engine started where a process group already exists (an earlier
+    test's, in this one) joins that group and creates no file."""
+    import os
+    import subprocess
+    import sys
 
-    from apo import generation
-
-    *_, vllm, _ = engines
-    store = generation.rendezvous_file(vllm.llm)
-    assert store is not None and store.exists() and store.parent == Path(tempfile.gettempdir())
-    assert store in generation._RENDEZVOUS_FILES
-    generation.remove_rendezvous_files()  # the engine's group is not used for generation again here
-    assert not store.exists() and not generation._RENDEZVOUS_FILES
-    assert vllm.generate(["1 + 2 ="], GREEDY, progress=False)[0][0].token_ids  # the engine still works
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", RENDEZVOUS_SCRIPT, str(tiny_demo / "model")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ")[0] in
+                 ("STORE", "LEFT", "GENERATED"))
+    path, exists, recorded = lines["STORE"].rsplit(" ", 2)
+    assert path.startswith(str(tmp_path / "vllm_dist_")) and exists == "True" and recorded == "True"
+    assert lines["LEFT"] == "[]"  # deleted
+    assert int(lines["GENERATED"]) > 0  # the engine still generates without it

@@ -306,7 +306,8 @@ class VLLMGenerator:
             logprobs_mode="processed_logprobs",
         )
         self.restored = trainer_threads.restore()  # the process's threads as they were (apo.engine_threads)
-        if (store := rendezvous_file(self.llm)) is not None:
+        # an engine started where a process group exists joins it and creates no file
+        if (store := rendezvous_file(self.llm)) is not None and store.exists():
             _RENDEZVOUS_FILES.append(store)
         self.asleep = False
 
