@@ -182,6 +182,23 @@ def test_backend_auto_resolves_to_the_installed_engine(demo_config):
     assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == "hf"
 
 
+def test_the_training_engine_is_the_generation_engine_unless_named(demo_config, monkeypatch):
+    """generation.train_backend: null keeps generation.backend (resolved); a named one (auto
+    resolved alike) is what the training stages carry, the other stages keep
+    generation.backend."""
+    import apo.config
+
+    monkeypatch.setattr(apo.config, "vllm_available", lambda: True)
+    demo_config["generation"].update(backend="auto", train_backend=None)
+    assert validate_config(demo_config, SCHEMA)["generation"]["train_backend"] == "vllm"
+    demo_config["generation"].update(backend="auto", train_backend="hf")
+    gen = validate_config(demo_config, SCHEMA)["generation"]
+    assert (gen["backend"], gen["train_backend"]) == ("vllm", "hf")
+    monkeypatch.setattr(apo.config, "vllm_available", lambda: False)
+    demo_config["generation"].update(backend="hf", train_backend="auto")
+    assert validate_config(demo_config, SCHEMA)["generation"]["train_backend"] == "hf"
+
+
 @pytest.mark.parametrize("path, value", [
     (("grading", "timeout_s"), float("nan")),
     (("vstar", "beta1"), float("nan")),
@@ -451,7 +468,7 @@ def test_a_sharded_multi_gpu_job_needs_the_vllm_engine_at_plan_time(demo_config,
     demo_config["resources"] = {"train": {"gpu": 4, "distributed": "fsdp"}}
     demo_config["train"]["micro_batch_size"] = 16  # the demo's batch of 64 in whole micro-batches on 4 GPUs
     monkeypatch.setattr(apo.config, "vllm_available", lambda: False)
-    demo_config["generation"]["backend"] = "auto"
+    demo_config["generation"].update(backend="auto", train_backend=None)
     with pytest.raises(ConfigError, match=r"'generation.backend': generation.backend is auto, which resolves "
                                           r"to hf on this host .* set generation.backend: vllm"):
         validate_config(demo_config, SCHEMA)
@@ -463,6 +480,11 @@ def test_a_sharded_multi_gpu_job_needs_the_vllm_engine_at_plan_time(demo_config,
     demo_config["resources"] = {"train": {"gpu": 1, "distributed": "fsdp"}}  # one process shards nothing
     demo_config["generation"]["backend"] = "auto"
     assert validate_config(demo_config, SCHEMA)["generation"]["backend"] == "hf"
+    demo_config["resources"] = {"train": {"gpu": 4, "distributed": "fsdp"}}
+    demo_config["generation"].update(backend="vllm", train_backend="hf")  # the training engine is what counts
+    with pytest.raises(ConfigError, match=r"'generation.train_backend': generation.train_backend is hf, .* set "
+                                          r"generation.train_backend: vllm"):
+        validate_config(demo_config, SCHEMA)
 
 
 @pytest.mark.parametrize("config_file", sorted((ROOT / "config" / "paper").glob("*.yaml")), ids=lambda p: p.name)

@@ -89,15 +89,15 @@ def _llama_dir(tmp_path, **shape) -> str:
 
 
 def test_the_cpu_kv_cache_holds_the_engines_sequences_and_no_more(tmp_path):
-    """Keys and values of 256 sequences at the full context (whole 256-token blocks, one
-    spare), float32: a 2-layer model with 2 KV heads of 16 needs 256 * 2 * 256 * 512 bytes
-    at a 200-token context; a 30-layer SmolLM2-135M would need 9 GB at 352 tokens: capped at
+    """Keys and values of 256 sequences at the full context (whole 32-token blocks, one
+    spare), float32: a 2-layer model with 2 KV heads of 16 needs 256 * 8 * 32 * 512 bytes
+    at a 200-token context; a 30-layer SmolLM2-135M would need 4.5 GB at 352 tokens: capped at
     vLLM's former fixed 1 GiB."""
     from apo.generation import cpu_kv_cache_bytes
 
     small = _llama_dir(tmp_path, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=64, vocab_size=320)
-    assert cpu_kv_cache_bytes(small, 200, VLLMSettings()) == 256 * 2 * 256 * (2 * 2 * 2 * 16 * 4)
+    assert cpu_kv_cache_bytes(small, 200, VLLMSettings()) == 256 * 8 * 32 * (2 * 2 * 2 * 16 * 4)
     (tmp_path / "smol").mkdir()
     smol = _llama_dir(tmp_path / "smol", num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
                       num_key_value_heads=3, intermediate_size=1536, vocab_size=49152)
@@ -112,9 +112,10 @@ def test_the_engine_gets_its_kv_cache_size_and_no_legacy_variable(fake_vllm, mon
     model = _llama_dir(tmp_path, num_hidden_layers=1, hidden_size=32, num_attention_heads=1, intermediate_size=64,
                        vocab_size=320)
     VLLMGenerator(model, None, seed=0, max_model_len=100, stop_ids=[1], device="cpu")
-    assert fake_vllm[0]["kv_cache_memory_bytes"] == 256 * 2 * 256 * (2 * 1 * 1 * 32 * 4)
+    assert fake_vllm[0]["kv_cache_memory_bytes"] == 256 * 5 * 32 * (2 * 1 * 1 * 32 * 4)
+    assert fake_vllm[0]["block_size"] == 32  # the blocks the size counts
     import os
 
     assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
     VLLMGenerator(model, None, seed=0, max_model_len=100, stop_ids=[1], device="cuda")
-    assert fake_vllm[1]["kv_cache_memory_bytes"] is None
+    assert fake_vllm[1]["kv_cache_memory_bytes"] is None and fake_vllm[1]["block_size"] is None

@@ -244,14 +244,14 @@ def test_fsdp_weight_sync_gathers_one_tensor_at_a_time():
 def test_the_hf_engine_under_fsdp_is_refused_by_the_plan():
     hf = estimate(TINY, replace(JOB, backend="hf", distributed="fsdp", gpus=2, gpu_memory_gb=80.0))
     problem = memory.engine_problem(hf)
-    assert "generation.backend hf" in problem and "resources.train.distributed: fsdp" in problem
+    assert "the hf engine (generation.train_backend" in problem and "resources.train.distributed: fsdp" in problem
     assert memory.engine_problem(replace(hf, job=replace(hf.job, distributed="ddp"))) is None
 
 
 def _config(**train_resources) -> dict:
     """Qwen2.5-7B with the settings the numbers below assume, whatever the paper config says."""
     cfg = validate_config(yaml.safe_load((ROOT / "config/paper/qwen2.5-7b.yaml").read_text()))
-    cfg["generation"]["backend"] = "vllm"  # as on the cluster, whatever this machine has
+    cfg["generation"]["backend"] = cfg["generation"]["train_backend"] = "vllm"  # as on the cluster, whatever this machine has
     cfg["generation"]["vllm"].update(gpu_memory_utilization=0.3, sleep=True)
     cfg["prompt"]["max_prompt_tokens"] = 256
     cfg["train"].update(

@@ -54,6 +54,17 @@ def test_training_setting_moves_only_training_and_its_evaluation(demo_config):
     assert changed(base, plan(demo_config, train__beta2=0.5)) == {"train:apo", "eval:apo:demo_test"}
 
 
+def test_the_training_engine_moves_only_training_and_its_evaluation(demo_config):
+    """generation.train_backend is read by the training stages alone: reference sampling and
+    the evaluations keep generation.backend."""
+    base = plan(demo_config, generation__backend="vllm", generation__train_backend="hf")
+    assert base.trains["apo"].settings["backend"] == "hf"
+    assert base.sample.settings["backend"] == base.evals["reference", "demo_test"].settings["backend"] == "vllm"
+    moved = plan(demo_config, generation__backend="vllm", generation__train_backend=None)
+    assert moved.trains["apo"].settings["backend"] == "vllm"
+    assert changed(base, moved) == {"train:apo", "eval:apo:demo_test"}
+
+
 def test_reference_sample_count_moves_sampling_and_downstream(demo_config):
     base = plan(demo_config)
     assert changed(base, plan(demo_config, sample__n=4)) == {

@@ -42,7 +42,7 @@ def test_full_weights_of_a_plain_model_name_every_tensor_in_the_asked_dtype():
 
 
 @pytest.mark.parametrize("distributed, backend, error, match", [
-    ("fsdp", "hf", NotImplementedError, "generation.backend hf samples from the local module"),
+    ("fsdp", "hf", NotImplementedError, "generation.backend\\) samples from the local module"),
     ("zero3", "vllm", ValueError, "resources.train.distributed: unknown mode 'zero3'"),
 ])
 def test_trainer_refuses_what_fsdp_cannot_run(distributed, backend, error, match):

@@ -314,6 +314,47 @@ def test_entropy_matches_the_full_softmax(tiny_demo):
         assert logp[b, : len(r)].tolist() == pytest.approx([rows[t, tok].item() for t, tok in enumerate(r)], abs=1e-5)
 
 
+def test_logits_are_computed_from_the_shortest_prompts_end_only(tiny_demo, monkeypatch):
+    """The output layer runs from the last token of the shortest prompt on (transformers'
+    logits_to_keep); log-probs, entropies and gradients are those of the full logits, and a
+    model whose forward takes no logits_to_keep gets the full logits."""
+    from apo import scoring
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_demo / "model").eval()
+    prompts, responses = [[5, 6, 7, 8, 9], [8, 9, 10], [3, 4, 5, 6]], [[10, 11], [12, 13, 14], [15]]
+    widths = []
+    model.lm_head.register_forward_hook(lambda module, args, out: widths.append(out.shape[1]))
+
+    def scored(window: bool):
+        monkeypatch.setattr(scoring, "accepts_logits_to_keep", lambda m: window)
+        model.zero_grad(set_to_none=True)
+        logp, ent, mask = scoring.token_logprobs_and_entropy(model, prompts, responses, pad_id=0, temperature=0.7)
+        ((logp + ent) * mask).sum().backward()
+        return logp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
+
+    windowed, full = scored(True), scored(False)
+    assert widths == [7 - 2, 7]  # sequences of up to 7 tokens; the shortest prompt's last token at position 2
+    torch.testing.assert_close(windowed[0], full[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(windowed[1], full[1], rtol=0, atol=1e-6)
+    for a, b in zip(windowed[2], full[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    monkeypatch.undo()
+
+    class Wrapper(torch.nn.Module):  # as DDP holds the model: `.module`, forward(*args, **kwargs)
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    from transformers import AutoModelForTokenClassification
+
+    critic = AutoModelForTokenClassification.from_pretrained(tiny_demo / "model", num_labels=1)
+    assert scoring.accepts_logits_to_keep(model) and scoring.accepts_logits_to_keep(Wrapper(model))
+    assert not scoring.accepts_logits_to_keep(critic)
+
+
 def test_require_eos_zeroes_the_reward_of_truncated_responses(train_inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "Grader", _FakeGrader)
     short = {**SETTINGS, "steps": 1, "max_new_tokens": 2}

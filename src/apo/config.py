@@ -271,24 +271,28 @@ def validate_config(
     _check_consistency(config, source)
     _check_validation(config, source)
     # Stage addresses name the engine that actually samples, never "auto".
-    config["generation"]["backend"] = resolve_backend(config["generation"]["backend"])
-    _check_backend_fits_jobs(config, source)
+    gen = config["generation"]
+    train_key = "generation.train_backend" if gen["train_backend"] is not None else "generation.backend"
+    asked = gen["train_backend"] or gen["backend"]  # what the training jobs' engine was set to
+    gen["backend"], gen["train_backend"] = resolve_backend(gen["backend"]), resolve_backend(asked)
+    _check_backend_fits_jobs(config, source, train_key, asked)
     return config
 
 
-def _check_backend_fits_jobs(config: dict, source: str) -> None:
+def _check_backend_fits_jobs(config: dict, source: str, key: str, asked: str) -> None:
     """`auto` is resolved on the host that plans (often a login node), and every job samples
     with what it resolved to: a sharded multi-GPU training job cannot sample with the hf
     engine (it samples from the local, sharded module), so resolving to hf there is an error
-    now rather than in every training job."""
+    now rather than in every training job. `key` names the setting the training engine came
+    from, `asked` its value as written."""
     train = config["resources"]["train"]
-    if config["generation"]["backend"] == "hf" and train.get("distributed") == "fsdp" and train.get("gpu", 0) > 1:
-        how = ("generation.backend is auto, which resolves to hf on this host (vLLM is not installed "
-               "here)") if not vllm_available() else "generation.backend is hf"
+    if config["generation"]["train_backend"] == "hf" and train.get("distributed") == "fsdp" and train.get("gpu", 0) > 1:
+        how = (f"{key} is auto, which resolves to hf on this host (vLLM is not installed here)"
+               if asked == "auto" else f"{key} is hf")
         raise ConfigError(
-            f"invalid {source}: config key 'generation.backend': {how}, but resources.train shards training "
+            f"invalid {source}: config key '{key}': {how}, but resources.train shards training "
             f"over {train['gpu']} GPUs (distributed: fsdp), which needs the vllm engine: set "
-            "generation.backend: vllm (and install envs/gpu.txt on the compute nodes)"
+            f"{key}: vllm (and install envs/gpu.txt on the compute nodes)"
         )
 
 

@@ -214,13 +214,18 @@ class VLLMSettings:
 
 
 CPU_MAX_NUM_SEQS = 256  # vLLM's default on a CPU for the LLM class (engine/arg_utils.py)
-CPU_KV_BLOCK = 256  # tokens per KV block: the largest a CPU attention backend uses
+# Tokens per KV block on a CPU: the smallest the CPU attention kernels take (multiples of 32,
+# vllm/v1/attention/backends/cpu_attn.py `get_supported_kernel_block_sizes`; vLLM's CPU default
+# is 128). Short sequences waste less of their last block, so the same sequences fit a smaller
+# cache, and the blocks change no sampled token.
+CPU_KV_BLOCK = 32
 CPU_KV_CAP = 1 << 30  # the most the cache takes unless generation.vllm.cpu_kvcache_gib says more
 
 
 def cpu_kv_cache_bytes(model_path: str, max_model_len: int, settings: VLLMSettings) -> int:
     """The CPU engine's KV cache: the configured GiB, or else room for vLLM's most concurrent
-    sequences (256) at the full context, in float32, capped at 1 GiB. vLLM allocates and
+    sequences (256) at the full context in blocks of CPU_KV_BLOCK tokens, in float32, capped
+    at 1 GiB. vLLM allocates and
     touches the whole cache, so a fixed 1 GiB was most of a small model's training job's
     memory; a cache that holds every sequence the engine would schedule at once schedules
     the same batches as a larger one, so what is sampled does not change."""
@@ -231,7 +236,7 @@ def cpu_kv_cache_bytes(model_path: str, max_model_len: int, settings: VLLMSettin
     from apo.memory import ModelShape, kv_bytes_per_token
 
     shape = ModelShape.from_config(AutoConfig.from_pretrained(model_path).to_dict(), model_path)
-    blocks = -(-max_model_len // CPU_KV_BLOCK) + 1  # a partly filled block at each end
+    blocks = -(-max_model_len // CPU_KV_BLOCK) + 1  # one spare
     return min(CPU_MAX_NUM_SEQS * blocks * CPU_KV_BLOCK * kv_bytes_per_token(shape, 4), CPU_KV_CAP)  # float32
 
 
@@ -298,6 +303,7 @@ class VLLMGenerator:
             enable_prefix_caching=True,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             kv_cache_memory_bytes=None if self.on_gpu else cpu_kv_cache_bytes(model_path, max_model_len, settings),
+            block_size=None if self.on_gpu else CPU_KV_BLOCK,
             enable_sleep_mode=self.on_gpu and settings.sleep,
             enforce_eager=settings.enforce_eager,
             **process_engine_args(os.environ),
@@ -392,7 +398,7 @@ def make_generator(
         raise RuntimeError(
             "this stage's address names the vllm engine (generation.backend, where `auto` was resolved "
             "on the planning host) but vLLM is not installed here: install envs/cpu.txt (CPU) or "
-            "envs/gpu.txt (GPU) on every node, or set generation.backend: hf"
+            "envs/gpu.txt (GPU) on every node, or set generation.backend (for training: generation.train_backend) to hf"
         )
     from transformers import GenerationConfig
 

@@ -286,7 +286,7 @@ def job_from_config(config: dict, label: str, method: str) -> Job:
         compute_bytes=DTYPE_BYTES[t["compute_dtype"]],
         reference_bytes=DTYPE_BYTES[t["reference_dtype"]],
         gradient_checkpointing=bool(t["gradient_checkpointing"]),
-        backend="hf" if g["backend"] == "hf" else "vllm",
+        backend="hf" if g["train_backend"] == "hf" else "vllm",
         engine_share=g["vllm"]["gpu_memory_utilization"],
         engine_sleeps=bool(g["vllm"]["sleep"]),
         generation_batch=g["batch_size"],
@@ -561,8 +561,8 @@ def engine_problem(e: Estimate) -> str | None:
     j = e.job
     if j.backend == "hf" and j.distributed == "fsdp":
         return (
-            f"memory plan: training job '{j.label}': generation.backend hf samples from the policy, which "
-            "resources.train.distributed: fsdp shards; the trainer refuses it: use generation.backend vllm, "
+            f"memory plan: training job '{j.label}': the hf engine (generation.train_backend, or generation.backend) samples from the "
+            "policy, which resources.train.distributed: fsdp shards; the trainer refuses it: use vllm, "
             "or resources.train.distributed: ddp or deepspeed"
         )
     if j.backend != "vllm" or j.gpu_memory_gb is None:

@@ -10,9 +10,24 @@ from __future__ import annotations
 import torch
 
 
-def _forward(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """Run prompt + response sequences, right-padded, through `model`; returns its output and
-    the input ids."""
+def accepts_logits_to_keep(model) -> bool:
+    """Whether `model` (or the module a DDP/DeepSpeed wrapper holds) can compute its logits at
+    some positions only (transformers' `logits_to_keep`, which its causal LMs take)."""
+    import inspect
+
+    inner = getattr(model, "module", model)
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def _forward(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, window: bool = False):
+    """Run prompt + response sequences, right-padded, through `model`; returns its output, the
+    input ids and the first position its output covers.
+
+    With `window` (a causal LM that takes `logits_to_keep`), the logits are computed from the
+    last position of the shortest prompt on, the first that predicts a response token: the
+    output layer and the softmax then skip the shared prompt prefix, which on the demo is over
+    half of every sequence, and with a real model's 150k-entry vocabulary the largest tensor
+    of the step."""
     device = next(model.parameters()).device
     seqs = [p + r for p, r in zip(prompts, responses)]
     width = max(map(len, seqs))
@@ -22,20 +37,25 @@ def _forward(model, prompts: list[list[int]], responses: list[list[int]], pad_id
         ids[b, : len(s)] = torch.tensor(s)
         attn[b, : len(s)] = 1
     ids, attn = ids.to(device), attn.to(device)
-    return model(input_ids=ids, attention_mask=attn), ids
+    if not window:
+        return model(input_ids=ids, attention_mask=attn), ids, 0
+    first = min(map(len, prompts)) - 1
+    return model(input_ids=ids, attention_mask=attn, logits_to_keep=width - first), ids, first
 
 
-def _response_positions(per_position: torch.Tensor, prompts, responses):
+def _response_positions(per_position: torch.Tensor, prompts, responses, first: int = 0):
     """Pick, for each response token y_t, the value at the position that predicts it
     (len(prompt) - 1 + t), aligned left so that [B, T] is as small as possible.
 
-    Args: per_position [B, L - 1], position i predicting token i + 1. Returns (out, mask) [B, T].
+    Args: per_position [B, L - 1 - first], column i for position first + i, which predicts
+    token first + i + 1. Returns (out, mask) [B, T].
     """
     t_max = max(map(len, responses))
     out = per_position.new_zeros((len(responses), t_max))
     mask = torch.zeros((len(responses), t_max), device=per_position.device)
     for b, (p, r) in enumerate(zip(prompts, responses)):
-        out[b, : len(r)] = per_position[b, len(p) - 1 : len(p) - 1 + len(r)]
+        start = len(p) - 1 - first
+        out[b, : len(r)] = per_position[b, start : start + len(r)]
         mask[b, : len(r)] = 1
     return out, mask
 
@@ -60,25 +80,25 @@ def token_logprobs_and_entropy(
     log_softmax is taken at the target only (gather minus logsumexp) and the entropy from one
     softmax, so no [B, L, V] log-prob tensor is ever built, let alone twice.
     """
-    output, ids = _forward(model, prompts, responses, pad_id)
+    output, ids, first = _forward(model, prompts, responses, pad_id, window=accepts_logits_to_keep(model))
     logits = output.logits[:, :-1].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     # the target first: the other order keeps one more [B, L, V] buffer alive in the backward
-    target = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    target = logits.gather(-1, ids[:, first + 1 :].unsqueeze(-1)).squeeze(-1)
     lse = logits.logsumexp(-1)
     logp = target - lse
-    logp, mask = _response_positions(logp, prompts, responses)
+    logp, mask = _response_positions(logp, prompts, responses, first)
     if not entropy:
         return logp, None, mask
     # H = logsumexp(z) - sum_v softmax(z)_v z_v
     ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, _response_positions(ent, prompts, responses)[0], mask
+    return logp, _response_positions(ent, prompts, responses, first)[0], mask
 
 
 def token_values(critic, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
     """PPO's critic: V(x, y_<t), the value of the state in which y_t is chosen, [B, T]."""
-    output, _ = _forward(critic, prompts, responses, pad_id)
+    output, _, _ = _forward(critic, prompts, responses, pad_id)
     return _response_positions(output.logits[:, :-1, 0].float(), prompts, responses)
 
 

@@ -339,7 +339,7 @@ class Plan:
         settings.update(
             method=method,
             seed=seed,
-            backend=self.config["generation"]["backend"],
+            backend=self.config["generation"]["train_backend"],
             **_grading(self.config["grading"], extract=self.config["grading"]["extract"]),
         )
         inputs = {"model": self.model, "prompts": self.train_data}

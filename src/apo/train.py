@@ -192,8 +192,8 @@ def check_distributed(settings: dict, distributed: str, world: int) -> None:
                          f"{', '.join(sharding.MODES)})")
     if distributed == "fsdp" and world > 1 and settings["backend"] == "hf":  # resolved at planning
         raise NotImplementedError(
-            f"{sharding.DISTRIBUTED_KEY}: fsdp shards the policy, and generation.backend hf samples from "
-            "the local module; use generation.backend vllm (it holds its own full weights, synced after "
+            f"{sharding.DISTRIBUTED_KEY}: fsdp shards the policy, and the hf engine (generation.train_backend, or "
+            "generation.backend) samples from the local module; use vllm (it holds its own full weights, synced after "
             f"every step), or {sharding.DISTRIBUTED_KEY}: ddp or deepspeed"
         )
 
