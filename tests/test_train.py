@@ -22,7 +22,7 @@ SETTINGS = {
     "checkpoint_every": 2, "keep_checkpoints": 2, "stop_on_collapse": False,
     "collapse": {"window": 20, "reward_ratio": 0.5, "length_ratio": 0.3}, "backend": "hf",
     "compute_dtype": "float32", "reference_dtype": "float32", "mini_batch_size": None, "entropy_coef": 0.0,
-    "loss_agg": "token_mean", "require_eos": False, "grading_timeout_s": 5, "grading_method": "math_verify", "grading_extract": "any",
+    "loss_agg": "token_mean", "require_eos": False, "measure_kl": True, "grading_timeout_s": 5, "grading_method": "math_verify", "grading_extract": "any",
     "validate_every": 2, "validation": {"k": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0},
 }
 RUNTIME = ({"batch_size": 64}, {"timeout_s": 5, "workers": 1})
@@ -290,6 +290,55 @@ def test_only_methods_with_a_ratio_score_pi_old(train_inputs, tmp_path, monkeypa
     model, prompts, _ = train_inputs
     T.train(_grpo_settings(steps=1, mini_batch_size=4), model, prompts, None, tmp_path / "grpo", *RUNTIME)
     assert scored == ["reference", "other"]
+
+
+def _count_reference_scorings(monkeypatch) -> list:
+    """Records each `score_batch` call on the reference model during `T.train`."""
+    calls, real, real_setup = [], T.score_batch, T.setup
+
+    def setup(*args, **kwargs):
+        t = real_setup(*args, **kwargs)
+
+        def spy(fn, model, *rest):
+            if model is t.reference:
+                calls.append(1)
+            return real(fn, model, *rest)
+
+        monkeypatch.setattr(T, "score_batch", spy)
+        return t
+
+    monkeypatch.setattr(T, "setup", setup)
+    return calls
+
+
+@pytest.mark.parametrize("method, block", [("grpo", GRPO), ("rebel", {"rebel": {"eta": 0.1}})])
+def test_a_loss_without_the_reference_skips_its_pass_unless_the_kl_is_measured(method, block, train_inputs,
+                                                                               tmp_path, monkeypatch):
+    """GRPO at kl_coef 0 and REBEL read no reference log-probs: with train.measure_kl false the
+    reference is never run, the run logs no kl and trains exactly as with the KL measured."""
+    monkeypatch.setattr(T, "Grader", _Alternating)
+    model, prompts, _ = train_inputs
+    settings = {**_grpo_settings(steps=2), **block, "method": method}
+    calls = _count_reference_scorings(monkeypatch)
+    measured = T.train(settings, model, prompts, None, tmp_path / "measured", *RUNTIME)
+    assert len(calls) == 2 and measured["history"]["kl"].notna().all()
+    calls.clear()
+    skipped = T.train({**settings, "measure_kl": False}, model, prompts, None, tmp_path / "skipped", *RUNTIME)
+    assert calls == [] and "kl" not in skipped["history"] and skipped["summary"]["kl_last"] is None
+    assert (skipped["history"]["time_ref_logprobs_s"] < 0.01).all()
+    assert skipped["history"]["loss"].tolist() == measured["history"]["loss"].tolist()
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "measured" / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "skipped" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_kl_penalty_keeps_the_reference_pass(train_inputs, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "Grader", _Alternating)
+    model, prompts, _ = train_inputs
+    calls = _count_reference_scorings(monkeypatch)
+    penalised = {**_grpo_settings(steps=1), "grpo": {**GRPO["grpo"], "kl_coef": 0.01}, "measure_kl": False}
+    run = T.train(penalised, model, prompts, None, tmp_path / "kl", *RUNTIME)
+    assert calls == [1] and run["history"]["kl"].notna().all() and "kl_k3" in run["history"]
 
 
 def test_entropy_bonus_is_subtracted_from_the_loss(train_inputs, tmp_path):

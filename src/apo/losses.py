@@ -354,7 +354,7 @@ def logprob_gap(engine_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: tor
 def grpo_variant_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
     mask: torch.Tensor,
     advantages: torch.Tensor,
     clip_eps: float = 0.2,
@@ -374,7 +374,8 @@ def grpo_variant_loss(
 
     with rho = pi(y_t)/pi_old(y_t) (ratio_level "token") or GSPO's s_b ("sequence"). With
     eps_high None, ratio_level "token" and no weights it is GRPO's loss.
-    Args: logp, old_logp, ref_logp, mask [B, T]; advantages [B]; weights [B, T] or None.
+    Args: logp, old_logp, ref_logp (None at kl_coef 0: no penalty, no kl_k3), mask [B, T];
+    advantages [B]; weights [B, T] or None.
     """
     if ratio_level == "sequence":
         log_ratio = sequence_log_ratio(logp, old_logp, mask)
@@ -386,12 +387,15 @@ def grpo_variant_loss(
     pg, ratio = decoupled_clipped_surrogate(log_ratio, advantages.unsqueeze(-1), clip_eps, high)
     if weights is not None:
         pg = pg * weights
-    k3 = k3_kl(logp, ref_logp)
-    loss = aggregate_variant(pg + kl_coef * k3, mask, loss_agg, tokens, max_len)
     outside = (ratio.detach() < 1 - clip_eps) | (ratio.detach() > 1 + high)
     stats = {
         "clip_frac": (masked_sum(outside.float(), mask).sum() / mask.sum().clamp(min=1)).item(),
         "ratio_dev": ratio_deviation(ratio, mask),
-        "kl_k3": seq_mean_token_mean(k3.detach(), mask).item(),
     }
-    return loss, stats
+    if ref_logp is None:  # not scored: kl_coef is 0 and the KL not measured (train.measure_kl)
+        if kl_coef:
+            raise ValueError(f"kl_coef {kl_coef} needs the reference's log-probs")
+        return aggregate_variant(pg, mask, loss_agg, tokens, max_len), stats
+    k3 = k3_kl(logp, ref_logp)
+    stats["kl_k3"] = seq_mean_token_mean(k3.detach(), mask).item()
+    return aggregate_variant(pg + kl_coef * k3, mask, loss_agg, tokens, max_len), stats

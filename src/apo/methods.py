@@ -29,7 +29,7 @@ class MicroBatch:
 
     logp: torch.Tensor  # [B, T] under the policy being trained (with grad)
     old_logp: torch.Tensor  # [B, T] under the policy that sampled (pi_old), detached
-    ref_logp: torch.Tensor  # [B, T] under the frozen reference
+    ref_logp: torch.Tensor | None  # [B, T] under the frozen reference (None: not scored, Method.reads_reference)
     mask: torch.Tensor  # [B, T] 1 on response tokens
     rewards: torch.Tensor  # [B]
     vstar: torch.Tensor  # [B] V* of each response's prompt (NaN for methods without V*)
@@ -47,6 +47,10 @@ def _never(train_settings: dict) -> bool:
     return False
 
 
+def _always(train_settings: dict) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -60,6 +64,9 @@ class Method:
     # train settings -> whether pi_old is scored before the update even with one mini-batch
     # (where `prepare` reads it; otherwise the update reads it off its own forward pass)
     old_logp_first: Callable[[dict], bool] = _never
+    # train settings -> whether the loss (or `prepare`) reads the reference's log-probs; where
+    # it does not, they are scored only for the KL metric (train.measure_kl)
+    reads_reference: Callable[[dict], bool] = _always
     # A critic trains beside the policy (its learning rate: train.<name>.critic_lr), scored
     # before the update (MicroBatch.old_values) and in it (MicroBatch.values).
     critic: bool = False
@@ -165,11 +172,13 @@ def grpo_family_loss(batch: MicroBatch, **block: dict):
 for _name, _display in GRPO_FAMILY.items():
     register_method(_name, _display, samples=lambda s, _n=_name: s[_n]["group_size"], settings=(_name,),
                     sweepable=(f"{_name}.group_size",), needs_old_logp=True, group_filter=True,
+                    reads_reference=lambda s, _n=_name: s[_n]["kl_coef"] > 0,
                     variant_of=None if _name == "grpo" else "grpo",
                     peer="TRL GRPOTrainer" if _name == "grpo" else None)(grpo_family_loss)
 
 
-@register_method("rebel", "REBEL", samples=2, settings=("rebel",), sweepable=("rebel.eta",), needs_old_logp=True)
+@register_method("rebel", "REBEL", samples=2, settings=("rebel",), sweepable=("rebel.eta",), needs_old_logp=True,
+                 reads_reference=_never)
 def rebel_micro_batch_loss(batch: MicroBatch, rebel: dict):
     from apo.losses import rebel_loss
 

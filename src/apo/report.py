@@ -288,11 +288,12 @@ def markdown(experiment: str, table: pd.DataFrame, trainings: list[dict], stages
     lines += ["## Training", ""]
     for t in trainings:
         s = read_stage_json(Path(t["dir"]) / output_name("train", "summary"))
+        kl = "not measured" if s["kl_last"] is None else f"{s['kl_last']:.2f}"  # train.measure_kl
         lines.append(
             f"- **{t['label']}**: {s['steps']} steps in {s['train_time_s'] / 60:.1f} min "
             f"({s.get('tokens', 0):,} tokens, peak memory {s.get('peak_memory_mb', 0):,.0f} MB); "
             f"mean reward {s['reward_first']:.3f} (first steps) -> {s['reward_last']:.3f} (last); "
-            f"KL to reference {s['kl_last']:.2f}; response length {s['response_length_last']:.1f} tokens."
+            f"KL to reference {kl}; response length {s['response_length_last']:.1f} tokens."
         )
         if s.get("collapse"):
             lines.append(f"  - **collapse detected**: {s['collapse']}")

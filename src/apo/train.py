@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -474,8 +475,17 @@ def micro_slices(trainer: Trainer) -> list[list[slice]]:
             for m in range(trainer.n_minis)]
 
 
+def response_mask(responses: list[list[int]], device) -> torch.Tensor:
+    """[B, T] 1 on each response's tokens, as `score_batch` returns it with the scores."""
+    mask = torch.zeros((len(responses), max(map(len, responses))), device=device)
+    for b, r in enumerate(responses):
+        mask[b, : len(r)] = 1
+    return mask
+
+
 def score(trainer: Trainer, rollout: Rollout, times: dict) -> None:
-    """Everything the update needs from before it: reference log-probs; pi_old's log-probs
+    """Everything the update needs from before it: reference log-probs (where the method reads
+    them or the KL is measured, `train.measure_kl`); pi_old's log-probs
     when a method needs them and the batch has several mini-batches (with one, pi_old is the
     policy itself and the update reads them off its own forward pass) or it reads them first;
     the critic's values; what the method computes over the whole batch (`Method.prepare`)."""
@@ -488,8 +498,11 @@ def score(trainer: Trainer, rollout: Rollout, times: dict) -> None:
 
     tick = clock(trainer.accelerator.device)
     with trainer.accelerator.autocast():
-        rollout.ref_logp, rollout.mask = score_batch(logprobs, trainer.reference, rollout.p_ids, rollout.r_ids, parts,
-                                                     pad)
+        if trainer.method.reads_reference(settings) or settings["measure_kl"]:
+            rollout.ref_logp, rollout.mask = score_batch(logprobs, trainer.reference, rollout.p_ids, rollout.r_ids,
+                                                         parts, pad)
+        else:
+            rollout.mask = response_mask(rollout.r_ids, trainer.accelerator.device)
         times["ref_logprobs"] = clock(trainer.accelerator.device) - tick
         tick = clock(trainer.accelerator.device)
         if trainer.method.needs_old_logp and (trainer.n_minis > 1 or trainer.method.old_logp_first(settings)):
@@ -550,8 +563,8 @@ def micro_loss(trainer: Trainer, rollout: Rollout, rows: slice, tokens: float, s
         )
     if rollout.engine_logp is not None and (before_update or rollout.old_logp is not None):
         stats.update(zip(GAP_KEYS, logprob_gap(batch.engine_logp, old_logp, mask)))
-    # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
-    stats["kl"] = ((logp.detach() - batch.ref_logp) * mask).sum(-1).mean().item()
+    if batch.ref_logp is not None:  # sample-based KL(pi || pi_ref) = E_pi[sum_t log pi - log pi_ref]
+        stats["kl"] = ((logp.detach() - batch.ref_logp) * mask).sum(-1).mean().item()
     stats["loss"] = loss.item()
     return loss, stats
 
@@ -761,7 +774,8 @@ def train(
             validate_if_due(trainer, grader, history, validations, tracker)
             checkpoint_if_due(trainer, history, validations, monitor)
             stop_if_out_of_time(trainer, deadline, history, validations, monitor)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.2f}", len=f"{row['response_length']:.1f}")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row.get('kl', math.nan):.2f}",
+                            len=f"{row['response_length']:.1f}")
     save_model(trainer, out_dir)
     return {"history": _metrics_frame(history), "validation": validate.frame(validations),
             "summary": summarize(trainer, history, monitor, validations)}
@@ -815,7 +829,7 @@ def summarize(trainer: Trainer, history: list, monitor: CollapseMonitor, validat
         "optimizer_steps": int(metrics["optimizer_steps"].sum()),
         "reward_first": float(first["reward"].mean()),
         "reward_last": float(last_window["reward"].mean()),
-        "kl_last": float(last_window["kl"].mean()),
+        "kl_last": float(last_window["kl"].mean()) if "kl" in metrics else None,  # None: not measured
         "response_length_last": float(last_window["response_length"].mean()),
         "collapse": monitor.message or "",
         "train_time_s": float(metrics["time_step_s"].sum()),

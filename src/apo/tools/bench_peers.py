@@ -27,6 +27,9 @@ TRL's defaults overridden, so that both sides train the same thing (`trl_a2po_ar
   and gradient accumulation (GRPO: per-device batch in completions, prompts x group size).
 - GRPO: `loss_type` dapo (the token mean over the mini-batch: `train.loss_agg` token_mean),
   `beta` = `train.grpo.kl_coef`, `epsilon` = `clip_eps`.
+The project's side runs with `train.measure_kl` false: its GRPO at kl_coef 0 then skips the
+reference's forward pass, which only its KL metric reads, as GRPOTrainer does at beta 0 (the
+A*-PO loss reads the reference either way).
 Not overridden, and so a difference: A2POTrainer's log-probs ignore the temperature (its
 `_get_sequence_logps` calls `selective_log_softmax` without it), which only matters at
 temperature != 1; TRL samples with `transformers.generate` (no vLLM in A2POTrainer), shuffles
@@ -156,7 +159,8 @@ def time_project(job: dict) -> dict:
     from apo import train
     from apo.reward import Grader
 
-    s = {**job["settings"], "backend": job["engine"], "steps": job["steps"]}
+    # TRL measures the KL only where its loss uses the reference: neither does the project here
+    s = {**job["settings"], "backend": job["engine"], "steps": job["steps"], "measure_kl": False}
     runtime = job["runtime"]
     wall, cpu, update = [], [], []
     with tempfile.TemporaryDirectory(prefix="apo-bench-peers-") as tmp:
