@@ -217,7 +217,8 @@ CPU_MAX_NUM_SEQS = 256  # vLLM's default on a CPU for the LLM class (engine/arg_
 # Tokens per KV block on a CPU: the smallest the CPU attention kernels take (multiples of 32,
 # vllm/v1/attention/backends/cpu_attn.py `get_supported_kernel_block_sizes`; vLLM's CPU default
 # is 128). Short sequences waste less of their last block, so the same sequences fit a smaller
-# cache, and the blocks change no sampled token.
+# cache. The block size changes which tokens are drawn, not from what: prefix caching shares
+# whole blocks, so the prefills and the sampler's batches differ (docs/engines.md).
 CPU_KV_BLOCK = 32
 CPU_KV_CAP = 1 << 30  # the most the cache takes unless generation.vllm.cpu_kvcache_gib says more
 
