@@ -97,8 +97,11 @@ def test_check_trains_with_the_paper_settings_at_the_check_sizes():
         assert s["backend"] == "hf" and s["method"] == method
         # validation's response length defaults to the training length, which the check sets
         shared = [k for k in paper if k not in sizes and k not in ("checkpoint_every", "gradient_checkpointing",
-                                                                 "validation") and k not in methods.method_only_keys()]
+                                                                 "validation", "measure_kl")
+                  and k not in methods.method_only_keys()]
         assert {k: s[k] for k in shared} == {k: paper[k] for k in shared}
+        # measure_kl only where the loss does not read the reference (tests/test_settings.py)
+        assert ("measure_kl" in s) == (not methods.get(method).reads_reference(s))
         for k in methods.get(method).settings:
             assert s[k] == paper[k]
     assert G.method_settings(config, "grpo")["grpo"]["group_size"] == 8

@@ -132,20 +132,21 @@ def test_a_benchmark_scored_on_a_subset_is_flagged(tmp_path):
     assert "486/500 rows" in md.split("## Accuracy")[1].splitlines()[2]
 
 
-def _fake_run(root, label, times, accuracies, gap=None):
+def _fake_run(root, label, times, accuracies, gap=None, kl=0.0):
     from apo.io import write_json
 
     d = root / label
     d.mkdir()
     steps = list(range(1, len(times)))
     gaps = {} if gap is None else {"logprob_gap_mean": gap[0], "logprob_gap_max": gap[1]}
-    pd.DataFrame({"step": steps, "reward": 0.5, "loss": 0.1, "kl": 0.0, "response_length": 10.0,
+    kls = {} if kl is None else {"kl": kl}  # None: not measured (train.measure_kl)
+    pd.DataFrame({"step": steps, "reward": 0.5, "loss": 0.1, **kls, "response_length": 10.0,
                   "optimizer_steps": 1, "time_step_s": [times[s] - times[s - 1] for s in steps],
                   "time_generate_s": 0.1, **gaps}).to_parquet(d / "metrics.parquet")
     pd.DataFrame({"step": list(range(len(times))), "train_time_s": times,
                   "accuracy": accuracies}).to_parquet(d / "validation.parquet")
     write_json(d / "summary.json", {"steps": len(steps), "train_time_s": times[-1], "reward_first": 0.5,
-                                    "reward_last": 0.5, "kl_last": 0.0, "response_length_last": 10.0, **gaps})
+                                    "reward_last": 0.5, "kl_last": kl, "response_length_last": 10.0, **gaps})
     return {"label": label, "method": label, "seed": 0, "dir": str(d)}
 
 
@@ -154,7 +155,7 @@ def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
     from apo.io import write_json
 
     trainings = [_fake_run(tmp_path, "apo", [0.0, 60.0, 120.0], [0.4, 0.7, 0.8], gap=(4.7e-4, 5.3e-3)),
-                 _fake_run(tmp_path, "grpo", [0.0, 300.0, 600.0], [0.4, 0.78, 0.8])]
+                 _fake_run(tmp_path, "grpo", [0.0, 300.0, 600.0], [0.4, 0.78, 0.8], kl=None)]
     evals = []
     for label in ("reference", "apo", "grpo"):
         d = tmp_path / f"eval-{label}"
@@ -173,6 +174,8 @@ def test_report_holds_the_validation_curves_and_time_to_accuracy(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "![validation accuracy against training time](validation_time.png)" in md
     assert "not held out from the test benchmarks" in md and "demo split valid" in md
+    assert re.search(r"\*\*apo\*\*: .*KL to reference 0\.00;", md)
+    assert re.search(r"\*\*grpo\*\*: .*KL to reference not measured;", md)
     assert "scored as avg@4 at temperature 1 (`train.validation`)" in md
     tta = pd.read_csv(tmp_path / "out" / "time_to_accuracy.csv", index_col="method")
     # best final 0.8 (both); 95 % = 0.76: A*-PO at 120 s, GRPO at 300 s; 100 %: 120 s and 600 s

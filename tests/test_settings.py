@@ -65,6 +65,15 @@ def test_the_training_engine_moves_only_training_and_its_evaluation(demo_config)
     assert changed(base, moved) == {"train:apo", "eval:apo:demo_test"}
 
 
+def test_measure_kl_is_in_the_address_only_where_it_changes_the_run(demo_config):
+    """A*-PO's loss reads the reference, so the KL is measured whatever train.measure_kl says:
+    the key stays out of its address (and out of every run planned before the key existed)."""
+    base = plan(demo_config, methods=["apo", "grpo"])
+    assert "measure_kl" not in base.trains["apo"].settings and "measure_kl" in base.trains["grpo"].settings
+    assert changed(base, plan(demo_config, methods=["apo", "grpo"], train__measure_kl=False)) == {
+        "train:grpo", "eval:grpo:demo_test"}
+
+
 def test_reference_sample_count_moves_sampling_and_downstream(demo_config):
     base = plan(demo_config)
     assert changed(base, plan(demo_config, sample__n=4)) == {

@@ -325,7 +325,6 @@ def test_a_loss_without_the_reference_skips_its_pass_unless_the_kl_is_measured(m
     calls.clear()
     skipped = T.train({**settings, "measure_kl": False}, model, prompts, None, tmp_path / "skipped", *RUNTIME)
     assert calls == [] and "kl" not in skipped["history"] and skipped["summary"]["kl_last"] is None
-    assert (skipped["history"]["time_ref_logprobs_s"] < 0.01).all()
     assert skipped["history"]["loss"].tolist() == measured["history"]["loss"].tolist()
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "measured" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "skipped" / "model").state_dict()

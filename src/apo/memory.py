@@ -55,7 +55,8 @@ width, c the compute dtype's size. The residual stream stays fp32 (fp32 master w
   SiLU output, up output and their product (the down_proj input): 4ci.
 The final norm keeps 8h + ch a token. Gradient checkpointing keeps each layer's fp32 input
 (4h a token a layer) and one layer's activations while it is recomputed.
-Logits: [sequences, L, vocabulary] elements, the usual peak for a 150k vocabulary. The trainer
+Logits: [sequences, L, vocabulary] elements, the usual peak for a 150k vocabulary, an upper
+bound: the trainer computes them from the shortest prompt's last token on (apo.scoring). It
 (train.token_logprobs) casts them to fp32, gathers the targets and takes logsumexp: the fp32
 copy is kept for backward, and the backward of logsumexp and gather adds up to three fp32
 buffers of that shape: LOGIT_BYTES = 16 bytes an element at the peak (about 8 in the forward

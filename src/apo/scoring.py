@@ -39,7 +39,7 @@ def _forward(model, prompts: list[list[int]], responses: list[list[int]], pad_id
     ids, attn = ids.to(device), attn.to(device)
     if not window:
         return model(input_ids=ids, attention_mask=attn), ids, 0
-    first = min(map(len, prompts)) - 1
+    first = max(min(map(len, prompts)) - 1, 0)
     return model(input_ids=ids, attention_mask=attn, logits_to_keep=width - first), ids, first
 
 

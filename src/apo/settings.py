@@ -336,6 +336,8 @@ class Plan:
             skip |= set(VALIDATION_TRAIN_KEYS)
         settings = {k: v for k, v in train.items() if k not in skip}
         settings.update({k: train[k] for k in spec.settings})
+        if spec.reads_reference(settings):  # the pass runs anyway: measure_kl changes nothing
+            settings.pop("measure_kl")
         settings.update(
             method=method,
             seed=seed,

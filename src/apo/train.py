@@ -498,7 +498,8 @@ def score(trainer: Trainer, rollout: Rollout, times: dict) -> None:
 
     tick = clock(trainer.accelerator.device)
     with trainer.accelerator.autocast():
-        if trainer.method.reads_reference(settings) or settings["measure_kl"]:
+        # runs planned before train.measure_kl existed measured the KL
+        if trainer.method.reads_reference(settings) or settings.get("measure_kl", True):
             rollout.ref_logp, rollout.mask = score_batch(logprobs, trainer.reference, rollout.p_ids, rollout.r_ids,
                                                          parts, pad)
         else:

@@ -14,8 +14,8 @@ rule train:
         stage_benchmark("train", "train")
     conda:
         "../../envs/apo.yaml"
-    # The colocated vLLM engine pins every core it is given (see sample.smk); one training
-    # job at a time also keeps the measured training times free of contention.
+    # A colocated vLLM engine pins every core it is given (see sample.smk); one training job
+    # at a time also keeps the measured training times free of contention.
     threads: workflow.cores
     resources:
         **job_resources("train"),

@@ -216,7 +216,8 @@ def check_config(profile: Profile, config_path: Path, backend: str = "hf", train
     raw = load_yaml(config_path)
     raw["methods"] = list(METHODS)
     raw["seeds"] = [0]
-    raw["generation"] = {**raw.get("generation", {}), "backend": backend, "batch_size": profile.generation_batch}
+    raw["generation"] = {**raw.get("generation", {}), "backend": backend, "train_backend": None,
+                         "batch_size": profile.generation_batch}
     resources = raw.setdefault("resources", {})
     resources["train"] = {**resources.get("train", {}), "gpu": 1, "gpu_memory_gb": None, **(train_resources or {})}
     raw["grading"] = {**raw.get("grading", {}), "workers": profile.grading_workers}
