@@ -226,9 +226,8 @@ CPU_KV_CAP = 1 << 30  # the most the cache takes unless generation.vllm.cpu_kvca
 def cpu_kv_cache_bytes(model_path: str, max_model_len: int, settings: VLLMSettings) -> int:
     """The CPU engine's KV cache: the configured GiB, or else room for vLLM's most concurrent
     sequences (256) at the full context in blocks of CPU_KV_BLOCK tokens, in float32, capped
-    at 1 GiB. vLLM allocates and
-    touches the whole cache, so a fixed 1 GiB was most of a small model's training job's
-    memory; a cache that holds every sequence the engine would schedule at once schedules
+    at 1 GiB. vLLM allocates and touches the whole cache, so a fixed 1 GiB was most of a small
+    model's training job's memory; a cache that holds every sequence the engine would schedule at once schedules
     the same batches as a larger one, so what is sampled does not change."""
     if settings.cpu_kvcache_gib is not None:
         return int(settings.cpu_kvcache_gib * (1 << 30))

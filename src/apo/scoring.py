@@ -43,6 +43,14 @@ def _forward(model, prompts: list[list[int]], responses: list[list[int]], pad_id
     return model(input_ids=ids, attention_mask=attn, logits_to_keep=width - first), ids, first
 
 
+def response_mask(responses: list[list[int]], device) -> torch.Tensor:
+    """[B, T] 1 on each response's tokens, T the longest response."""
+    mask = torch.zeros((len(responses), max(map(len, responses))), device=device)
+    for b, r in enumerate(responses):
+        mask[b, : len(r)] = 1
+    return mask
+
+
 def _response_positions(per_position: torch.Tensor, prompts, responses, first: int = 0):
     """Pick, for each response token y_t, the value at the position that predicts it
     (len(prompt) - 1 + t), aligned left so that [B, T] is as small as possible.
@@ -50,13 +58,11 @@ def _response_positions(per_position: torch.Tensor, prompts, responses, first: i
     Args: per_position [B, L - 1 - first], column i for position first + i, which predicts
     token first + i + 1. Returns (out, mask) [B, T].
     """
-    t_max = max(map(len, responses))
-    out = per_position.new_zeros((len(responses), t_max))
-    mask = torch.zeros((len(responses), t_max), device=per_position.device)
+    mask = response_mask(responses, per_position.device)
+    out = per_position.new_zeros(mask.shape)
     for b, (p, r) in enumerate(zip(prompts, responses)):
         start = len(p) - 1 - first
         out[b, : len(r)] = per_position[b, start : start + len(r)]
-        mask[b, : len(r)] = 1
     return out, mask
 
 

@@ -42,7 +42,7 @@ from apo.losses import aggregate, logprob_gap
 from apo.methods import MicroBatch
 from apo.monitor import CollapseMonitor, peak_memory_mb
 from apo.reward import Grader
-from apo.scoring import score_batch, token_logprobs, token_logprobs_and_entropy, token_values
+from apo.scoring import response_mask, score_batch, token_logprobs, token_logprobs_and_entropy, token_values
 from apo.vstar import training_data
 
 log = logging.getLogger(__name__)
@@ -473,14 +473,6 @@ def micro_slices(trainer: Trainer) -> list[list[slice]]:
     rows = trainer.settings["micro_batch_size"] * trainer.sampling.n
     return [[slice((m * trainer.accum + k) * rows, (m * trainer.accum + k + 1) * rows) for k in range(trainer.accum)]
             for m in range(trainer.n_minis)]
-
-
-def response_mask(responses: list[list[int]], device) -> torch.Tensor:
-    """[B, T] 1 on each response's tokens, as `score_batch` returns it with the scores."""
-    mask = torch.zeros((len(responses), max(map(len, responses))), device=device)
-    for b, r in enumerate(responses):
-        mask[b, : len(r)] = 1
-    return mask
 
 
 def score(trainer: Trainer, rollout: Rollout, times: dict) -> None:
