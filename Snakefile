@@ -23,6 +23,7 @@ wildcard_constraints:
 rule all:
     input:
         expand(f"{EXPERIMENT_DIR}/{{name}}", name=REPORT_FILES),
+        REPORT_PLAN,
 
 
 onstart:

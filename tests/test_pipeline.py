@@ -138,6 +138,25 @@ def test_adding_a_method_to_a_finished_experiment_trains_only_it(smoke_run):
 
 
 @pytest.mark.slow
+def test_adding_a_method_after_a_sweep_trains_its_sweep_and_redoes_the_report(smoke_run, tmp_path):
+    """With a sweep the report's inputs wait for a checkpoint, and Snakemake then checks neither
+    their set nor their dates: its plan file (named by the plan) is what brings the new method's
+    sweep and the report into the run. Going back to the first plan redoes the report again.
+    In a copy: other tests read the smoke run's stage folders whole."""
+    workdir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], workdir, symlinks=True)
+    swept = ["--configfile", str(SMOKE), "--config", "experiment=smoke_sweep", "train={'lr': [1.0e-4, 3.0e-4]}"]
+    snakemake(workdir, "--cores", "2", *swept)
+    assert "Nothing to be done" in snakemake(workdir, "-n", *swept).stdout
+    jobs = planned_jobs(workdir, *swept, "methods=['apo', 'rebel']")
+    assert jobs == {"train": 2, "sweep": 1, "report": 1, "all": 1}  # the pick's evaluation: after the checkpoint
+    snakemake(workdir, "--cores", "2", *swept, "methods=['apo', 'rebel']")
+    summary = pd.read_csv(workdir / "results" / "smoke_sweep" / "summary.csv")
+    assert set(summary["model"]) == {"reference", "apo", "rebel"}
+    assert planned_jobs(workdir, *swept) == {"report": 1, "all": 1}
+
+
+@pytest.mark.slow
 def test_a_missing_report_output_reruns_the_report_only(smoke_run):
     """E.g. an output added to the report in a newer version of the workflow."""
     workdir, _ = smoke_run
@@ -310,7 +329,7 @@ from apo.report import FILES
 cmd = "train" if args[0] == "launch" else args[0]
 opt = lambda name: args[args.index(name) + 1] if name in args else None
 if cmd == "report":
-    files = [Path(opt("--out-dir")) / n for n in FILES]
+    files = [Path(opt("--out-dir")) / n for n in FILES] + [Path(opt("--plan"))]
 else:
     files = [Path(opt("--stage-dir")) / n.format(shard=opt("--shard")) for n in STAGE_OUTPUTS[cmd].values()]
 for f in files:

@@ -1,6 +1,7 @@
 """The paper's comparison table, built from fabricated accuracies and training costs whose
 means and ratios are checked by hand."""
 
+import json
 import math
 import re
 
@@ -200,3 +201,18 @@ def test_the_report_rule_declares_every_file_the_report_writes():
     rule = (ROOT / "workflow" / "rules" / "report.smk").read_text()
     declared = re.findall(r'f"\{EXPERIMENT_DIR\}/([^"/]+)"', rule.split("    output:")[1].split("    log:")[0])
     assert sorted(declared) == sorted(FILES)
+
+
+def test_the_plan_file_is_the_spec_and_replaces_the_folders_other_plans(tmp_path):
+    """A report's plan file is written last and is the only plan-*.json of its folder: going back
+    to an earlier plan finds its file gone and redoes the report."""
+    from apo.report import write_plan
+
+    earlier = tmp_path / "plan-aaaaaaaaaaaa.json"
+    earlier.write_text("{}")
+    keep = tmp_path / "report.log"
+    keep.write_text("log")
+    spec = {"experiment": "x", "evals": [], "trainings": []}
+    write_plan(spec, tmp_path / "plan-bbbbbbbbbbbb.json")
+    assert json.loads((tmp_path / "plan-bbbbbbbbbbbb.json").read_text()) == spec
+    assert not earlier.exists() and keep.read_text() == "log"

@@ -3,6 +3,8 @@
 import copy
 import json
 
+import pytest
+
 from apo.config import validate_config
 from apo.settings import STAGES, Plan, digest
 from conftest import ROOT, SCHEMA
@@ -569,3 +571,19 @@ def test_the_report_spec_says_which_validation_set_it_is(demo_config):
     spec = plan(demo_config, data__validation=valid).report_spec()
     assert spec["validation"]["dataset"] == "demo split valid" and spec["validation"]["on_benchmark"] is False
     assert spec["stages"]["data_validation"].startswith("results/data/")
+
+
+def test_the_report_digest_follows_what_the_report_would_show(demo_config):
+    """The report's plan file is named by it (Plan.report_digest): a method added, a grid
+    changed or a training setting changed renames it, so the report is redone; a runtime
+    knob or the same config again does not. It is the plan before any pick."""
+    base = plan(demo_config, train__lr=[1.0e-4, 3.0e-4])
+    assert base.report_digest() == plan(demo_config, train__lr=[1.0e-4, 3.0e-4]).report_digest()
+    assert base.report_digest() == plan(demo_config, train__lr=[1.0e-4, 3.0e-4],
+                                        generation__batch_size=7).report_digest()
+    for changes in ({"methods": ["apo", "rebel"]}, {"train__lr": [1.0e-4, 1.0e-3]}, {"train__steps": 7},
+                    {"experiment": "other"}, {"seeds": [0, 1]}):
+        assert plan(demo_config, **{"train__lr": [1.0e-4, 3.0e-4], **changes}).report_digest() != base.report_digest(), changes
+    base.add_pick("apo", {"lr": 3.0e-4})
+    with pytest.raises(RuntimeError, match="before add_pick"):
+        base.report_digest()

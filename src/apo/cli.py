@@ -194,6 +194,8 @@ def cmd_report(args):
     for name in report.FILES:
         tracker.log_artifact(out / name)
     tracker.finish()
+    if args.plan is not None:
+        report.write_plan(spec, args.plan)
 
 
 def cmd_verify(args):
@@ -348,6 +350,8 @@ def add_job_commands(sub) -> None:
     sp.add_argument("--spec", type=_json, required=True)
     sp.add_argument("--out-dir", required=True)
     sp.add_argument("--runtime", type=_json, default={}, help="runtime knobs (JSON)")
+    sp.add_argument("--plan", default=None,
+                    help="where to write the spec the report was made from (the workflow's plan-<digest>.json)")
     sp.set_defaults(fn=cmd_report)
 
     sp = sub.add_parser("verify", help="check stage outputs against their manifests' checksums; say which to delete")

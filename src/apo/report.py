@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from apo import curves, sweep
-from apo.io import atomic_path, write_text
+from apo.io import atomic_path, write_json, write_text
 from apo.job import output_name, read_stage_json, read_stage_parquet
 from apo.methods import REFERENCE
 
@@ -348,6 +348,17 @@ def write(spec: dict, out_dir: str | os.PathLike) -> pd.DataFrame:
     write_text(out_dir / "report.md",
                markdown(spec["experiment"], table, spec["trainings"], spec["stages"], paper, phases, val))
     return table
+
+
+def write_plan(spec: dict, path: str | os.PathLike) -> None:
+    """The spec a report was made from, at its plan's path, written last (the report is complete
+    once it exists); the folder's other plan files go, so returning to an earlier plan redoes
+    the report this one replaced."""
+    path = Path(path)
+    write_json(path, spec)
+    for other in path.parent.glob("plan-*.json"):
+        if other != path:
+            other.unlink()
 
 
 def write_validation(spec: dict, out_dir: Path) -> list[str]:

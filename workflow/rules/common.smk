@@ -42,6 +42,9 @@ RESULTS = "results"
 check_store_location(config["tracking_uri"] or default_tracking_uri(RESULTS))
 PLAN = Plan(config, RESULTS)
 EXPERIMENT_DIR = f"{RESULTS}/{PLAN.experiment}"
+# Named by the plan before the sweeps' picks (apo.settings.Plan.report_digest): a changed plan
+# (a method added, a setting changed) is a missing file, so the report is redone.
+REPORT_PLAN = f"{EXPERIMENT_DIR}/log/plan-{PLAN.report_digest()}.json"
 
 # Per-GPU memory of each training job, before anything is queued: the table goes to stderr
 # and a job that cannot fit resources.train.gpu_memory_gb stops the run here, naming the

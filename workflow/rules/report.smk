@@ -44,6 +44,7 @@ rule report:
             category="Training",
         ),
         time_to_accuracy=f"{EXPERIMENT_DIR}/time_to_accuracy.csv",
+        plan=REPORT_PLAN,
     log:
         f"{EXPERIMENT_DIR}/log/report.log",
     benchmark:
@@ -55,4 +56,4 @@ rule report:
         out_dir=lambda w, output: Path(output.md).parent,
         runtime=RUNTIME,
     shell:
-        "apo report --spec {params.spec:q} --out-dir {params.out_dir:q} --runtime {params.runtime:q} 2>> {log:q}"
+        "apo report --spec {params.spec:q} --out-dir {params.out_dir:q} --runtime {params.runtime:q} --plan {output.plan:q} 2>> {log:q}"
