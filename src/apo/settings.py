@@ -457,19 +457,18 @@ class Plan:
         return {name: used.dir for name, used in named if used is not None}
 
     def report_digest(self) -> str:
-        """The report's inputs as far as they are known before any pick: the experiment, every
-        training, sweep, grid run and evaluation by label and address, the seeds a pick is
-        trained on, the stages used and the validation set. It names the report's plan file (`results/<experiment>/log/plan-<digest>
-        .json`), so a changed plan reruns the report: Snakemake checks neither the set of input
-        files nor their dates of a job whose inputs wait for a checkpoint (the sweeps), and
-        would leave a report of fewer methods in place. Call it before `add_pick`."""
+        """The report's inputs as far as they are known before any pick: the experiment, the
+        seeds a pick is trained on, every evaluation by label and address, the validation set
+        and the stages used (every training and sweep among them). It names the report's plan
+        file, results/<experiment>/log/plan-<digest>.json, so a changed plan reruns the report:
+        Snakemake checks neither the set of input files nor their dates for a job whose inputs
+        wait for a checkpoint (the sweeps), and would leave a report of fewer methods in place.
+        Call it before `add_pick`."""
         if self.picked:
             raise RuntimeError("report_digest is the plan before the sweeps' picks; call it before add_pick")
         return digest({
             "experiment": self.experiment,
             "seeds": self.config["seeds"],  # a pick is trained on each (add_pick)
-            "trainings": {label: run.hash for label, run in self.trains.items()},
-            "sweeps": {method: sweep.hash for method, sweep in self.sweeps.items()},
             "evals": [[label, bench, evaluation.hash] for (label, bench), evaluation in self.evals.items()],
             "validation": self.validation_spec(),
             "stages": self.used_stages(),
