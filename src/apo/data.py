@@ -305,11 +305,7 @@ def prepare(
     """
     where = f"dataset {dataset_file(spec)!r} split {spec['split']!r}"
     ds, golds = read_rows(spec, demo_dir)
-    for key in ("prompt_field", "answer_field"):
-        if spec[key] not in ds.column_names:
-            raise DataError(f"{where}: no column {spec[key]!r} (data.*.{key}); columns: {ds.column_names}")
-    if spec.get("id_field") and spec["id_field"] not in ds.column_names:
-        raise DataError(f"{where}: no column {spec['id_field']!r} (id_field); columns: {ds.column_names}")
+    _check_columns(ds.column_names, spec, where)
     rows_read = len(ds)
     if spec.get("limit"):
         ds = ds.select(range(min(spec["limit"], len(ds))))  # the first rows: `golds` stay aligned
@@ -319,23 +315,8 @@ def prepare(
     limit = prompt_cfg["max_prompt_tokens"]  # None: no length filter (a benchmark's default)
     max_chars = limit * max_token_chars(tokenizer) if limit is not None else float("inf")
     for i, ex in enumerate(ds):
-        q = ex[spec["prompt_field"]]
-        a = golds[i] if golds is not None else ex[spec["answer_field"]]
-        rid = str(ex[spec["id_field"]]) if spec.get("id_field") else f"{spec['split']}-{i:06d}"
-        if not isinstance(q, str) or not q.strip():
-            raise DataError(f"{where}, row {i} (id {rid}): prompt field {spec['prompt_field']!r} is empty or not a string")
-        if a is None or (isinstance(a, str) and not a.strip()):
-            raise DataError(f"{where}, row {i} (id {rid}): answer field {spec['answer_field']!r} is empty")
-        problem = gold_type_problem(a)
-        if problem is not None:
-            raise DataError(f"{where}, row {i} (id {rid}): answer field {spec['answer_field']!r} holds {a!r}, "
-                            f"{problem}; a gold answer is text or a number, or a list of them")
-        if rid in seen:
-            raise DataError(f"{where}, row {i}: duplicate id {rid!r} (first at row {seen[rid]})")
-        seen[rid] = i
-        answer = normalize_answer(a, spec["answer_format"])
-        if not answer:
-            raise DataError(f"{where}, row {i} (id {rid}): no gold answer in {a!r} (answer_format {spec['answer_format']})")
+        gold = golds[i] if golds is not None else ex[spec["answer_field"]]
+        rid, q, answer = _checked_row(i, ex, gold, spec, where, seen)
         if len(q) + 1 + len(prompt_cfg["instruction"]) > max_chars:
             too_long += 1  # certainly over the token bound: not worth tokenizing (a 10 MB row took 49 s)
             continue
@@ -355,6 +336,36 @@ def prepare(
               "dropped_bad_gold": bad_gold}
     return pd.DataFrame(rows, columns=SCHEMA), counts
 
+
+def _check_columns(columns: list[str], spec: dict, where: str) -> None:
+    """The columns the dataset's spec names are all there; else an error listing the columns."""
+    for key in ("prompt_field", "answer_field"):
+        if spec[key] not in columns:
+            raise DataError(f"{where}: no column {spec[key]!r} (data.*.{key}); columns: {columns}")
+    if spec.get("id_field") and spec["id_field"] not in columns:
+        raise DataError(f"{where}: no column {spec['id_field']!r} (id_field); columns: {columns}")
+
+
+def _checked_row(i: int, ex: dict, gold, spec: dict, where: str, seen: dict) -> tuple[str, str, str]:
+    """Row `i`'s id, question and normalized gold answer; an error naming the row if its prompt
+    or answer is empty or of the wrong type, or its id repeats one in `seen` (which it joins)."""
+    q = ex[spec["prompt_field"]]
+    rid = str(ex[spec["id_field"]]) if spec.get("id_field") else f"{spec['split']}-{i:06d}"
+    if not isinstance(q, str) or not q.strip():
+        raise DataError(f"{where}, row {i} (id {rid}): prompt field {spec['prompt_field']!r} is empty or not a string")
+    if gold is None or (isinstance(gold, str) and not gold.strip()):
+        raise DataError(f"{where}, row {i} (id {rid}): answer field {spec['answer_field']!r} is empty")
+    problem = gold_type_problem(gold)
+    if problem is not None:
+        raise DataError(f"{where}, row {i} (id {rid}): answer field {spec['answer_field']!r} holds {gold!r}, "
+                        f"{problem}; a gold answer is text or a number, or a list of them")
+    if rid in seen:
+        raise DataError(f"{where}, row {i}: duplicate id {rid!r} (first at row {seen[rid]})")
+    seen[rid] = i
+    answer = normalize_answer(gold, spec["answer_format"])
+    if not answer:
+        raise DataError(f"{where}, row {i} (id {rid}): no gold answer in {gold!r} (answer_format {spec['answer_format']})")
+    return rid, q, answer
 
 
 def _drop_bad_golds(rows: list[dict], grader, where: str) -> tuple[list[dict], int]:
